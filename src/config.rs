@@ -1,0 +1,249 @@
+//! Command line and environment configuration: one clap parser, every flag also read from `AITIER_*`.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// aitier: an AI middle tier (embeddings, classification, streamed chat, RAG) in one binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "aitier",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// `serve`'s flags, so that a bare `aitier --port 9000` serves.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Print the OpenAPI document to stdout (what `openapi.json` holds).
+    Openapi,
+}
+
+impl Cli {
+    /// The serve arguments, whether given to the `serve` subcommand or at the top level.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for log collectors in production.
+    Json,
+}
+
+#[derive(Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. 127.0.0.1 keeps a newcomer's server private; containers use 0.0.0.0.
+    #[arg(long, env = "AITIER_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port to listen on; `PORT` is what Render and most PaaS set. 0 picks a free port.
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Embedding model: a local directory (config.json, tokenizer.json, model.safetensors) or a
+    /// Hugging Face repo id resolved through the Hub cache. `models/fetch` provides the default.
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+
+    /// Name under which the embedding model is served (`model` in responses and in `/v1/embeddings`
+    /// requests). Defaults to the last path segment of `--embedding-model`.
+    #[arg(long, env = "AITIER_EMBEDDING_MODEL_NAME")]
+    pub embedding_model_name: Option<String>,
+
+    /// Hugging Face cache directory for models given by repo id (defaults to hf-hub's own:
+    /// `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+    #[arg(long, env = "AITIER_HF_CACHE")]
+    pub hf_cache: Option<PathBuf>,
+
+    /// Hugging Face token, for gated or private repos. Never logged.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<Secret>,
+
+    /// Most sequences in one forward pass. Larger batches use the cores better but every request in
+    /// the batch waits for the slowest one.
+    #[arg(long, env = "AITIER_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+
+    /// Most tokens (sequences x padded length) in one forward pass; bounds the memory of a batch of
+    /// long texts.
+    #[arg(long, env = "AITIER_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    pub max_batch_tokens: usize,
+
+    /// How long an idle worker waits for more requests to join a batch, in milliseconds. Raises
+    /// throughput under load at the cost of this much latency for a lone request.
+    #[arg(long, env = "AITIER_MAX_BATCH_WAIT_MS", default_value_t = 2)]
+    pub max_batch_wait_ms: u64,
+
+    /// Requests that may wait for a model before new ones get 503 + Retry-After. A bounded queue keeps
+    /// latency bounded under overload instead of letting it grow without limit.
+    #[arg(long, env = "AITIER_QUEUE_CAPACITY", default_value_t = 128)]
+    pub queue_capacity: usize,
+
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    #[arg(long, env = "AITIER_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
+    pub body_limit: usize,
+
+    /// Time a request may take until its response starts, in seconds; then 503. Streams are not cut.
+    #[arg(long, env = "AITIER_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub request_timeout_secs: u64,
+
+    /// Origins allowed to call the API from a browser, comma separated (`*` for any). Empty (the
+    /// default) allows no cross-origin access.
+    #[arg(long, env = "AITIER_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Let browsers send credentials (cookies, Authorization) cross-origin. Not allowed with `*`.
+    #[arg(long, env = "AITIER_CORS_CREDENTIALS", default_value_t = false)]
+    pub cors_credentials: bool,
+
+    /// Log format; the level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "AITIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM or ctrl-c, how long in-flight requests may finish before the server exits, in
+    /// seconds.
+    #[arg(long, env = "AITIER_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
+    /// The served name of the embedding model.
+    pub fn embedding_model_name(&self) -> String {
+        self.embedding_model_name.clone().unwrap_or_else(|| {
+            let trimmed = self.embedding_model.trim_end_matches('/');
+            trimmed.rsplit('/').next().unwrap_or(trimmed).to_string()
+        })
+    }
+
+    /// Settings clap cannot check alone.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cors_credentials && self.cors_origins.iter().any(|o| o == "*") {
+            return Err(
+                "--cors-credentials cannot be combined with --cors-origins '*': browsers refuse it; list the origins".into(),
+            );
+        }
+        if self.max_batch_size == 0 || self.max_batch_tokens == 0 || self.queue_capacity == 0 {
+            return Err(
+                "--max-batch-size, --max-batch-tokens and --queue-capacity must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Every field is printed except the secrets.
+impl fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("embedding_model", &self.embedding_model)
+            .field("embedding_model_name", &self.embedding_model_name)
+            .field("hf_cache", &self.hf_cache)
+            .field("hf_token", &self.hf_token)
+            .field("max_batch_size", &self.max_batch_size)
+            .field("max_batch_tokens", &self.max_batch_tokens)
+            .field("max_batch_wait_ms", &self.max_batch_wait_ms)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("body_limit", &self.body_limit)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("cors_origins", &self.cors_origins)
+            .field("cors_credentials", &self.cors_credentials)
+            .field("log_format", &self.log_format)
+            .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
+            .finish()
+    }
+}
+
+/// A secret string (API key, token) whose `Debug` and `Display` never show the value.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_bare_invocation_serves_and_openapi_is_a_subcommand() {
+        let cli = Cli::try_parse_from(["aitier", "--port", "9000"]).unwrap();
+        assert!(matches!(cli.into_command(), Command::Serve(a) if a.port == 9000));
+        let cli = Cli::try_parse_from(["aitier", "openapi"]).unwrap();
+        assert!(matches!(cli.into_command(), Command::Openapi));
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let cli = Cli::try_parse_from(["aitier", "--hf-token", "hf_supersecret"]).unwrap();
+        let shown = format!("{:?}", cli.serve);
+        assert!(!shown.contains("hf_supersecret"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn credentials_with_a_wildcard_origin_are_refused() {
+        let cli =
+            Cli::try_parse_from(["aitier", "--cors-origins", "*", "--cors-credentials"]).unwrap();
+        assert!(cli.serve.validate().is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, and
+//! the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
+
+mod embed;
+mod error;
+mod extract;
+mod health;
+mod openai;
+
+use std::any::Any;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use embed::{EmbedRequest, EmbedResponse};
+pub use error::{ApiError, HTTPValidationError, HttpError, ValidationError};
+pub use extract::{ApiJson, BodyLimit, Validate};
+pub use openai::{OpenAiError, OpenAiJson};
+
+use crate::config::ServeArgs;
+use crate::state::AppState;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "aitier",
+        description = "An AI middle tier: embeddings, classification, streamed chat and retrieval-augmented \
+            answers over HTTP. Errors use FastAPI's shapes (`/v1` routes use OpenAI's).",
+        license(name = "MIT", identifier = "MIT"),
+    ),
+    tags(
+        (name = "embeddings", description = "Sentence embeddings"),
+        (name = "openai", description = "OpenAI-compatible API"),
+        (name = "health", description = "Liveness and readiness probes"),
+    ),
+    components(schemas(HTTPValidationError, ValidationError, HttpError))
+)]
+struct ApiDoc;
+
+/// Every documented route. A route cannot be added without its OpenAPI entry.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::routes())
+        .merge(embed::routes())
+        .merge(openai::routes())
+}
+
+/// The OpenAPI document, as committed in `openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// The application with its middleware, ready to serve.
+pub fn app(state: AppState, args: &ServeArgs) -> Router {
+    let (router, spec) = api().split_for_parts();
+    router
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                )
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(CatchPanicLayer::custom(panic_response))
+                .layer(cors(args))
+                .layer(middleware::from_fn_with_state(
+                    args.request_timeout(),
+                    time_limit,
+                ))
+                .layer(DefaultBodyLimit::max(args.body_limit))
+                .layer(Extension(BodyLimit(args.body_limit))),
+        )
+        .with_state(state)
+}
+
+fn request_span(req: &Request) -> tracing::Span {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(req.uri().path(), MatchedPath::as_str);
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", method = %req.method(), path, request_id = id)
+}
+
+fn cors(args: &ServeArgs) -> CorsLayer {
+    let origins = if args.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            args.cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim()).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([REQUEST_ID, header::RETRY_AFTER])
+        .allow_credentials(args.cors_credentials)
+}
+
+/// Bounds the time to a response's headers; a stream's body is not cut.
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(limit.as_secs()).into_response(),
+    }
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    ApiError::Internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Not Found".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

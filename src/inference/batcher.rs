@@ -1,0 +1,374 @@
+//! Dynamic micro-batching on a dedicated thread per model: requests that arrive together share one
+//! forward pass. The queue in front of it is bounded, so overload is refused at once (503) instead of
+//! growing latency without limit.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::{InferenceError, ModelError, SequenceModel, Tokenized};
+
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// Name used in thread names, logs and errors.
+    pub name: String,
+    pub max_batch_size: usize,
+    /// Bound on sequences x padded length of one forward pass.
+    pub max_batch_tokens: usize,
+    /// How long to hold a batch open for more requests, counted from the first request's arrival.
+    pub max_wait: Duration,
+    /// Requests waiting for the worker before new ones are refused.
+    pub queue_capacity: usize,
+}
+
+/// The model's output for one text.
+#[derive(Debug, Clone)]
+pub struct Pooled {
+    pub vector: Vec<f32>,
+    pub tokens: usize,
+    pub truncated: bool,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Pooled>, ModelError>>;
+
+struct Job {
+    texts: Vec<String>,
+    reply: Reply,
+    enqueued: Instant,
+}
+
+/// A job after tokenization, ready to be batched.
+struct Prepared {
+    seqs: Vec<Tokenized>,
+    reply: Reply,
+    enqueued: Instant,
+}
+
+impl Prepared {
+    fn tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.ids.len()).sum()
+    }
+}
+
+/// Handle to a model's worker. Cloning shares the worker and its queue.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: SyncSender<Job>,
+    name: Arc<str>,
+}
+
+impl Batcher {
+    /// Starts the worker thread. It runs until every handle is dropped.
+    pub fn spawn(model: Arc<dyn SequenceModel>, config: BatchConfig) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
+        let name: Arc<str> = config.name.clone().into();
+        std::thread::Builder::new()
+            .name(format!("aitier-{}", config.name))
+            .spawn(move || worker(model.as_ref(), &rx, &config))?;
+        Ok(Self { tx, name })
+    }
+
+    /// Runs the model on `texts` (one output per text, in order), or refuses at once when the queue
+    /// is full. Dropping the future before it completes lets the worker skip the job.
+    pub async fn run(&self, texts: Vec<String>) -> Result<Vec<Pooled>, InferenceError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            texts,
+            reply,
+            enqueued: Instant::now(),
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => InferenceError::Overloaded {
+                model: self.name.to_string(),
+            },
+            TrySendError::Disconnected(_) => self.stopped(),
+        })?;
+        Ok(rx.await.map_err(|_| self.stopped())??)
+    }
+
+    fn stopped(&self) -> InferenceError {
+        InferenceError::WorkerStopped {
+            model: self.name.to_string(),
+        }
+    }
+}
+
+fn worker(model: &dyn SequenceModel, rx: &Receiver<Job>, config: &BatchConfig) {
+    let mut carried: Option<Prepared> = None;
+    loop {
+        let first = match carried.take() {
+            Some(prepared) => prepared,
+            None => match rx.recv() {
+                Ok(job) => match prepare(model, job) {
+                    Some(prepared) => prepared,
+                    None => continue,
+                },
+                Err(_) => return,
+            },
+        };
+        let deadline = first.enqueued + config.max_wait;
+        let mut seqs = first.seqs.len();
+        let mut tokens = first.tokens();
+        let mut jobs = vec![first];
+        while seqs < config.max_batch_size && tokens < config.max_batch_tokens {
+            let job = match rx.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            let Some(prepared) = prepare(model, job) else {
+                continue;
+            };
+            if seqs + prepared.seqs.len() > config.max_batch_size
+                || tokens + prepared.tokens() > config.max_batch_tokens
+            {
+                carried = Some(prepared);
+                break;
+            }
+            seqs += prepared.seqs.len();
+            tokens += prepared.tokens();
+            jobs.push(prepared);
+        }
+        run_jobs(model, jobs, config);
+    }
+}
+
+/// Tokenizes a job; `None` when its client has gone or tokenization failed (the client is told).
+fn prepare(model: &dyn SequenceModel, job: Job) -> Option<Prepared> {
+    if job.reply.is_closed() {
+        return None;
+    }
+    let seqs = job
+        .texts
+        .iter()
+        .map(|t| model.tokenize(t))
+        .collect::<Result<Vec<_>, _>>();
+    match seqs {
+        Ok(seqs) => Some(Prepared {
+            seqs,
+            reply: job.reply,
+            enqueued: job.enqueued,
+        }),
+        Err(e) => {
+            let _ = job.reply.send(Err(e));
+            None
+        }
+    }
+}
+
+/// Runs the sequences of all `jobs` sorted by length, in sub-batches that respect the limits, so
+/// short texts are not padded to the length of a long one; then answers every job.
+fn run_jobs(model: &dyn SequenceModel, jobs: Vec<Prepared>, config: &BatchConfig) {
+    let started = Instant::now();
+    let mut order: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| (0..job.seqs.len()).map(move |s| (j, s)))
+        .collect();
+    order.sort_by_key(|&(j, s)| jobs[j].seqs[s].ids.len());
+
+    let mut outputs: Vec<Vec<Option<Vec<f32>>>> =
+        jobs.iter().map(|job| vec![None; job.seqs.len()]).collect();
+    let mut failures: Vec<Option<ModelError>> = vec![None; jobs.len()];
+    let mut passes = 0;
+    for chunk in sub_batches(&order, |&(j, s)| jobs[j].seqs[s].ids.len(), config) {
+        passes += 1;
+        let batch: Vec<&Tokenized> = chunk.iter().map(|&(j, s)| &jobs[j].seqs[s]).collect();
+        let result = catch_unwind(AssertUnwindSafe(|| model.forward(&batch)))
+            .unwrap_or_else(|panic| Err(ModelError::Panic(panic_message(panic.as_ref()))));
+        match result {
+            Ok(vectors) if vectors.len() == chunk.len() => {
+                for (&(j, s), v) in chunk.iter().zip(vectors) {
+                    outputs[j][s] = Some(v);
+                }
+            }
+            Ok(vectors) => {
+                let e = ModelError::Forward(format!(
+                    "{} outputs for {} inputs",
+                    vectors.len(),
+                    chunk.len()
+                ));
+                chunk
+                    .iter()
+                    .for_each(|&(j, _)| failures[j] = Some(e.clone()));
+            }
+            Err(e) => chunk
+                .iter()
+                .for_each(|&(j, _)| failures[j] = Some(e.clone())),
+        }
+    }
+    tracing::debug!(
+        model = %config.name,
+        requests = jobs.len(),
+        sequences = order.len(),
+        passes,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "batch done"
+    );
+    for ((job, outs), failure) in jobs.into_iter().zip(outputs).zip(failures) {
+        let result = match failure {
+            Some(e) => Err(e),
+            None => Ok(job
+                .seqs
+                .into_iter()
+                .zip(outs)
+                .map(|(seq, v)| Pooled {
+                    vector: v.unwrap_or_default(),
+                    tokens: seq.ids.len(),
+                    truncated: seq.truncated,
+                })
+                .collect()),
+        };
+        let _ = job.reply.send(result);
+    }
+}
+
+/// Splits length-sorted items into runs of at most `max_batch_size` items whose padded size
+/// (count x longest) stays within `max_batch_tokens`; an item longer than that runs alone.
+fn sub_batches<'a, T>(
+    sorted: &'a [T],
+    len: impl Fn(&T) -> usize,
+    config: &BatchConfig,
+) -> Vec<&'a [T]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for i in 0..sorted.len() {
+        let count = i - start + 1;
+        if count > 1
+            && (count > config.max_batch_size || count * len(&sorted[i]) > config.max_batch_tokens)
+        {
+            chunks.push(&sorted[start..i]);
+            start = i;
+        }
+    }
+    if start < sorted.len() {
+        chunks.push(&sorted[start..]);
+    }
+    chunks
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records each forward pass's batch size; sleeps to let requests pile up; panics on "boom".
+    struct Recorder {
+        batches: Mutex<Vec<usize>>,
+        delay: Duration,
+    }
+
+    impl SequenceModel for Recorder {
+        fn tokenize(&self, text: &str) -> Result<Tokenized, ModelError> {
+            let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+            Ok(Tokenized {
+                type_ids: vec![0; ids.len()],
+                ids,
+                truncated: false,
+            })
+        }
+        fn forward(&self, batch: &[&Tokenized]) -> Result<Vec<Vec<f32>>, ModelError> {
+            if batch.iter().any(|t| t.ids == b"boom".map(u32::from)) {
+                panic!("boom");
+            }
+            self.batches.lock().unwrap().push(batch.len());
+            std::thread::sleep(self.delay);
+            Ok(batch.iter().map(|t| vec![t.ids.len() as f32]).collect())
+        }
+        fn dims(&self) -> usize {
+            1
+        }
+    }
+
+    fn config(queue_capacity: usize) -> BatchConfig {
+        BatchConfig {
+            name: "test".into(),
+            max_batch_size: 8,
+            max_batch_tokens: 1000,
+            max_wait: Duration::from_millis(20),
+            queue_capacity,
+        }
+    }
+
+    fn recorder(delay_ms: u64) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            batches: Mutex::new(Vec::new()),
+            delay: Duration::from_millis(delay_ms),
+        })
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_a_forward_pass_and_get_their_own_answers() {
+        let model = recorder(0);
+        let batcher = Batcher::spawn(model.clone(), config(64)).unwrap();
+        let answers = futures::future::join_all((1..=6).map(|n| {
+            let batcher = batcher.clone();
+            async move { batcher.run(vec!["x".repeat(n)]).await.unwrap() }
+        }))
+        .await;
+        for (n, answer) in (1..=6).zip(answers) {
+            assert_eq!(answer[0].vector, vec![n as f32]);
+            assert_eq!(answer[0].tokens, n);
+        }
+        let batches = model.batches.lock().unwrap().clone();
+        assert!(batches.len() < 6, "no batching happened: {batches:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_refused_at_once() {
+        let batcher = Batcher::spawn(recorder(300), config(1)).unwrap();
+        let busy = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.run(vec!["a".into()]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await; // the worker is now busy
+        let queued = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.run(vec!["b".into()]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = batcher.run(vec!["c".into()]).await;
+        assert!(matches!(refused, Err(InferenceError::Overloaded { .. })));
+        assert!(busy.await.unwrap().is_ok());
+        assert!(queued.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_model_fails_the_request_and_the_worker_lives_on() {
+        let batcher = Batcher::spawn(recorder(0), config(8)).unwrap();
+        let failed = batcher.run(vec!["boom".into()]).await;
+        assert!(matches!(
+            failed,
+            Err(InferenceError::Model(ModelError::Panic(_)))
+        ));
+        assert!(batcher.run(vec!["fine".into()]).await.is_ok());
+    }
+
+    #[test]
+    fn sub_batches_respect_both_limits() {
+        let lens = [1, 1, 2, 3, 100, 400, 900, 2000];
+        let chunks = sub_batches(&lens, |&l| l, &config(1));
+        let sizes: Vec<Vec<usize>> = chunks.iter().map(|c| c.to_vec()).collect();
+        assert_eq!(
+            sizes,
+            vec![vec![1, 1, 2, 3, 100], vec![400], vec![900], vec![2000]]
+        );
+    }
+}

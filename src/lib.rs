@@ -1,0 +1,9 @@
+//! aitier: an AI middle tier in one binary. Embeddings today; classification, streamed chat and RAG
+//! join the same rooms.
+
+pub mod config;
+pub mod http;
+pub mod inference;
+pub mod server;
+pub mod state;
+pub mod telemetry;

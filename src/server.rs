@@ -1,0 +1,142 @@
+//! Start-up and shutdown: resolve the models, bind, load and warm the models in the background while
+//! already answering `/health`, serve until a signal, then drain with a deadline.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::ServeArgs;
+use crate::http;
+use crate::inference::source::{self, HubOptions, ModelFiles};
+use crate::inference::{BatchConfig, EmbeddingService};
+use crate::state::AppState;
+
+/// A server bound to its port, its models loading in the background.
+pub struct Bound {
+    listener: TcpListener,
+    app: axum::Router,
+    state: AppState,
+    loader: JoinHandle<anyhow::Result<()>>,
+    drain: Duration,
+}
+
+/// Resolves the model files (failing fast with a clear message when they cannot be found), binds the
+/// listener and starts loading the models.
+pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    let hub = HubOptions {
+        cache_dir: args.hf_cache.clone(),
+        token: args.hf_token.clone(),
+    };
+    let files = source::resolve(&args.embedding_model, &hub).await?;
+    let listener = TcpListener::bind((args.host, args.port))
+        .await
+        .with_context(|| format!("could not listen on {}:{}", args.host, args.port))?;
+    let state = AppState::new(args.embedding_model_name());
+    let batch = BatchConfig {
+        name: args.embedding_model_name(),
+        max_batch_size: args.max_batch_size,
+        max_batch_tokens: args.max_batch_tokens,
+        max_wait: Duration::from_millis(args.max_batch_wait_ms),
+        queue_capacity: args.queue_capacity,
+    };
+    let loader = tokio::spawn(load_models(state.clone(), files, batch));
+    Ok(Bound {
+        app: http::app(state.clone(), args),
+        listener,
+        state,
+        loader,
+        drain: args.shutdown_timeout(),
+    })
+}
+
+async fn load_models(state: AppState, files: ModelFiles, batch: BatchConfig) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let name = batch.name.clone();
+    let service = EmbeddingService::load(files, batch)
+        .await
+        .with_context(|| format!("embedding model {name}"))?;
+    tracing::info!(
+        model = %name,
+        dims = service.dims(),
+        max_tokens = service.max_tokens(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "embedding model loaded and warm"
+    );
+    state.embeddings.fill(service);
+    Ok(())
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish for at most the drain
+    /// timeout. A model that fails to load stops the server with that error.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.listener.local_addr()?, "listening");
+        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(self.listener, self.app).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            let _ = signalled_tx.send(());
+        });
+        let drain = self.drain;
+        let deadline = async move {
+            if signalled_rx.await.is_ok() {
+                tokio::time::sleep(drain).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let load_failure = async move {
+            match self.loader.await {
+                Ok(Ok(())) => std::future::pending().await,
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::Error::new(e).context("model loader task"),
+            }
+        };
+        tokio::select! {
+            served = server => served.context("server error"),
+            () = deadline => {
+                tracing::warn!(?drain, "drain timeout reached; exiting with requests in flight");
+                Ok(())
+            }
+            e = load_failure => Err(e),
+        }
+    }
+}
+
+/// Completes on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
