@@ -55,15 +55,11 @@ impl AppState {
 
     /// Names of the configured models that are not loaded and warm yet.
     pub fn not_ready(&self) -> Vec<String> {
-        [(&*self.embeddings).name_if_pending()]
+        let slots = [(self.embeddings.name(), self.embeddings.is_ready())];
+        slots
             .into_iter()
-            .flatten()
+            .filter(|(_, ready)| !ready)
+            .map(|(name, _)| name.to_string())
             .collect()
-    }
-}
-
-impl<T> Slot<T> {
-    fn name_if_pending(&self) -> Option<String> {
-        (!self.is_ready()).then(|| self.name.clone())
     }
 }

@@ -81,6 +81,23 @@ fn is_json(req: &Request) -> bool {
 
 /// Decodes JSON, reporting where it failed as a FastAPI `loc`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde lets a struct be read from a JSON array too; a request body must be an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Err(e) => ApiError::validation(
+                    vec!["body".into()],
+                    format!("JSON decode error: {e}"),
+                    "json_invalid",
+                ),
+                Ok(_) => ApiError::validation(
+                    vec!["body".into()],
+                    "Input should be a valid dictionary or object to extract fields from",
+                    "model_attributes_type",
+                ),
+            },
+        );
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let mut loc: Vec<LocItem> = vec!["body".into()];

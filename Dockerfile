@@ -1,0 +1,28 @@
+# aitier: multi-stage build. The builder compiles the release binary and fetches the models, so the
+# container starts warm with no network access to model hubs.
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY models/fetch models/fetch
+RUN models/fetch
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY migrations migrations
+RUN cargo build --release --locked && strip target/release/aitier
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --create-home --uid 10001 aitier
+WORKDIR /app
+COPY --from=builder /src/target/release/aitier /usr/local/bin/aitier
+COPY --from=builder --chown=aitier /src/models /app/models
+USER aitier
+# Listen on all interfaces inside the container; PORT (set by Render) chooses the port.
+ENV AITIER_HOST=0.0.0.0 \
+    PORT=8000 \
+    AITIER_LOG_FORMAT=json \
+    RUST_LOG=info
+EXPOSE 8000
+CMD ["aitier", "serve"]

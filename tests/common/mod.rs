@@ -1,0 +1,130 @@
+//! Test helpers: a real aitier server on a random port, with the real models from `models/`.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use aitier::config::{Cli, Command};
+use clap::Parser;
+use serde_json::Value;
+
+pub const MINILM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2");
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Starts a server on port 0 with the real MiniLM and `extra` flags, and waits until it is ready.
+pub async fn spawn(extra: &[&str]) -> TestServer {
+    assert!(
+        std::path::Path::new(MINILM)
+            .join("model.safetensors")
+            .is_file(),
+        "{MINILM} is missing: run models/fetch"
+    );
+    let mut argv = vec!["aitier", "--port", "0", "--embedding-model", MINILM];
+    argv.extend_from_slice(extra);
+    let args = match Cli::try_parse_from(argv)
+        .expect("valid flags")
+        .into_command()
+    {
+        Command::Serve(args) => args,
+        Command::Openapi => unreachable!(),
+    };
+    let bound = aitier::server::bind(&args).await.expect("server binds");
+    let addr = bound.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(bound.run(async {
+        let _ = stopped.await;
+    }));
+    let server = TestServer {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        _stop: stop,
+    };
+    server.wait_ready().await;
+    server
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self
+                .client
+                .get(self.url("/health/ready"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            if matches!(status, Ok(200)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// POSTs a JSON body; returns the status and the decoded JSON answer.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// POSTs raw bytes with a content type; returns the status and the JSON answer.
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// Embeds texts through `/api/embed` and returns the vectors.
+    pub async fn embed(&self, texts: &[&str]) -> Vec<Vec<f32>> {
+        let (status, body) = self
+            .post("/api/embed", &serde_json::json!({ "texts": texts }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        vectors(&body["embeddings"])
+    }
+}
+
+pub fn vectors(value: &Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(value.clone()).expect("a list of vectors")
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// Asserts a FastAPI 422 body whose first error has this location and type.
+pub fn assert_validation(status: u16, body: &Value, loc: Value, kind: &str) {
+    assert_eq!(status, 422, "{body}");
+    let first = &body["detail"][0];
+    assert_eq!(first["loc"], loc, "{body}");
+    assert_eq!(first["type"], kind, "{body}");
+    assert!(
+        first["msg"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
