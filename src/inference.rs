@@ -4,6 +4,7 @@
 mod batcher;
 mod bert;
 mod embeddings;
+mod encoder;
 pub mod source;
 
 pub use batcher::{BatchConfig, Batcher, Pooled};

@@ -1,11 +1,12 @@
 //! BERT-family sentence embeddings with candle: masked mean (or CLS) pooling over the last hidden state.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use super::encoder::{Batch, Encoder, first_token, mean_pool};
 use super::source::{ModelFiles, Weights};
 use super::{ModelError, SequenceModel, Tokenized};
 
@@ -28,12 +29,11 @@ struct SentenceConfig {
 }
 
 pub struct BertEmbedder {
-    model: BertModel,
+    model: Encoder,
     tokenizer: Tokenizer,
     pooling: Pooling,
     hidden: usize,
     max_tokens: usize,
-    device: Device,
 }
 
 impl BertEmbedder {
@@ -51,7 +51,7 @@ impl BertEmbedder {
             Weights::PyTorch(path) => VarBuilder::from_pth(path, DType::F32, &device),
         }
         .map_err(|e| load_err("weights", &e))?;
-        let model = BertModel::load(vb, &config).map_err(|e| load_err("weights", &e))?;
+        let model = Encoder::load(vb, &config).map_err(|e| load_err("weights", &e))?;
 
         let max_positions = config.max_position_embeddings;
         let max_tokens = match &files.sentence_config {
@@ -92,7 +92,6 @@ impl BertEmbedder {
             pooling,
             hidden: config.hidden_size,
             max_tokens,
-            device,
         })
     }
 
@@ -120,33 +119,14 @@ impl SequenceModel for BertEmbedder {
     }
 
     fn forward(&self, batch: &[&Tokenized]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let n = batch.len();
-        let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(n * len);
-        let mut type_ids = Vec::with_capacity(n * len);
-        let mut mask = Vec::with_capacity(n * len);
-        for t in batch {
-            let pad = len - t.ids.len();
-            ids.extend(t.ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
-            type_ids.extend(
-                t.type_ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            mask.extend(std::iter::repeat_n(1u32, t.ids.len()).chain(std::iter::repeat_n(0, pad)));
-        }
-        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let type_ids = Tensor::from_vec(type_ids, (n, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
+        let lens: Vec<usize> = batch.iter().map(|t| t.ids.len()).collect();
+        let packed = self.model.forward(&Batch {
+            ids: batch.iter().map(|t| t.ids.as_slice()).collect(),
+            type_ids: batch.iter().map(|t| t.type_ids.as_slice()).collect(),
+        })?;
         let pooled = match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => {
-                let mask = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
-                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-                summed.broadcast_div(&mask.sum(1)?)?
-            }
+            Pooling::Cls => first_token(&packed, &lens)?,
+            Pooling::Mean => mean_pool(&packed, &lens)?,
         };
         Ok(pooled.to_vec2::<f32>()?)
     }
