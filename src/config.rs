@@ -24,6 +24,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start-up: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server (the default when no subcommand is given).
@@ -100,6 +102,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_QUEUE_CAPACITY", default_value_t = 128)]
     pub queue_capacity: usize,
 
+    /// Worker threads per model, each running its own batches single-threaded. On a small machine
+    /// one batch per core beats one batch spread over every core (no synchronisation between ops).
+    /// Defaults to the number of cores.
+    #[arg(long, env = "AITIER_WORKERS")]
+    pub workers: Option<usize>,
+
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "AITIER_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
     pub body_limit: usize,
@@ -130,6 +138,13 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// Worker threads per model: as configured, else one per core.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 
     pub fn shutdown_timeout(&self) -> Duration {
@@ -175,6 +190,7 @@ impl fmt::Debug for ServeArgs {
             .field("max_batch_tokens", &self.max_batch_tokens)
             .field("max_batch_wait_ms", &self.max_batch_wait_ms)
             .field("queue_capacity", &self.queue_capacity)
+            .field("workers", &self.workers)
             .field("body_limit", &self.body_limit)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("cors_origins", &self.cors_origins)

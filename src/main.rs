@@ -3,10 +3,9 @@
 
 use clap::Parser;
 
-use aitier::config::{Cli, Command};
+use aitier::config::{Cli, Command, ServeArgs};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     // A missing .env is the normal case; a malformed one is worth a warning once tracing is up.
     let dotenv = dotenvy::dotenv();
     let cli = Cli::parse();
@@ -16,15 +15,24 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
+            // Before the runtime starts its threads: it changes the environment.
+            aitier::inference::use_one_compute_thread_per_worker();
             aitier::telemetry::init(args.log_format);
-            if let Err(e) = dotenv.as_ref() {
-                if !e.not_found() {
-                    tracing::warn!(error = %e, "could not read .env");
-                }
+            if let Err(e) = dotenv.as_ref()
+                && !e.not_found()
+            {
+                tracing::warn!(error = %e, "could not read .env");
             }
-            tracing::info!(config = ?args, "starting aitier");
-            let server = aitier::server::bind(&args).await?;
-            server.run(aitier::server::shutdown_signal()).await
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(args))
         }
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing::info!(config = ?args, "starting aitier");
+    let server = aitier::server::bind(&args).await?;
+    server.run(aitier::server::shutdown_signal()).await
 }

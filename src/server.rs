@@ -43,6 +43,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         max_batch_tokens: args.max_batch_tokens,
         max_wait: Duration::from_millis(args.max_batch_wait_ms),
         queue_capacity: args.queue_capacity,
+        workers: args.workers(),
     };
     let loader = tokio::spawn(load_models(state.clone(), files, batch));
     Ok(Bound {

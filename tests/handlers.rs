@@ -58,6 +58,7 @@ fn fake_service(fake: Arc<Fake>) -> EmbeddingService {
         max_batch_tokens: 1024,
         max_wait: Duration::from_millis(1),
         queue_capacity: 8,
+        workers: 1,
     };
     EmbeddingService::with_model(fake, 16, config).unwrap()
 }

@@ -3,8 +3,8 @@
 //! growing latency without limit.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -20,8 +20,10 @@ pub struct BatchConfig {
     pub max_batch_tokens: usize,
     /// How long to hold a batch open for more requests, counted from the first request's arrival.
     pub max_wait: Duration,
-    /// Requests waiting for the worker before new ones are refused.
+    /// Requests waiting for a worker before new ones are refused.
     pub queue_capacity: usize,
+    /// Worker threads sharing the queue, each running its own batches.
+    pub workers: usize,
 }
 
 /// The model's output for one text.
@@ -61,13 +63,17 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the worker thread. It runs until every handle is dropped.
+    /// Starts the worker threads. They run until every handle is dropped.
     pub fn spawn(model: Arc<dyn SequenceModel>, config: BatchConfig) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
+        let rx = Arc::new(Mutex::new(rx));
         let name: Arc<str> = config.name.clone().into();
-        std::thread::Builder::new()
-            .name(format!("aitier-{}", config.name))
-            .spawn(move || worker(model.as_ref(), &rx, &config))?;
+        for i in 0..config.workers.max(1) {
+            let (model, rx, config) = (model.clone(), rx.clone(), config.clone());
+            std::thread::Builder::new()
+                .name(format!("aitier-{}-{i}", config.name))
+                .spawn(move || worker(model.as_ref(), &rx, &config))?;
+        }
         Ok(Self { tx, name })
     }
 
@@ -96,50 +102,69 @@ impl Batcher {
     }
 }
 
-fn worker(model: &dyn SequenceModel, rx: &Receiver<Job>, config: &BatchConfig) {
+/// Takes a batch from the shared queue (one worker at a time gathers), then runs it while the
+/// other workers gather theirs.
+fn worker(model: &dyn SequenceModel, rx: &Mutex<Receiver<Job>>, config: &BatchConfig) {
     let mut carried: Option<Prepared> = None;
     loop {
-        let first = match carried.take() {
-            Some(prepared) => prepared,
-            None => match rx.recv() {
-                Ok(job) => match prepare(model, job) {
-                    Some(prepared) => prepared,
-                    None => continue,
-                },
-                Err(_) => return,
-            },
-        };
-        let deadline = first.enqueued + config.max_wait;
-        let mut seqs = first.seqs.len();
-        let mut tokens = first.tokens();
-        let mut jobs = vec![first];
-        while seqs < config.max_batch_size && tokens < config.max_batch_tokens {
-            let job = match rx.try_recv() {
-                Ok(job) => job,
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(job) => job,
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-            };
-            let Some(prepared) = prepare(model, job) else {
-                continue;
-            };
-            if seqs + prepared.seqs.len() > config.max_batch_size
-                || tokens + prepared.tokens() > config.max_batch_tokens
-            {
-                carried = Some(prepared);
-                break;
+        let jobs = {
+            let rx = rx.lock().unwrap_or_else(PoisonError::into_inner);
+            match gather(model, &rx, config, &mut carried) {
+                Some(jobs) => jobs,
+                None => return,
             }
-            seqs += prepared.seqs.len();
-            tokens += prepared.tokens();
-            jobs.push(prepared);
-        }
+        };
         run_jobs(model, jobs, config);
     }
+}
+
+/// Waits for a first job, then adds the jobs that arrive until the batch is full or the first job
+/// has waited `max_wait`. A job that would overflow the batch is carried to the next one. `None`
+/// when every sender is gone.
+fn gather(
+    model: &dyn SequenceModel,
+    rx: &Receiver<Job>,
+    config: &BatchConfig,
+    carried: &mut Option<Prepared>,
+) -> Option<Vec<Prepared>> {
+    let first = loop {
+        if let Some(prepared) = carried.take() {
+            break prepared;
+        }
+        if let Some(prepared) = prepare(model, rx.recv().ok()?) {
+            break prepared;
+        }
+    };
+    let deadline = first.enqueued + config.max_wait;
+    let mut seqs = first.seqs.len();
+    let mut tokens = first.tokens();
+    let mut jobs = vec![first];
+    while seqs < config.max_batch_size && tokens < config.max_batch_tokens {
+        let job = match rx.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
+        let Some(prepared) = prepare(model, job) else {
+            continue;
+        };
+        if seqs + prepared.seqs.len() > config.max_batch_size
+            || tokens + prepared.tokens() > config.max_batch_tokens
+        {
+            *carried = Some(prepared);
+            break;
+        }
+        seqs += prepared.seqs.len();
+        tokens += prepared.tokens();
+        jobs.push(prepared);
+    }
+    Some(jobs)
 }
 
 /// Tokenizes a job; `None` when its client has gone or tokenization failed (the client is told).
@@ -272,6 +297,7 @@ mod tests {
     /// Records each forward pass's batch size; sleeps to let requests pile up; panics on "boom".
     struct Recorder {
         batches: Mutex<Vec<usize>>,
+        threads: Mutex<std::collections::HashSet<String>>,
         delay: Duration,
     }
 
@@ -289,6 +315,11 @@ mod tests {
                 panic!("boom");
             }
             self.batches.lock().unwrap().push(batch.len());
+            let thread = std::thread::current()
+                .name()
+                .unwrap_or_default()
+                .to_string();
+            self.threads.lock().unwrap().insert(thread);
             std::thread::sleep(self.delay);
             Ok(batch.iter().map(|t| vec![t.ids.len() as f32]).collect())
         }
@@ -304,12 +335,14 @@ mod tests {
             max_batch_tokens: 1000,
             max_wait: Duration::from_millis(20),
             queue_capacity,
+            workers: 1,
         }
     }
 
     fn recorder(delay_ms: u64) -> Arc<Recorder> {
         Arc::new(Recorder {
             batches: Mutex::new(Vec::new()),
+            threads: Mutex::new(Default::default()),
             delay: Duration::from_millis(delay_ms),
         })
     }
@@ -359,6 +392,25 @@ mod tests {
             Err(InferenceError::Model(ModelError::Panic(_)))
         ));
         assert!(batcher.run(vec!["fine".into()]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn workers_run_batches_side_by_side() {
+        let model = recorder(50);
+        let mut config = config(64);
+        config.max_batch_size = 1;
+        config.workers = 2;
+        let batcher = Batcher::spawn(model.clone(), config).unwrap();
+        let answers = futures::future::join_all((1..=4).map(|n| {
+            let batcher = batcher.clone();
+            async move { batcher.run(vec!["y".repeat(n)]).await.unwrap() }
+        }))
+        .await;
+        for (n, answer) in (1..=4).zip(answers) {
+            assert_eq!(answer[0].vector, vec![n as f32]);
+        }
+        let threads = model.threads.lock().unwrap().clone();
+        assert_eq!(threads.len(), 2, "{threads:?}");
     }
 
     #[test]
