@@ -32,6 +32,98 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the OpenAPI document to stdout (what `openapi.json` holds).
     Openapi,
+    /// Train or evaluate classifiers.
+    #[command(subcommand)]
+    Classifier(ClassifierCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassifierCommand {
+    /// Train an embedding head from a labelled CSV and write it to the classifiers folder.
+    Train(TrainArgs),
+    /// Classify a labelled CSV or JSON-lines file with a classifier and print its metrics.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// The labelled CSV (with a header row).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Column holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Column holding the label (compared lower-cased).
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// Name of the classifier: it is written to <classifiers-dir>/<name>/ and served as
+    /// /api/classify/<name>. Defaults to the data file's stem.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Embedding model the head reads (a local directory or Hugging Face repo id).
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+    /// Share of each label held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    pub holdout: f64,
+    /// Seed of the held-out split; the same data and seed give the same classifier.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Full-batch optimisation steps.
+    #[arg(long, default_value_t = 300)]
+    pub epochs: usize,
+    /// L2 penalty on the weights: higher is smoother, lower fits the training data closer.
+    #[arg(long, default_value_t = 1e-4)]
+    pub l2: f64,
+    /// Folder of named classifiers.
+    #[arg(
+        long,
+        env = "AITIER_CLASSIFIERS_DIR",
+        default_value = "models/classifiers"
+    )]
+    pub classifiers_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Classifier name (under --classifiers-dir) or Hugging Face repo id.
+    #[arg(long, default_value = "sentiment")]
+    pub name: String,
+    /// A CSV with a header row, or JSON lines (`.jsonl`) with the two fields.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// For embedding heads: read whole texts or sentences (default: the classifier's own setting).
+    #[arg(long, value_enum)]
+    pub mode: Option<EvalMode>,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+    #[arg(
+        long,
+        env = "AITIER_CLASSIFIERS_DIR",
+        default_value = "models/classifiers"
+    )]
+    pub classifiers_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalMode {
+    Whole,
+    Sentences,
 }
 
 impl Cli {
@@ -108,6 +200,25 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_WORKERS")]
     pub workers: Option<usize>,
 
+    /// Folder of named classifiers: each subfolder is an embedding head (classifier.json) or a
+    /// Hugging Face sequence-classification checkpoint (config.json with id2label).
+    #[arg(
+        long,
+        env = "AITIER_CLASSIFIERS_DIR",
+        default_value = "models/classifiers"
+    )]
+    pub classifiers_dir: PathBuf,
+
+    /// Classifier behind /api/classify/sentiment: a name under --classifiers-dir or a Hugging Face
+    /// repo id (e.g. distilbert/distilbert-base-uncased-finetuned-sst-2-english). Loaded and warmed
+    /// at start-up.
+    #[arg(long, env = "AITIER_SENTIMENT_MODEL", default_value = "sentiment")]
+    pub sentiment_model: String,
+
+    /// Classifiers kept loaded at once (least recently used ones are dropped).
+    #[arg(long, env = "AITIER_CLASSIFIER_CACHE", default_value_t = 3)]
+    pub classifier_cache: usize,
+
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "AITIER_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
     pub body_limit: usize,
@@ -153,10 +264,9 @@ impl ServeArgs {
 
     /// The served name of the embedding model.
     pub fn embedding_model_name(&self) -> String {
-        self.embedding_model_name.clone().unwrap_or_else(|| {
-            let trimmed = self.embedding_model.trim_end_matches('/');
-            trimmed.rsplit('/').next().unwrap_or(trimmed).to_string()
-        })
+        self.embedding_model_name
+            .clone()
+            .unwrap_or_else(|| crate::inference::source::model_name(&self.embedding_model))
     }
 
     /// Settings clap cannot check alone.
@@ -166,11 +276,15 @@ impl ServeArgs {
                 "--cors-credentials cannot be combined with --cors-origins '*': browsers refuse it; list the origins".into(),
             );
         }
-        if self.max_batch_size == 0 || self.max_batch_tokens == 0 || self.queue_capacity == 0 {
-            return Err(
-                "--max-batch-size, --max-batch-tokens and --queue-capacity must be at least 1"
-                    .into(),
-            );
+        let limits = [
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--queue-capacity", self.queue_capacity),
+            ("--workers", self.workers.unwrap_or(1)),
+            ("--classifier-cache", self.classifier_cache),
+        ];
+        if let Some((flag, _)) = limits.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("{flag} must be at least 1"));
         }
         Ok(())
     }
@@ -191,6 +305,9 @@ impl fmt::Debug for ServeArgs {
             .field("max_batch_wait_ms", &self.max_batch_wait_ms)
             .field("queue_capacity", &self.queue_capacity)
             .field("workers", &self.workers)
+            .field("classifiers_dir", &self.classifiers_dir)
+            .field("sentiment_model", &self.sentiment_model)
+            .field("classifier_cache", &self.classifier_cache)
             .field("body_limit", &self.body_limit)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("cors_origins", &self.cors_origins)

@@ -1,6 +1,7 @@
 //! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, and
 //! the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
 
+mod classify;
 mod embed;
 mod error;
 mod extract;
@@ -44,6 +45,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     ),
     tags(
         (name = "embeddings", description = "Sentence embeddings"),
+        (name = "classification", description = "Sentiment and text classification"),
         (name = "openai", description = "OpenAI-compatible API"),
         (name = "health", description = "Liveness and readiness probes"),
     ),
@@ -56,6 +58,7 @@ fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::routes())
         .merge(embed::routes())
+        .merge(classify::routes())
         .merge(openai::routes())
 }
 

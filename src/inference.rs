@@ -3,12 +3,15 @@
 
 mod batcher;
 mod bert;
+mod checkpoint;
+mod classifier;
 mod embeddings;
 mod encoder;
 pub mod source;
 
 pub use batcher::{BatchConfig, Batcher, Pooled};
 pub use bert::BertEmbedder;
+pub use classifier::SequenceClassifier;
 pub use embeddings::{Embedding, EmbeddingService};
 
 /// Makes candle run each forward pass on the calling thread alone, so that each worker is one

@@ -1,6 +1,8 @@
 //! aitier: an AI middle tier in one binary. Embeddings today; classification, streamed chat and RAG
 //! join the same rooms.
 
+pub mod classify;
+pub mod commands;
 pub mod config;
 pub mod http;
 pub mod inference;

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 
-use aitier::config::{Cli, Command, ServeArgs};
+use aitier::config::{ClassifierCommand, Cli, Command, ServeArgs};
 
 fn main() -> anyhow::Result<()> {
     // A missing .env is the normal case; a malformed one is worth a warning once tracing is up.
@@ -13,6 +13,16 @@ fn main() -> anyhow::Result<()> {
         Command::Openapi => {
             println!("{}", aitier::http::openapi().to_pretty_json()?);
             Ok(())
+        }
+        Command::Classifier(command) => {
+            aitier::inference::use_one_compute_thread_per_worker();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            match command {
+                ClassifierCommand::Train(args) => runtime.block_on(aitier::commands::train(args)),
+                ClassifierCommand::Eval(args) => runtime.block_on(aitier::commands::eval(args)),
+            }
         }
         Command::Serve(args) => {
             // Before the runtime starts its threads: it changes the environment.

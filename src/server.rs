@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::classify::RegistryConfig;
 use crate::config::ServeArgs;
 use crate::http;
 use crate::inference::source::{self, HubOptions, ModelFiles};
@@ -36,7 +37,6 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
     let listener = TcpListener::bind((args.host, args.port))
         .await
         .with_context(|| format!("could not listen on {}:{}", args.host, args.port))?;
-    let state = AppState::new(args.embedding_model_name());
     let batch = BatchConfig {
         name: args.embedding_model_name(),
         max_batch_size: args.max_batch_size,
@@ -45,6 +45,17 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         queue_capacity: args.queue_capacity,
         workers: args.workers(),
     };
+    let registry = RegistryConfig {
+        dir: args.classifiers_dir.clone(),
+        capacity: args.classifier_cache,
+        batch: batch.clone(),
+        hub,
+    };
+    let state = AppState::new(
+        args.embedding_model_name(),
+        registry,
+        Some(args.sentiment_model.clone()),
+    );
     let loader = tokio::spawn(load_models(state.clone(), files, batch));
     Ok(Bound {
         app: http::app(state.clone(), args),
@@ -69,6 +80,14 @@ async fn load_models(state: AppState, files: ModelFiles, batch: BatchConfig) -> 
         "embedding model loaded and warm"
     );
     state.embeddings.fill(service);
+    if let Some(sentiment) = &state.sentiment {
+        state
+            .classifiers
+            .get(&sentiment.id)
+            .await
+            .with_context(|| format!("sentiment classifier {}", sentiment.id))?;
+        sentiment.mark_ready();
+    }
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! Shared application state: the models, each in a slot that fills once it is loaded and warm.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::classify::{Classifiers, RegistryConfig};
 use crate::inference::{EmbeddingService, InferenceError};
 
 /// A model that is loading in the background; requests before it is ready get 503.
@@ -24,7 +26,11 @@ impl<T> Slot<T> {
 
     /// Fills the slot; a second fill is ignored.
     pub fn fill(&self, value: T) {
-        let _ = self.value.set(Arc::new(value));
+        self.fill_shared(Arc::new(value));
+    }
+
+    pub fn fill_shared(&self, value: Arc<T>) {
+        let _ = self.value.set(value);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -41,25 +47,56 @@ impl<T> Slot<T> {
     }
 }
 
+/// The classifier behind `/api/classify/sentiment`, loaded and warmed at start-up.
+pub struct Sentiment {
+    pub id: String,
+    ready: AtomicBool,
+}
+
+impl Sentiment {
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub embeddings: Arc<Slot<EmbeddingService>>,
+    pub classifiers: Arc<Classifiers>,
+    /// `None` when no sentiment classifier is configured (handler tests).
+    pub sentiment: Option<Arc<Sentiment>>,
 }
 
 impl AppState {
-    pub fn new(embedding_model_name: impl Into<String>) -> Self {
+    pub fn new(
+        embedding_model_name: impl Into<String>,
+        classifiers: RegistryConfig,
+        sentiment: Option<String>,
+    ) -> Self {
+        let embeddings = Arc::new(Slot::empty(embedding_model_name));
         Self {
-            embeddings: Arc::new(Slot::empty(embedding_model_name)),
+            classifiers: Arc::new(Classifiers::new(classifiers, embeddings.clone())),
+            embeddings,
+            sentiment: sentiment.map(|id| {
+                Arc::new(Sentiment {
+                    id,
+                    ready: AtomicBool::new(false),
+                })
+            }),
         }
     }
 
     /// Names of the configured models that are not loaded and warm yet.
     pub fn not_ready(&self) -> Vec<String> {
-        let slots = [(self.embeddings.name(), self.embeddings.is_ready())];
-        slots
-            .into_iter()
-            .filter(|(_, ready)| !ready)
-            .map(|(name, _)| name.to_string())
-            .collect()
+        let mut pending = Vec::new();
+        if !self.embeddings.is_ready() {
+            pending.push(self.embeddings.name().to_string());
+        }
+        if let Some(sentiment) = &self.sentiment
+            && !sentiment.ready.load(Ordering::Acquire)
+        {
+            pending.push(format!("classifier {}", sentiment.id));
+        }
+        pending
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use aitier::classify::RegistryConfig;
 use aitier::config::{Cli, Command};
 use aitier::inference::{BatchConfig, EmbeddingService, ModelError, SequenceModel, Tokenized};
 use aitier::state::AppState;
@@ -46,21 +47,34 @@ impl SequenceModel for Fake {
 fn app(state: &AppState) -> axum::Router {
     let args = match Cli::try_parse_from(["aitier"]).unwrap().into_command() {
         Command::Serve(args) => args,
-        Command::Openapi => unreachable!(),
+        _ => unreachable!(),
     };
     aitier::http::app(state.clone(), &args)
 }
 
-fn fake_service(fake: Arc<Fake>) -> EmbeddingService {
-    let config = BatchConfig {
+fn fake_state() -> AppState {
+    let registry = RegistryConfig {
+        dir: std::env::temp_dir().join("aitier-no-classifiers"),
+        capacity: 1,
+        batch: batch_config(),
+        hub: Default::default(),
+    };
+    AppState::new("fake", registry, None)
+}
+
+fn batch_config() -> BatchConfig {
+    BatchConfig {
         name: "fake".into(),
         max_batch_size: 8,
         max_batch_tokens: 1024,
         max_wait: Duration::from_millis(1),
         queue_capacity: 8,
         workers: 1,
-    };
-    EmbeddingService::with_model(fake, 16, config).unwrap()
+    }
+}
+
+fn fake_service(fake: Arc<Fake>) -> EmbeddingService {
+    EmbeddingService::with_model(fake, 16, batch_config()).unwrap()
 }
 
 async fn call(
@@ -90,7 +104,7 @@ async fn call(
 
 #[tokio::test]
 async fn readiness_and_embedding_are_503_until_the_model_is_warm() {
-    let state = AppState::new("fake");
+    let state = fake_state();
     let (status, retry, body) = call(&state, "GET", "/health/ready", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(retry, "1");
@@ -119,7 +133,7 @@ async fn readiness_and_embedding_are_503_until_the_model_is_warm() {
 
 #[tokio::test]
 async fn a_model_failure_is_an_opaque_500() {
-    let state = AppState::new("fake");
+    let state = fake_state();
     let fake = Arc::new(Fake {
         fail: AtomicBool::new(true),
     });
@@ -134,7 +148,7 @@ async fn a_model_failure_is_an_opaque_500() {
 
 #[tokio::test]
 async fn a_panicking_model_is_a_500_and_the_server_lives_on() {
-    let state = AppState::new("fake");
+    let state = fake_state();
     state.embeddings.fill(fake_service(Arc::new(Fake {
         fail: AtomicBool::new(false),
     })));

@@ -1,31 +1,17 @@
-//! BERT-family sentence embeddings with candle: masked mean (or CLS) pooling over the last hidden state.
+//! Sentence embeddings from a BERT-family encoder: masked mean (or CLS) pooling over the last hidden
+//! state, as sentence-transformers computes them.
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::Config;
-use serde::Deserialize;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::Tokenizer;
 
+use super::checkpoint::{self, read_json};
 use super::encoder::{Batch, Encoder, first_token, mean_pool};
-use super::source::{ModelFiles, Weights};
+use super::source::ModelFiles;
 use super::{ModelError, SequenceModel, Tokenized};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pooling {
     Mean,
     Cls,
-}
-
-/// sentence-transformers' `1_Pooling/config.json`, the two modes aitier supports.
-#[derive(Deserialize)]
-struct PoolingConfig {
-    #[serde(default)]
-    pooling_mode_cls_token: bool,
-}
-
-#[derive(Deserialize)]
-struct SentenceConfig {
-    max_seq_length: Option<usize>,
 }
 
 pub struct BertEmbedder {
@@ -38,59 +24,30 @@ pub struct BertEmbedder {
 
 impl BertEmbedder {
     pub fn load(files: &ModelFiles) -> Result<Self, ModelError> {
-        let load_err =
-            |what: &str, e: &dyn std::fmt::Display| ModelError::Load(format!("{what}: {e}"));
-        let config: Config = read_json(&files.config).map_err(|e| load_err("config.json", &e))?;
-        let device = Device::Cpu;
-        let vb = match &files.weights {
-            // SAFETY: candle memory-maps the weights file; it must not be modified while the model
-            // is loaded, which holds for model files that aitier only reads.
-            Weights::Safetensors(path) => unsafe {
-                VarBuilder::from_mmaped_safetensors(std::slice::from_ref(path), DType::F32, &device)
-            },
-            Weights::PyTorch(path) => VarBuilder::from_pth(path, DType::F32, &device),
-        }
-        .map_err(|e| load_err("weights", &e))?;
-        let model = Encoder::load(vb, &config).map_err(|e| load_err("weights", &e))?;
-
-        let max_positions = config.max_position_embeddings;
+        let checkpoint = checkpoint::open(files)?;
+        let config = &checkpoint.encoder;
+        let model = Encoder::load(&checkpoint.weights, config)
+            .map_err(|e| ModelError::Load(format!("weights: {e}")))?;
+        // sentence-transformers' own limit (`max_seq_length`) when it has one.
         let max_tokens = match &files.sentence_config {
-            Some(path) => read_json::<SentenceConfig>(path)
-                .map_err(|e| load_err("sentence_bert_config.json", &e))?
-                .max_seq_length
-                .unwrap_or(max_positions)
-                .min(max_positions),
-            None => max_positions,
+            Some(path) => read_json(path)?["max_seq_length"]
+                .as_u64()
+                .map_or(config.max_tokens(), |n| {
+                    (n as usize).min(config.max_tokens())
+                }),
+            None => config.max_tokens(),
         };
         let pooling = match &files.pooling {
-            Some(path) => {
-                let cfg: PoolingConfig =
-                    read_json(path).map_err(|e| load_err("1_Pooling/config.json", &e))?;
-                if cfg.pooling_mode_cls_token {
-                    Pooling::Cls
-                } else {
-                    Pooling::Mean
-                }
+            Some(path) if read_json(path)?["pooling_mode_cls_token"].as_bool() == Some(true) => {
+                Pooling::Cls
             }
-            None => Pooling::Mean,
+            _ => Pooling::Mean,
         };
-
-        let mut tokenizer =
-            Tokenizer::from_file(&files.tokenizer).map_err(|e| load_err("tokenizer.json", &e))?;
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_tokens,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| load_err("tokenizer truncation", &e))?;
         Ok(Self {
             model,
-            tokenizer,
+            tokenizer: checkpoint::tokenizer(files, max_tokens)?,
             pooling,
-            hidden: config.hidden_size,
+            hidden: config.hidden,
             max_tokens,
         })
     }
@@ -101,21 +58,9 @@ impl BertEmbedder {
     }
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> anyhow::Result<T> {
-    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
-}
-
 impl SequenceModel for BertEmbedder {
     fn tokenize(&self, text: &str) -> Result<Tokenized, ModelError> {
-        let encoding = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ModelError::Tokenize(e.to_string()))?;
-        Ok(Tokenized {
-            truncated: !encoding.get_overflowing().is_empty(),
-            ids: encoding.get_ids().to_vec(),
-            type_ids: encoding.get_type_ids().to_vec(),
-        })
+        checkpoint::tokenize(&self.tokenizer, text)
     }
 
     fn forward(&self, batch: &[&Tokenized]) -> Result<Vec<Vec<f32>>, ModelError> {

@@ -1,11 +1,104 @@
-//! A BERT encoder tuned for CPU batches: the token-wise layers (projections, feed-forward, layer norms)
+//! A BERT-family encoder (BERT, RoBERTa, DistilBERT) tuned for CPU batches: the token-wise layers (projections, feed-forward, layer norms)
 //! run on the batch's real tokens packed end to end, so padding costs nothing there; only attention
 //! sees a padded view. Q, K and V are one fused projection, and GELU uses a vectorisable erf.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear};
-use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
+use serde_json::Value;
+
+/// The transformer families aitier loads; they differ in tensor names and position ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    Roberta,
+    DistilBert,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU with erf, as `gelu` means in transformers.
+    Gelu,
+    /// GELU with tanh (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Relu,
+}
+
+/// What the encoder needs from a checkpoint's `config.json`, whatever the family calls it.
+#[derive(Debug, Clone)]
+pub struct EncoderConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub max_positions: usize,
+    pub type_vocab_size: usize,
+    pub eps: f64,
+    pub activation: Activation,
+    /// First position id: RoBERTa counts from `pad_token_id + 1`.
+    pub position_offset: usize,
+}
+
+impl EncoderConfig {
+    pub fn from_json(config: &Value) -> Result<Self, String> {
+        let model_type = config["model_type"].as_str().unwrap_or("bert");
+        let family = match model_type {
+            "bert" => Family::Bert,
+            "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
+            "distilbert" => Family::DistilBert,
+            other => {
+                return Err(format!(
+                    "model_type '{other}' is not supported (bert, roberta, distilbert are)"
+                ));
+            }
+        };
+        let get = |keys: &[&str]| -> Result<usize, String> {
+            keys.iter()
+                .find_map(|k| config[*k].as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| format!("config.json has no {}", keys.join(" or ")))
+        };
+        let act = config["hidden_act"]
+            .as_str()
+            .or(config["activation"].as_str())
+            .unwrap_or("gelu");
+        let activation = match act {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => return Err(format!("activation '{other}' is not supported")),
+        };
+        if family == Family::DistilBert && config["sinusoidal_pos_embds"].as_bool() == Some(true) {
+            return Err("DistilBERT with sinusoidal position embeddings is not supported".into());
+        }
+        Ok(Self {
+            family,
+            vocab_size: get(&["vocab_size"])?,
+            hidden: get(&["hidden_size", "dim"])?,
+            layers: get(&["num_hidden_layers", "n_layers"])?,
+            heads: get(&["num_attention_heads", "n_heads"])?,
+            intermediate: get(&["intermediate_size", "hidden_dim"])?,
+            max_positions: get(&["max_position_embeddings"])?,
+            type_vocab_size: match family {
+                Family::DistilBert => 0,
+                _ => get(&["type_vocab_size"]).unwrap_or(2),
+            },
+            eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
+            activation,
+            position_offset: match family {
+                Family::Roberta => get(&["pad_token_id"]).unwrap_or(1) + 1,
+                _ => 0,
+            },
+        })
+    }
+
+    /// Longest sequence the position embeddings allow.
+    pub fn max_tokens(&self) -> usize {
+        self.max_positions.saturating_sub(self.position_offset)
+    }
+}
 
 struct Layer {
     qkv: Linear,
@@ -19,12 +112,13 @@ struct Layer {
 pub struct Encoder {
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    token_type: Option<Tensor>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
     heads: usize,
     head_dim: usize,
-    act: HiddenAct,
+    activation: Activation,
+    position_offset: u32,
 }
 
 /// The sequences of one forward pass, as token ids with their type ids.
@@ -33,47 +127,98 @@ pub struct Batch<'a> {
     pub type_ids: Vec<&'a [u32]>,
 }
 
+/// Tensor names inside one layer of a family.
+struct LayerNames {
+    layer: &'static str,
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    attention_out: &'static str,
+    attention_norm: &'static str,
+    intermediate: &'static str,
+    output: &'static str,
+    output_norm: &'static str,
+}
+
+const BERT_NAMES: LayerNames = LayerNames {
+    layer: "encoder.layer",
+    q: "attention.self.query",
+    k: "attention.self.key",
+    v: "attention.self.value",
+    attention_out: "attention.output.dense",
+    attention_norm: "attention.output.LayerNorm",
+    intermediate: "intermediate.dense",
+    output: "output.dense",
+    output_norm: "output.LayerNorm",
+};
+
+const DISTILBERT_NAMES: LayerNames = LayerNames {
+    layer: "transformer.layer",
+    q: "attention.q_lin",
+    k: "attention.k_lin",
+    v: "attention.v_lin",
+    attention_out: "attention.out_lin",
+    attention_norm: "sa_layer_norm",
+    intermediate: "ffn.lin1",
+    output: "ffn.lin2",
+    output_norm: "output_layer_norm",
+};
+
 impl Encoder {
-    pub fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
-        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
-            vb.pp("bert")
-        } else {
-            vb
+    /// Loads the encoder from `vb`, whose root may or may not carry the family's prefix (`bert.`,
+    /// `roberta.`, `distilbert.`): sentence-transformers checkpoints have none, classifiers do.
+    pub fn load(vb: &VarBuilder, config: &EncoderConfig) -> candle_core::Result<Self> {
+        let (names, prefix) = match config.family {
+            Family::Bert => (&BERT_NAMES, "bert"),
+            Family::Roberta => (&BERT_NAMES, "roberta"),
+            Family::DistilBert => (&DISTILBERT_NAMES, "distilbert"),
         };
-        let h = config.hidden_size;
-        let eps = config.layer_norm_eps;
+        let vb = if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) {
+            vb.pp(prefix)
+        } else {
+            vb.clone()
+        };
+        let (h, eps) = (config.hidden, config.eps);
         let emb = vb.pp("embeddings");
         let table = |name: &str, rows: usize| emb.pp(name).get((rows, h), "weight");
-        let layers = (0..config.num_hidden_layers)
+        let layers = (0..config.layers)
             .map(|i| {
-                let l = vb.pp(format!("encoder.layer.{i}"));
-                let attn = l.pp("attention");
-                let part = |name: &str| linear(h, h, attn.pp("self").pp(name));
-                let (q, k, v) = (part("query")?, part("key")?, part("value")?);
+                let l = vb.pp(format!("{}.{i}", names.layer));
+                let (q, k, v) = (
+                    linear(h, h, l.pp(names.q))?,
+                    linear(h, h, l.pp(names.k))?,
+                    linear(h, h, l.pp(names.v))?,
+                );
+                let bias = |x: &Linear| {
+                    x.bias()
+                        .cloned()
+                        .ok_or_else(|| candle_core::Error::Msg("attention without bias".into()))
+                };
                 let weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
-                let bias = Tensor::cat(
-                    &[q.bias().unwrap(), k.bias().unwrap(), v.bias().unwrap()],
-                    0,
-                )?;
+                let qkv_bias = Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?;
                 Ok(Layer {
-                    qkv: Linear::new(weight, Some(bias)),
-                    attention_out: linear(h, h, attn.pp("output.dense"))?,
-                    attention_norm: layer_norm(h, eps, attn.pp("output.LayerNorm"))?,
-                    intermediate: linear(h, config.intermediate_size, l.pp("intermediate.dense"))?,
-                    output: linear(config.intermediate_size, h, l.pp("output.dense"))?,
-                    output_norm: layer_norm(h, eps, l.pp("output.LayerNorm"))?,
+                    qkv: Linear::new(weight, Some(qkv_bias)),
+                    attention_out: linear(h, h, l.pp(names.attention_out))?,
+                    attention_norm: layer_norm(h, eps, l.pp(names.attention_norm))?,
+                    intermediate: linear(h, config.intermediate, l.pp(names.intermediate))?,
+                    output: linear(config.intermediate, h, l.pp(names.output))?,
+                    output_norm: layer_norm(h, eps, l.pp(names.output_norm))?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             word: table("word_embeddings", config.vocab_size)?,
-            position: table("position_embeddings", config.max_position_embeddings)?,
-            token_type: table("token_type_embeddings", config.type_vocab_size)?,
+            position: table("position_embeddings", config.max_positions)?,
+            token_type: match config.type_vocab_size {
+                0 => None,
+                n => Some(table("token_type_embeddings", n)?),
+            },
             embedding_norm: layer_norm(h, eps, emb.pp("LayerNorm"))?,
             layers,
-            heads: config.num_attention_heads,
-            head_dim: h / config.num_attention_heads,
-            act: config.hidden_act,
+            heads: config.heads,
+            head_dim: h / config.heads,
+            activation: config.activation,
+            position_offset: config.position_offset as u32,
         })
     }
 
@@ -91,7 +236,8 @@ impl Encoder {
             .iter()
             .flat_map(|s| s.iter().copied())
             .collect();
-        let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let first = self.position_offset;
+        let positions: Vec<u32> = lens.iter().flat_map(|&l| first..first + l as u32).collect();
         // Padded slot (b, p) reads packed token offset_b + p, or token 0 when p is padding (masked).
         let mut to_padded = vec![0u32; n * longest];
         let mut to_packed = Vec::with_capacity(total);
@@ -109,16 +255,17 @@ impl Encoder {
         let to_packed = Tensor::from_vec(to_packed, total, device)?;
         let mask = Tensor::from_vec(mask, (n, 1, 1, longest), device)?;
 
-        let embedded = (self
+        let mut embedded = (self
             .word
             .embedding(&Tensor::from_vec(ids, total, device)?)?
             + self
                 .position
-                .embedding(&Tensor::from_vec(positions, total, device)?)?)?
-            + self
-                .token_type
-                .embedding(&Tensor::from_vec(types, total, device)?)?;
-        let mut x = self.embedding_norm.forward(&embedded?)?;
+                .embedding(&Tensor::from_vec(positions, total, device)?)?)?;
+        if let Some(token_type) = &self.token_type {
+            embedded =
+                (embedded + token_type.embedding(&Tensor::from_vec(types, total, device)?)?)?;
+        }
+        let mut x = self.embedding_norm.forward(&embedded)?;
         let h = self.heads * self.head_dim;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         for layer in &self.layers {
@@ -144,10 +291,10 @@ impl Encoder {
             let attended = layer.attention_out.forward(&context)?;
             x = layer.attention_norm.forward(&(attended + &x)?)?;
             let hidden = layer.intermediate.forward(&x)?;
-            let hidden = match self.act {
-                HiddenAct::Gelu => hidden.apply_op1_no_bwd(&GeluErf)?,
-                HiddenAct::GeluApproximate => hidden.gelu()?,
-                HiddenAct::Relu => hidden.relu()?,
+            let hidden = match self.activation {
+                Activation::Gelu => hidden.apply_op1_no_bwd(&GeluErf)?,
+                Activation::GeluTanh => hidden.gelu()?,
+                Activation::Relu => hidden.relu()?,
             };
             x = layer
                 .output_norm

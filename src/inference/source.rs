@@ -46,6 +46,13 @@ pub enum SourceError {
 
 const OPTIONAL: [&str; 2] = ["1_Pooling/config.json", "sentence_bert_config.json"];
 
+/// The name a model reference is served under: its last path segment
+/// (`models/all-MiniLM-L6-v2` and `sentence-transformers/all-MiniLM-L6-v2` are `all-MiniLM-L6-v2`).
+pub fn model_name(reference: &str) -> String {
+    let trimmed = reference.trim_end_matches('/');
+    trimmed.rsplit('/').next().unwrap_or(trimmed).to_string()
+}
+
 /// Resolves a model reference: an existing directory is used as is; anything else is a Hub repo id,
 /// looked up in the local Hub cache first and downloaded only when missing there.
 pub async fn resolve(reference: &str, hub: &HubOptions) -> Result<ModelFiles, SourceError> {
@@ -53,6 +60,16 @@ pub async fn resolve(reference: &str, hub: &HubOptions) -> Result<ModelFiles, So
     if dir.is_dir() {
         return from_dir(dir);
     }
+    resolve_hub(reference, hub).await
+}
+
+/// The files of a local model directory.
+pub fn resolve_dir(dir: &Path) -> Result<ModelFiles, SourceError> {
+    from_dir(dir)
+}
+
+/// Resolves a Hub repo id only (never a local path): the Hub cache first, then a download.
+pub async fn resolve_hub(reference: &str, hub: &HubOptions) -> Result<ModelFiles, SourceError> {
     let cache = hub
         .cache_dir
         .clone()

@@ -31,7 +31,7 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
         .into_command()
     {
         Command::Serve(args) => args,
-        Command::Openapi => unreachable!(),
+        _ => unreachable!(),
     };
     let bound = aitier::server::bind(&args).await.expect("server binds");
     let addr = bound.local_addr().unwrap();

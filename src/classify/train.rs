@@ -1,0 +1,536 @@
+//! Training an embedding head from a labelled CSV: embed every text, hold out a stratified split,
+//! fit softmax regression (L2, class weights) with candle, report held-out metrics, and write the
+//! classifier. The same data and seed give the same classifier, byte for byte.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::head::{HEAD_FILE, HeadMeta, InferenceMode, LinearHead, META_FILE};
+use crate::inference::source::{self, HubOptions};
+use crate::inference::{BatchConfig, EmbeddingService};
+
+/// File of held-out rows written beside a trained classifier, for later evaluation.
+pub const HELDOUT_FILE: &str = "heldout.jsonl";
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub text_column: String,
+    pub label_column: String,
+    pub name: String,
+    pub embedding_model: String,
+    pub holdout: f64,
+    pub seed: u64,
+    pub output_dir: PathBuf,
+    pub epochs: usize,
+    pub l2: f64,
+    pub hub: HubOptions,
+    pub batch: BatchConfig,
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} has no column '{column}'; its columns are: {available}")]
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        available: String,
+    },
+    #[error("{path}: {source}")]
+    Csv { path: PathBuf, source: csv::Error },
+    #[error("need at least two labels to train a classifier, found {found}: {labels:?}")]
+    TooFewLabels { found: usize, labels: Vec<String> },
+    #[error("--holdout must be at least 0 and below 1, not {0}")]
+    Holdout(f64),
+    #[error("embedding model: {0}")]
+    Model(String),
+    #[error("training: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("writing the classifier: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+/// A labelled row.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub text: String,
+    pub label: usize,
+}
+
+/// The rows of a CSV, labels in sorted order; empty texts or labels are skipped and counted.
+pub struct Dataset {
+    pub labels: Vec<String>,
+    pub examples: Vec<Example>,
+    pub skipped_empty: usize,
+}
+
+pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Dataset, TrainError> {
+    let file = std::fs::File::open(path).map_err(|source| TrainError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let csv_err = |source| TrainError::Csv {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(file);
+    let headers = reader.byte_headers().map_err(csv_err)?.clone();
+    let names: Vec<String> = headers
+        .iter()
+        .map(|h| String::from_utf8_lossy(h).trim().to_string())
+        .collect();
+    let column = |wanted: &str| {
+        names
+            .iter()
+            .position(|n| n == wanted)
+            .ok_or_else(|| TrainError::MissingColumn {
+                path: path.to_path_buf(),
+                column: wanted.to_string(),
+                available: names.join(", "),
+            })
+    };
+    let (text_at, label_at) = (column(text_column)?, column(label_column)?);
+    let mut rows = Vec::new();
+    let mut skipped_empty = 0;
+    for record in reader.byte_records() {
+        let record = record.map_err(csv_err)?;
+        // Real-world CSVs carry stray bytes; a lossy read keeps the row instead of failing.
+        let field = |i| {
+            String::from_utf8_lossy(record.get(i).unwrap_or_default())
+                .trim()
+                .to_string()
+        };
+        let (text, label) = (field(text_at), field(label_at).to_lowercase());
+        if text.is_empty() || label.is_empty() {
+            skipped_empty += 1;
+        } else {
+            rows.push((text, label));
+        }
+    }
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|(_, l)| l.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if labels.len() < 2 {
+        return Err(TrainError::TooFewLabels {
+            found: labels.len(),
+            labels,
+        });
+    }
+    let examples = rows
+        .into_iter()
+        .map(|(text, label)| Example {
+            label: labels.binary_search(&label).unwrap_or(0),
+            text,
+        })
+        .collect();
+    Ok(Dataset {
+        labels,
+        examples,
+        skipped_empty,
+    })
+}
+
+/// A small, fully specified generator (SplitMix64): the same seed shuffles the same way on every
+/// platform and crate version.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// Indices of the training and held-out rows: the same share of every label is held out.
+pub fn stratified_split(
+    examples: &[Example],
+    labels: usize,
+    holdout: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut rng = SplitMix64(seed);
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for label in 0..labels {
+        let mut rows: Vec<usize> = (0..examples.len())
+            .filter(|&i| examples[i].label == label)
+            .collect();
+        rng.shuffle(&mut rows);
+        let held = ((rows.len() as f64) * holdout).round() as usize;
+        test.extend_from_slice(&rows[..held.min(rows.len())]);
+        train.extend_from_slice(&rows[held.min(rows.len())..]);
+    }
+    train.sort_unstable();
+    test.sort_unstable();
+    (train, test)
+}
+
+/// Held-out quality of a classifier.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Metrics {
+    pub examples: usize,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    /// Rows are the true labels, columns the predicted ones, in label order.
+    pub confusion: Vec<Vec<usize>>,
+    /// Accuracy on the positive and negative rows when only those two labels compete (when the
+    /// labels include both).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub polar_accuracy: Option<f64>,
+}
+
+/// Metrics from true labels and predicted probabilities.
+pub fn evaluate(labels: &[String], truth: &[usize], probabilities: &[Vec<f32>]) -> Metrics {
+    let k = labels.len();
+    let mut confusion = vec![vec![0usize; k]; k];
+    let argmax = |p: &[f32], among: &[usize]| {
+        among
+            .iter()
+            .copied()
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+            .unwrap_or(0)
+    };
+    let all: Vec<usize> = (0..k).collect();
+    for (&t, p) in truth.iter().zip(probabilities) {
+        confusion[t][argmax(p, &all)] += 1;
+    }
+    let n = truth.len().max(1);
+    let correct: usize = (0..k).map(|i| confusion[i][i]).sum();
+    let f1: f64 = (0..k)
+        .map(|i| {
+            let tp = confusion[i][i] as f64;
+            let predicted: usize = (0..k).map(|t| confusion[t][i]).sum();
+            let actual: usize = confusion[i].iter().sum();
+            if predicted + actual == 0 {
+                0.0
+            } else {
+                2.0 * tp / (predicted + actual) as f64
+            }
+        })
+        .sum::<f64>()
+        / k as f64;
+    let find = |name: &str| labels.iter().position(|l| l == name);
+    let polar_accuracy = find("positive").zip(find("negative")).map(|(pos, neg)| {
+        let rows: Vec<(usize, &Vec<f32>)> = truth
+            .iter()
+            .copied()
+            .zip(probabilities)
+            .filter(|(t, _)| *t == pos || *t == neg)
+            .collect();
+        let right = rows
+            .iter()
+            .filter(|(t, p)| argmax(p, &[pos, neg]) == *t)
+            .count();
+        right as f64 / rows.len().max(1) as f64
+    });
+    Metrics {
+        examples: truth.len(),
+        accuracy: correct as f64 / n as f64,
+        macro_f1: f1,
+        confusion,
+        polar_accuracy,
+    }
+}
+
+/// Prints metrics as a short report with the confusion matrix.
+pub fn print_metrics(title: &str, labels: &[String], m: &Metrics) {
+    println!(
+        "{title}: {} examples, accuracy {:.3}, macro-F1 {:.3}{}",
+        m.examples,
+        m.accuracy,
+        m.macro_f1,
+        m.polar_accuracy
+            .map(|p| format!(", positive-vs-negative accuracy {p:.3}"))
+            .unwrap_or_default()
+    );
+    let width = labels.iter().map(String::len).max().unwrap_or(5).max(5);
+    print!("  {:>width$} |", "true \\ predicted");
+    for l in labels {
+        print!(" {l:>width$}");
+    }
+    println!();
+    for (l, row) in labels.iter().zip(&m.confusion) {
+        print!("  {l:>width$} |", width = width.max(16));
+        for c in row {
+            print!(" {c:>width$}");
+        }
+        println!();
+    }
+}
+
+/// Embeds texts on the embedding service, showing progress.
+pub async fn embed_all(
+    service: &EmbeddingService,
+    texts: Vec<String>,
+    normalize: bool,
+    progress: bool,
+) -> Result<Vec<Vec<f32>>, TrainError> {
+    let bar = if progress {
+        ProgressBar::new(texts.len() as u64).with_style(
+            ProgressStyle::with_template(
+                "embedding {bar:40} {pos}/{len} texts ({per_sec}, {eta} left)",
+            )
+            .expect("a valid template"),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    let chunks: Vec<Vec<String>> = texts.chunks(64).map(<[String]>::to_vec).collect();
+    let mut vectors = Vec::with_capacity(texts.len());
+    let mut stream = futures::stream::iter(chunks)
+        .map(|chunk| service.embed(chunk, normalize))
+        .buffered(8);
+    while let Some(result) = stream.next().await {
+        let embedded = result.map_err(|e| TrainError::Model(e.to_string()))?;
+        bar.inc(embedded.len() as u64);
+        vectors.extend(embedded.into_iter().map(|e| e.vector));
+    }
+    bar.finish_and_clear();
+    Ok(vectors)
+}
+
+/// Fits softmax regression: weighted cross-entropy (each class weighs n / (labels x n_class), so a
+/// rare class counts as much as a common one) plus `l2` x |W|^2, full-batch AdamW from zero weights,
+/// which makes the result a pure function of the data.
+pub fn fit(
+    features: &[Vec<f32>],
+    truth: &[usize],
+    labels: usize,
+    epochs: usize,
+    l2: f64,
+) -> Result<LinearHead, candle_core::Error> {
+    let device = Device::Cpu;
+    let (n, dims) = (features.len(), features.first().map_or(0, Vec::len));
+    let x = Tensor::from_vec(features.concat(), (n, dims), &device)?;
+    let mut counts = vec![0usize; labels];
+    truth.iter().for_each(|&t| counts[t] += 1);
+    let class_weight: Vec<f32> = counts
+        .iter()
+        .map(|&c| n as f32 / (labels as f32 * c.max(1) as f32))
+        .collect();
+    let mut target = vec![0f32; n * labels];
+    for (i, &t) in truth.iter().enumerate() {
+        target[i * labels + t] = class_weight[t];
+    }
+    let total: f32 = truth.iter().map(|&t| class_weight[t]).sum();
+    let target = (Tensor::from_vec(target, (n, labels), &device)? / total as f64)?;
+    let w = Var::zeros((labels, dims), DType::F32, &device)?;
+    let b = Var::zeros(labels, DType::F32, &device)?;
+    let mut optimizer = AdamW::new(
+        vec![w.clone(), b.clone()],
+        ParamsAdamW {
+            lr: 0.05,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    for _ in 0..epochs {
+        let logits = x
+            .matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?;
+        let log_p = candle_nn::ops::log_softmax(&logits, 1)?;
+        let loss =
+            ((log_p * &target)?.sum_all()?.neg()? + (w.as_tensor().sqr()?.sum_all()? * l2)?)?;
+        optimizer.backward_step(&loss)?;
+    }
+    Ok(LinearHead {
+        weight: w.as_tensor().flatten_all()?.to_vec1()?,
+        bias: b.as_tensor().to_vec1()?,
+        dims,
+    })
+}
+
+/// Trains and writes `output_dir/name/`, replacing any earlier classifier of that name only once
+/// the new one is complete.
+pub async fn train(options: &TrainOptions) -> Result<Metrics, TrainError> {
+    if !(0.0..1.0).contains(&options.holdout) {
+        return Err(TrainError::Holdout(options.holdout));
+    }
+    let data = read_csv(&options.data, &options.text_column, &options.label_column)?;
+    println!(
+        "{}: {} examples, labels {:?}, {} skipped (empty text or label)",
+        options.data.display(),
+        data.examples.len(),
+        data.labels,
+        data.skipped_empty
+    );
+    let (train_rows, test_rows) = stratified_split(
+        &data.examples,
+        data.labels.len(),
+        options.holdout,
+        options.seed,
+    );
+
+    let files = source::resolve(&options.embedding_model, &options.hub)
+        .await
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let service = EmbeddingService::load(files, options.batch.clone())
+        .await
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let texts: Vec<String> = data.examples.iter().map(|e| e.text.clone()).collect();
+    let vectors = embed_all(&service, texts, true, options.progress).await?;
+
+    let pick = |rows: &[usize]| -> (Vec<Vec<f32>>, Vec<usize>) {
+        rows.iter()
+            .map(|&i| (vectors[i].clone(), data.examples[i].label))
+            .unzip()
+    };
+    let (x_train, y_train) = pick(&train_rows);
+    let (epochs, l2) = (options.epochs, options.l2);
+    let labels = data.labels.len();
+    let head = tokio::task::spawn_blocking(move || fit(&x_train, &y_train, labels, epochs, l2))
+        .await
+        .map_err(|e| TrainError::Model(format!("training task failed: {e}")))??;
+
+    let (x_test, y_test) = pick(&test_rows);
+    let probabilities: Vec<Vec<f32>> = x_test.iter().map(|x| head.probabilities(x, &[])).collect();
+    let metrics = evaluate(&data.labels, &y_test, &probabilities);
+    print_metrics("held-out (whole texts)", &data.labels, &metrics);
+
+    let meta = HeadMeta {
+        kind: "embedding-head".into(),
+        labels: data.labels.clone(),
+        embedding_model: options.embedding_model.clone(),
+        normalize: true,
+        inference: InferenceMode::default(),
+        logit_bias: Vec::new(),
+        training: json!({
+            "data": options.data.display().to_string(),
+            "text_column": options.text_column,
+            "label_column": options.label_column,
+            "examples": data.examples.len(),
+            "skipped_empty": data.skipped_empty,
+            "train_examples": train_rows.len(),
+            "holdout": options.holdout,
+            "seed": options.seed,
+            "epochs": options.epochs,
+            "l2": options.l2,
+            "optimizer": "AdamW lr 0.05, full batch, class-weighted cross-entropy",
+            "label_counts": label_counts(&data),
+        }),
+        metrics: json!({ "heldout": metrics }),
+    };
+    let heldout: String = test_rows
+        .iter()
+        .map(|&i| {
+            let e = &data.examples[i];
+            json!({"text": e.text, "label": data.labels[e.label]}).to_string() + "\n"
+        })
+        .collect();
+    write_classifier(&options.output_dir, &options.name, &head, &meta, &heldout)?;
+    println!("wrote {}", options.output_dir.join(&options.name).display());
+    Ok(metrics)
+}
+
+fn label_counts(data: &Dataset) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for e in &data.examples {
+        *counts.entry(data.labels[e.label].clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn write_classifier(
+    dir: &Path,
+    name: &str,
+    head: &LinearHead,
+    meta: &HeadMeta,
+    heldout: &str,
+) -> Result<(), TrainError> {
+    let target = dir.join(name);
+    let staging = dir.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    head.save(&staging)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    std::fs::write(
+        staging.join(META_FILE),
+        serde_json::to_string_pretty(meta).map_err(std::io::Error::other)? + "\n",
+    )?;
+    std::fs::write(staging.join(HELDOUT_FILE), heldout)?;
+    debug_assert!(staging.join(HEAD_FILE).is_file());
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::rename(&staging, &target)?;
+    Ok(())
+}
+
+/// Shared by `classifier eval`: the served embedding model for heads, loaded once.
+pub async fn embedding_service(
+    reference: &str,
+    hub: &HubOptions,
+    batch: BatchConfig,
+) -> Result<Arc<EmbeddingService>, TrainError> {
+    let files = source::resolve(reference, hub)
+        .await
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    Ok(Arc::new(
+        EmbeddingService::load(files, batch)
+            .await
+            .map_err(|e| TrainError::Model(e.to_string()))?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_is_stratified_and_seeded() {
+        let examples: Vec<Example> = (0..100)
+            .map(|i| Example {
+                text: i.to_string(),
+                label: usize::from(i % 4 == 0),
+            })
+            .collect();
+        let (train, test) = stratified_split(&examples, 2, 0.2, 7);
+        assert_eq!(train.len() + test.len(), 100);
+        let positives = test.iter().filter(|&&i| examples[i].label == 1).count();
+        assert_eq!((test.len(), positives), (20, 5));
+        assert_eq!(stratified_split(&examples, 2, 0.2, 7).1, test);
+        assert_ne!(stratified_split(&examples, 2, 0.2, 8).1, test);
+    }
+
+    #[test]
+    fn softmax_regression_separates_separable_data() {
+        let features: Vec<Vec<f32>> = (0..40)
+            .map(|i| {
+                let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+                vec![sign * (1.0 + (i as f32) / 40.0), 0.3]
+            })
+            .collect();
+        let truth: Vec<usize> = (0..40).map(|i| i % 2).collect();
+        let head = fit(&features, &truth, 2, 200, 1e-4).unwrap();
+        let probabilities: Vec<Vec<f32>> = features
+            .iter()
+            .map(|x| head.probabilities(x, &[]))
+            .collect();
+        let m = evaluate(&["a".into(), "b".into()], &truth, &probabilities);
+        assert_eq!(m.accuracy, 1.0);
+        assert_eq!(m.confusion, vec![vec![20, 0], vec![0, 20]]);
+    }
+}

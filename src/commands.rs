@@ -1,0 +1,149 @@
+//! The `classifier` subcommands: training a head from a CSV, and evaluating any classifier on a
+//! labelled file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::classify::train::{self, Dataset, Example, TrainOptions};
+use crate::classify::{Classifiers, InferenceMode, RegistryConfig};
+use crate::config::{EvalArgs, EvalMode, TrainArgs};
+use crate::inference::BatchConfig;
+use crate::inference::source::{HubOptions, model_name};
+use crate::state::Slot;
+
+fn batch(name: &str) -> BatchConfig {
+    BatchConfig {
+        name: name.to_string(),
+        max_batch_size: 32,
+        max_batch_tokens: 8192,
+        max_wait: Duration::from_millis(2),
+        queue_capacity: 1024,
+        workers: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+    }
+}
+
+pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let name = match args.name {
+        Some(name) => name,
+        None => args
+            .data
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .context("--name is needed when the data file has no usable name")?
+            .to_string(),
+    };
+    let options = TrainOptions {
+        data: args.data,
+        text_column: args.text_column,
+        label_column: args.label_column,
+        name,
+        batch: batch(&model_name(&args.embedding_model)),
+        embedding_model: args.embedding_model,
+        holdout: args.holdout,
+        seed: args.seed,
+        output_dir: args.classifiers_dir,
+        epochs: args.epochs,
+        l2: args.l2,
+        hub: HubOptions::default(),
+        progress: true,
+    };
+    train::train(&options).await?;
+    Ok(())
+}
+
+pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let embeddings = Arc::new(Slot::empty(model_name(&args.embedding_model)));
+    let hub = HubOptions::default();
+    let service = train::embedding_service(
+        &args.embedding_model,
+        &hub,
+        batch(&model_name(&args.embedding_model)),
+    )
+    .await?;
+    embeddings.fill_shared(service);
+    let registry = Classifiers::new(
+        RegistryConfig {
+            dir: args.classifiers_dir.clone(),
+            capacity: 1,
+            batch: batch(&args.name),
+            hub,
+        },
+        embeddings,
+    );
+    let classifier = registry.get(&args.name).await?;
+    let data = read_labelled(&args)?;
+    let labels = classifier.labels().to_vec();
+    let truth: Vec<usize> = data
+        .examples
+        .iter()
+        .map(|e| {
+            let label = &data.labels[e.label];
+            labels
+                .iter()
+                .position(|l| l == label)
+                .with_context(|| format!("label '{label}' is not one of {labels:?}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mode = args.mode.map(|m| match m {
+        EvalMode::Whole => InferenceMode::Whole,
+        EvalMode::Sentences => InferenceMode::Sentences,
+    });
+    let texts: Vec<String> = data.examples.iter().map(|e| e.text.clone()).collect();
+    let mut probabilities = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(256) {
+        let predictions = classifier.classify_with(chunk.to_vec(), mode).await?;
+        probabilities.extend(
+            predictions
+                .into_iter()
+                .map(|p| p.scores.into_iter().map(|(_, s)| s).collect::<Vec<f32>>()),
+        );
+    }
+    let metrics = train::evaluate(&labels, &truth, &probabilities);
+    train::print_metrics(&args.data.display().to_string(), &labels, &metrics);
+    Ok(())
+}
+
+/// A labelled CSV, or JSON lines with the text and label fields.
+fn read_labelled(args: &EvalArgs) -> anyhow::Result<Dataset> {
+    let mut data = if args.data.extension().is_some_and(|e| e == "jsonl") {
+        let text = std::fs::read_to_string(&args.data)
+            .with_context(|| format!("cannot read {}", args.data.display()))?;
+        let rows: Vec<(String, String)> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let row: serde_json::Value = serde_json::from_str(line)?;
+                let field = |name: &str| row[name].as_str().unwrap_or_default().to_string();
+                Ok((
+                    field(&args.text_column),
+                    field(&args.label_column).to_lowercase(),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut labels: Vec<String> = rows.iter().map(|(_, l)| l.clone()).collect();
+        labels.sort();
+        labels.dedup();
+        if rows.is_empty() {
+            bail!("{} has no rows", args.data.display());
+        }
+        Dataset {
+            examples: rows
+                .into_iter()
+                .map(|(text, label)| Example {
+                    label: labels.binary_search(&label).unwrap_or(0),
+                    text,
+                })
+                .collect(),
+            labels,
+            skipped_empty: 0,
+        }
+    } else {
+        train::read_csv(&args.data, &args.text_column, &args.label_column)?
+    };
+    if let Some(limit) = args.limit {
+        data.examples.truncate(limit);
+    }
+    Ok(data)
+}
