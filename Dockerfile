@@ -4,12 +4,13 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-COPY models/fetch models/fetch
-RUN models/fetch
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
-RUN cargo build --release --locked && strip target/release/aitier
+RUN cargo build --release --locked
+# Fetch the model weights and train the default sentiment classifier with the binary just built.
+COPY models/fetch models/fetch
+RUN AITIER_BIN=target/release/aitier models/fetch && strip target/release/aitier
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \

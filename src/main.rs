@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, "starting aitier");
+    let shutdown = aitier::server::shutdown_signal();
     let server = aitier::server::bind(&args).await?;
-    server.run(aitier::server::shutdown_signal()).await
+    server.run(shutdown).await
 }

@@ -1,0 +1,349 @@
+//! Classification through real HTTP: the default sentiment classifier (trained by models/fetch) on
+//! held-out tweets and on review-style texts, Hugging Face checkpoints by name and by `model_id`,
+//! the LRU cache, and bad input.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{TestServer, spawn};
+use serde_json::{Value, json};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A classifiers folder holding the default sentiment head and the tiny Hugging Face fixtures.
+fn classifiers_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aitier-classifiers-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sources = [
+        (format!("{ROOT}/models/classifiers/sentiment"), "sentiment"),
+        (
+            format!("{ROOT}/tests/fixtures/classifiers/tiny-bert"),
+            "tiny-bert",
+        ),
+        (
+            format!("{ROOT}/tests/fixtures/classifiers/tiny-roberta"),
+            "tiny-roberta",
+        ),
+        (
+            format!("{ROOT}/tests/fixtures/classifiers/tiny-distilbert"),
+            "tiny-distilbert",
+        ),
+    ];
+    for (from, name) in sources {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in
+            std::fs::read_dir(&from).unwrap_or_else(|e| panic!("{from}: {e} (run models/fetch)"))
+        {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+/// Rows of a JSON-lines file of `{"text", "label"}`.
+fn labelled(path: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (run models/fetch)"))
+        .lines()
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).unwrap();
+            (
+                row["text"].as_str().unwrap().into(),
+                row["label"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+/// Labels predicted through `/api/classify/sentiment/batch`, 256 texts a request.
+async fn predict(server: &TestServer, texts: &[String]) -> Vec<Value> {
+    let mut results = Vec::new();
+    for chunk in texts.chunks(256) {
+        let (status, body) = server
+            .post("/api/classify/sentiment/batch", &json!({ "texts": chunk }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        results.extend(body["results"].as_array().unwrap().iter().cloned());
+    }
+    results
+}
+
+/// Three-class accuracy, and positive-vs-negative accuracy on the polar rows.
+fn accuracy(rows: &[(String, String)], results: &[Value]) -> (f64, f64) {
+    let right = rows
+        .iter()
+        .zip(results)
+        .filter(|((_, label), r)| r["label"] == label.as_str())
+        .count();
+    let polar: Vec<_> = rows
+        .iter()
+        .zip(results)
+        .filter(|((_, label), _)| label != "neutral")
+        .collect();
+    let polar_right = polar
+        .iter()
+        .filter(|((_, label), r)| {
+            let (pos, neg) = (
+                r["scores"]["positive"].as_f64().unwrap(),
+                r["scores"]["negative"].as_f64().unwrap(),
+            );
+            (if pos > neg { "positive" } else { "negative" }) == label.as_str()
+        })
+        .count();
+    (
+        right as f64 / rows.len() as f64,
+        polar_right as f64 / polar.len() as f64,
+    )
+}
+
+#[tokio::test]
+async fn plain_sentences_get_the_obvious_sentiment() {
+    let server = spawn(&[]).await;
+    for (text, label) in [
+        ("I love this, it is wonderful", "positive"),
+        ("This is terrible and I hate it", "negative"),
+        ("The meeting is scheduled for Tuesday at 10 am.", "neutral"),
+    ] {
+        let (status, body) = server
+            .post("/api/classify/sentiment", &json!({ "text": text }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["label"], label, "{text}: {body}");
+        assert_eq!(body["text"], text);
+        assert_eq!(body["model_id"], "sentiment");
+        let score = body["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score));
+        let sum: f64 = body["scores"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{body}");
+        assert!(body["processing_time_ms"].as_f64().unwrap() >= 0.0);
+    }
+}
+
+#[tokio::test]
+async fn held_out_tweets_are_classified_as_well_as_promised() {
+    let server = spawn(&[]).await;
+    let rows = labelled(&format!(
+        "{ROOT}/models/classifiers/sentiment/heldout.jsonl"
+    ));
+    // Every third held-out row: about 1,270 tweets, every label represented.
+    let sample: Vec<(String, String)> = rows.into_iter().step_by(3).collect();
+    let texts: Vec<String> = sample.iter().map(|(t, _)| t.clone()).collect();
+    let results = predict(&server, &texts).await;
+    let (three_class, polar) = accuracy(&sample, &results);
+    assert!(three_class >= 0.60, "three-class accuracy {three_class:.3}");
+    assert!(polar >= 0.80, "positive-vs-negative accuracy {polar:.3}");
+}
+
+#[tokio::test]
+async fn reviews_and_paragraphs_hold_up_off_the_tweet_domain() {
+    let server = spawn(&[]).await;
+    let rows = labelled(&format!("{ROOT}/tests/fixtures/sentiment_offdomain.jsonl"));
+    assert!(rows.len() >= 40);
+    let texts: Vec<String> = rows.iter().map(|(t, _)| t.clone()).collect();
+    let results = predict(&server, &texts).await;
+    let (three_class, _) = accuracy(&rows, &results);
+    assert!(three_class >= 0.80, "off-domain accuracy {three_class:.3}");
+}
+
+#[tokio::test]
+async fn hugging_face_checkpoints_answer_by_name_with_transformers_probabilities() {
+    let dir = classifiers_dir("by-name");
+    let server = spawn(&["--classifiers-dir", dir.to_str().unwrap()]).await;
+    for family in ["bert", "roberta", "distilbert"] {
+        let expected: Value = serde_json::from_slice(
+            &std::fs::read(format!(
+                "{ROOT}/tests/fixtures/classifiers/tiny-{family}/expected.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let (status, body) = server
+            .post(
+                &format!("/api/classify/tiny-{family}/batch"),
+                &json!({ "texts": expected["texts"] }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        for (result, logits) in body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(expected["logits"].as_array().unwrap())
+        {
+            let logits: Vec<f64> = serde_json::from_value(logits.clone()).unwrap();
+            let max = logits.iter().copied().fold(f64::MIN, f64::max);
+            let exp: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+            let total: f64 = exp.iter().sum();
+            for (label, e) in ["negative", "neutral", "positive"].iter().zip(exp) {
+                let got = result["scores"][label].as_f64().unwrap();
+                assert!(
+                    (got - e / total).abs() < 1e-4,
+                    "{family} {label}: {got} vs {}",
+                    e / total
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn model_id_switches_the_classifier_and_the_cache_keeps_the_recent_ones() {
+    let dir = classifiers_dir("model-id");
+    let server = spawn(&[
+        "--classifiers-dir",
+        dir.to_str().unwrap(),
+        "--classifier-cache",
+        "2",
+    ])
+    .await;
+    let (status, body) = server
+        .post(
+            "/api/classify/sentiment",
+            &json!({"text": "Great movie!", "model_id": "tiny-roberta"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model_id"], "tiny-roberta");
+    server
+        .post(
+            "/api/classify/sentiment",
+            &json!({"text": "Great movie!", "model_id": "tiny-bert"}),
+        )
+        .await;
+    let list = server
+        .client
+        .get(server.url("/api/classifiers"))
+        .send()
+        .await
+        .unwrap();
+    let list: Value = list.json().await.unwrap();
+    let loaded: Vec<&str> = list["classifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["loaded"] == true)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    // sentiment (loaded at start-up) was the least recently used of three: evicted.
+    assert_eq!(loaded, ["tiny-bert", "tiny-roberta"], "{list}");
+    assert_eq!(list["sentiment"], "sentiment");
+    let sentiment = list["classifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sentiment")
+        .unwrap();
+    assert_eq!(sentiment["kind"], "embedding-head");
+    assert_eq!(
+        sentiment["labels"],
+        json!(["negative", "neutral", "positive"])
+    );
+    assert!(
+        sentiment["metrics"]["heldout"]["accuracy"]
+            .as_f64()
+            .unwrap()
+            > 0.6
+    );
+    // Evicted models come back on demand.
+    let (status, _) = server
+        .post("/api/classify/sentiment", &json!({"text": "I love it"}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn unknown_classifiers_and_bad_input_are_clear_4xx() {
+    let server = spawn(&[]).await;
+    let (status, body) = server
+        .post(
+            "/api/classify/sentiment",
+            &json!({"text": "hi", "model_id": "no-such-classifier"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-classifier")
+    );
+    let (status, body) = server
+        .post(
+            "/api/classify/sentiment",
+            &json!({"text": "hi", "model_id": "nobody/not-on-any-hub"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = server
+        .post(
+            "/api/classify/sentiment",
+            &json!({"text": "hi", "model_id": "../../etc"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = server
+        .post("/api/classify/nope", &json!({"text": "hi"}))
+        .await;
+    assert_eq!(status, 404);
+    let (status, body) = server
+        .post("/api/classify/sentiment", &json!({"text": ""}))
+        .await;
+    common::assert_validation(status, &body, json!(["body", "text"]), "string_too_short");
+    let (status, body) = server
+        .post(
+            "/api/classify/sentiment",
+            &json!({"text": "x".repeat(10_001)}),
+        )
+        .await;
+    common::assert_validation(status, &body, json!(["body", "text"]), "string_too_long");
+    let (status, body) = server
+        .post(
+            "/api/classify/sentiment",
+            &json!({"text": "hi", "model_id": ""}),
+        )
+        .await;
+    common::assert_validation(
+        status,
+        &body,
+        json!(["body", "model_id"]),
+        "string_too_short",
+    );
+    let (status, body) = server
+        .post("/api/classify/sentiment/batch", &json!({"texts": []}))
+        .await;
+    common::assert_validation(status, &body, json!(["body", "texts"]), "too_short");
+}
+
+#[tokio::test]
+async fn a_model_that_is_not_a_classifier_is_422() {
+    let dir = classifiers_dir("not-a-classifier");
+    let embedder = dir.join("minilm");
+    std::fs::create_dir_all(&embedder).unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(
+            format!("{ROOT}/models/all-MiniLM-L6-v2/{file}"),
+            embedder.join(file),
+        )
+        .unwrap();
+    }
+    let server = spawn(&["--classifiers-dir", dir.to_str().unwrap()]).await;
+    let (status, body) = server
+        .post("/api/classify/minilm", &json!({"text": "hi"}))
+        .await;
+    common::assert_validation(status, &body, json!(["path", "classifier"]), "value_error");
+    assert!(
+        body["detail"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("id2label"),
+        "{body}"
+    );
+}

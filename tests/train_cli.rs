@@ -1,0 +1,134 @@
+//! `aitier classifier train` through the real binary: clear errors for bad data, and the same seed
+//! giving the same classifier.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_aitier");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aitier-train-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["classifier", "train", "--data"])
+        .arg(data)
+        .args([
+            "--text-column",
+            "text",
+            "--label-column",
+            "label",
+            "--name",
+            "reviews",
+        ])
+        .arg("--classifiers-dir")
+        .arg(out)
+        .args([
+            "--embedding-model",
+            "models/all-MiniLM-L6-v2",
+            "--epochs",
+            "100",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The committed review-style set as a CSV, plus a row with an empty text.
+fn reviews_csv(dir: &Path) -> PathBuf {
+    let mut writer = csv::Writer::from_path(dir.join("reviews.csv")).unwrap();
+    writer.write_record(["text", "label"]).unwrap();
+    let rows = std::fs::read_to_string(format!("{ROOT}/tests/fixtures/sentiment_offdomain.jsonl"))
+        .unwrap();
+    for line in rows.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        writer
+            .write_record([
+                row["text"].as_str().unwrap(),
+                row["label"].as_str().unwrap(),
+            ])
+            .unwrap();
+    }
+    writer.write_record(["", "positive"]).unwrap();
+    writer.flush().unwrap();
+    dir.join("reviews.csv")
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let dir = scratch("missing-file");
+    let out = train(&dir.join("nope.csv"), &dir, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope.csv"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_column_lists_the_columns_there_are() {
+    let dir = scratch("missing-column");
+    let data = dir.join("d.csv");
+    std::fs::write(&data, "body,label\nhello,positive\nbye,negative\n").unwrap();
+    let out = train(&data, &dir, &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("no column 'text'") && err.contains("body, label"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fewer_than_two_labels_is_refused() {
+    let dir = scratch("one-label");
+    let data = dir.join("d.csv");
+    std::fs::write(
+        &data,
+        "text,label\nhello,positive\nnice,Positive\n,negative\n",
+    )
+    .unwrap();
+    let out = train(&data, &dir, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("at least two labels"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.join("reviews").exists());
+}
+
+#[test]
+fn the_same_seed_gives_the_same_classifier() {
+    let dir = scratch("determinism");
+    let data = reviews_csv(&dir);
+    let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+    for (out, seed) in [(&a, "7"), (&b, "7"), (&c, "8")] {
+        let run = train(&data, out, &["--seed", seed, "--holdout", "0.2"]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            stdout.contains("60 examples") && stdout.contains("1 skipped"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("macro-F1"), "{stdout}");
+    }
+    let read = |d: &PathBuf, f: &str| std::fs::read(d.join("reviews").join(f)).unwrap();
+    assert_eq!(read(&a, "head.safetensors"), read(&b, "head.safetensors"));
+    assert_eq!(read(&a, "heldout.jsonl"), read(&b, "heldout.jsonl"));
+    assert_ne!(read(&a, "heldout.jsonl"), read(&c, "heldout.jsonl"));
+    let meta: serde_json::Value = serde_json::from_slice(&read(&a, "classifier.json")).unwrap();
+    assert_eq!(
+        meta["labels"],
+        serde_json::json!(["negative", "neutral", "positive"])
+    );
+    assert_eq!(meta["training"]["skipped_empty"], 1);
+    assert_eq!(meta["metrics"]["heldout"]["examples"], 12);
+}
