@@ -100,7 +100,6 @@ impl Classifier {
                     .collect();
                 let flat: Vec<String> = segments.iter().flatten().cloned().collect();
                 let vectors = embeddings.embed(flat, meta.normalize).await?;
-                let neutral = meta.labels.iter().position(|l| l == "neutral");
                 let mut vectors = vectors.into_iter();
                 segments
                     .iter()
@@ -110,7 +109,7 @@ impl Classifier {
                             .take(parts.len())
                             .map(|e| head.probabilities(&e.vector, &meta.logit_bias))
                             .collect();
-                        segment::polar_mean(&per, neutral)
+                        segment::mean(&per)
                     })
                     .collect::<Vec<_>>()
             }

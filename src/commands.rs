@@ -46,6 +46,7 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
         output_dir: args.classifiers_dir,
         epochs: args.epochs,
         l2: args.l2,
+        class_weights: args.class_weights,
         hub: HubOptions::default(),
         progress: true,
     };

@@ -79,6 +79,10 @@ pub struct TrainArgs {
     /// L2 penalty on the weights: higher is smoother, lower fits the training data closer.
     #[arg(long, default_value_t = 1e-4)]
     pub l2: f64,
+    /// Weigh each label by n / (labels x n_label), so that a rare label counts as much as a common
+    /// one; `false` lets the majority label dominate.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub class_weights: bool,
     /// Folder of named classifiers.
     #[arg(
         long,

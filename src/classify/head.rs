@@ -42,9 +42,8 @@ pub struct HeadMeta {
 pub enum InferenceMode {
     /// One embedding of the whole text (truncated at the model's maximum length).
     Whole,
-    /// One embedding per sentence; the sentences' probabilities are averaged, each weighted by how
-    /// polar it is (1 - p(neutral)), so that a review's verdict is not drowned by its factual
-    /// sentences.
+    /// One embedding per sentence (long texts are not cut at the model's maximum length); the
+    /// sentences' probabilities are averaged.
     #[default]
     Sentences,
 }

@@ -31,6 +31,7 @@ pub struct TrainOptions {
     pub output_dir: PathBuf,
     pub epochs: usize,
     pub l2: f64,
+    pub class_weights: bool,
     pub hub: HubOptions,
     pub batch: BatchConfig,
     pub progress: bool,
@@ -314,15 +315,16 @@ pub async fn embed_all(
     Ok(vectors)
 }
 
-/// Fits softmax regression: weighted cross-entropy (each class weighs n / (labels x n_class), so a
-/// rare class counts as much as a common one) plus `l2` x |W|^2, full-batch AdamW from zero weights,
-/// which makes the result a pure function of the data.
+/// Fits softmax regression: cross-entropy, class-weighted when `balanced` (each class weighs
+/// n / (labels x n_class), so a rare class counts as much as a common one), plus `l2` x |W|^2;
+/// full-batch AdamW from zero weights, which makes the result a pure function of the data.
 pub fn fit(
     features: &[Vec<f32>],
     truth: &[usize],
     labels: usize,
     epochs: usize,
     l2: f64,
+    balanced: bool,
 ) -> Result<LinearHead, candle_core::Error> {
     let device = Device::Cpu;
     let (n, dims) = (features.len(), features.first().map_or(0, Vec::len));
@@ -331,7 +333,13 @@ pub fn fit(
     truth.iter().for_each(|&t| counts[t] += 1);
     let class_weight: Vec<f32> = counts
         .iter()
-        .map(|&c| n as f32 / (labels as f32 * c.max(1) as f32))
+        .map(|&c| {
+            if balanced {
+                n as f32 / (labels as f32 * c.max(1) as f32)
+            } else {
+                1.0
+            }
+        })
         .collect();
     let mut target = vec![0f32; n * labels];
     for (i, &t) in truth.iter().enumerate() {
@@ -401,11 +409,12 @@ pub async fn train(options: &TrainOptions) -> Result<Metrics, TrainError> {
             .unzip()
     };
     let (x_train, y_train) = pick(&train_rows);
-    let (epochs, l2) = (options.epochs, options.l2);
+    let (epochs, l2, balanced) = (options.epochs, options.l2, options.class_weights);
     let labels = data.labels.len();
-    let head = tokio::task::spawn_blocking(move || fit(&x_train, &y_train, labels, epochs, l2))
-        .await
-        .map_err(|e| TrainError::Model(format!("training task failed: {e}")))??;
+    let head =
+        tokio::task::spawn_blocking(move || fit(&x_train, &y_train, labels, epochs, l2, balanced))
+            .await
+            .map_err(|e| TrainError::Model(format!("training task failed: {e}")))??;
 
     let (x_test, y_test) = pick(&test_rows);
     let probabilities: Vec<Vec<f32>> = x_test.iter().map(|x| head.probabilities(x, &[])).collect();
@@ -430,7 +439,8 @@ pub async fn train(options: &TrainOptions) -> Result<Metrics, TrainError> {
             "seed": options.seed,
             "epochs": options.epochs,
             "l2": options.l2,
-            "optimizer": "AdamW lr 0.05, full batch, class-weighted cross-entropy",
+            "class_weights": options.class_weights,
+            "optimizer": "AdamW lr 0.05, full batch, cross-entropy",
             "label_counts": label_counts(&data),
         }),
         metrics: json!({ "heldout": metrics }),
@@ -524,7 +534,7 @@ mod tests {
             })
             .collect();
         let truth: Vec<usize> = (0..40).map(|i| i % 2).collect();
-        let head = fit(&features, &truth, 2, 200, 1e-4).unwrap();
+        let head = fit(&features, &truth, 2, 200, 1e-4, true).unwrap();
         let probabilities: Vec<Vec<f32>> = features
             .iter()
             .map(|x| head.probabilities(x, &[]))
