@@ -1,12 +1,16 @@
-//! Text classification: Hugging Face sequence classifiers and embedding heads behind one type, the
-//! registry that finds and caches them, and the training of heads from a labelled CSV.
+//! Text classification: one [`Classifier`] trait with two implementations (Hugging Face sequence
+//! classifiers, embedding heads), the registry that finds and caches them, and the training of heads
+//! from a labelled CSV.
 
 mod head;
+pub mod metrics;
 mod registry;
 mod segment;
 pub mod train;
 
 use std::sync::Arc;
+
+use futures::future::BoxFuture;
 
 pub use head::{HeadMeta, InferenceMode, LinearHead};
 pub use registry::{ClassifierInfo, Classifiers, RegistryConfig};
@@ -37,85 +41,36 @@ pub enum ClassifyError {
     Candle(#[from] candle_core::Error),
 }
 
-/// A loaded classifier of either kind.
-pub enum Classifier {
-    /// A softmax-regression head over an embedding model's sentence embeddings.
-    Head {
-        head: LinearHead,
-        meta: HeadMeta,
-        embeddings: Arc<EmbeddingService>,
-    },
-    /// A Hugging Face sequence-classification checkpoint on its own batching pool.
-    Transformer {
-        labels: Vec<String>,
-        batcher: Batcher,
-    },
+/// A loaded classifier: label probabilities for texts, computed on its own bounded pool.
+pub trait Classifier: Send + Sync {
+    /// Label names, lower-case, in probability order.
+    fn labels(&self) -> &[String];
+    /// `embedding-head` or `transformers`.
+    fn kind(&self) -> &'static str;
+    /// One probability vector per text. `mode` overrides how an embedding head reads texts (the
+    /// evaluation command compares modes); other classifiers ignore it.
+    fn probabilities(
+        &self,
+        texts: Vec<String>,
+        mode: Option<InferenceMode>,
+    ) -> BoxFuture<'_, Result<Vec<Vec<f32>>, ClassifyError>>;
 }
 
-impl Classifier {
-    pub fn labels(&self) -> &[String] {
-        match self {
-            Self::Head { meta, .. } => &meta.labels,
-            Self::Transformer { labels, .. } => labels,
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Head { .. } => "embedding-head",
-            Self::Transformer { .. } => "transformers",
-        }
-    }
-
+impl dyn Classifier {
     /// Classifies each text.
     pub async fn classify(&self, texts: Vec<String>) -> Result<Vec<Prediction>, ClassifyError> {
         self.classify_with(texts, None).await
     }
 
-    /// Classifies with an explicit inference mode for heads (evaluation compares modes).
     pub async fn classify_with(
         &self,
         texts: Vec<String>,
         mode: Option<InferenceMode>,
     ) -> Result<Vec<Prediction>, ClassifyError> {
-        let probabilities = match self {
-            Self::Transformer { batcher, .. } => batcher
-                .run(texts)
-                .await?
-                .into_iter()
-                .map(|p| head::softmax(&p.vector))
-                .collect(),
-            Self::Head {
-                head,
-                meta,
-                embeddings,
-            } => {
-                let mode = mode.unwrap_or(meta.inference);
-                let segments: Vec<Vec<String>> = texts
-                    .iter()
-                    .map(|t| match mode {
-                        InferenceMode::Whole => vec![t.clone()],
-                        InferenceMode::Sentences => segment::sentences(t),
-                    })
-                    .collect();
-                let flat: Vec<String> = segments.iter().flatten().cloned().collect();
-                let vectors = embeddings.embed(flat, meta.normalize).await?;
-                let mut vectors = vectors.into_iter();
-                segments
-                    .iter()
-                    .map(|parts| {
-                        let per: Vec<Vec<f32>> = vectors
-                            .by_ref()
-                            .take(parts.len())
-                            .map(|e| head.probabilities(&e.vector, &meta.logit_bias))
-                            .collect();
-                        segment::mean(&per)
-                    })
-                    .collect::<Vec<_>>()
-            }
-        };
         let labels = self.labels();
-        Ok(probabilities
+        Ok(self
+            .probabilities(texts, mode)
+            .await?
             .into_iter()
             .map(|p| {
                 let best = p
@@ -130,5 +85,88 @@ impl Classifier {
                 }
             })
             .collect())
+    }
+}
+
+/// A Hugging Face sequence-classification checkpoint on its own batching pool.
+pub struct TransformerClassifier {
+    pub labels: Vec<String>,
+    pub batcher: Batcher,
+}
+
+impl Classifier for TransformerClassifier {
+    fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    fn kind(&self) -> &'static str {
+        "transformers"
+    }
+
+    fn probabilities(
+        &self,
+        texts: Vec<String>,
+        _mode: Option<InferenceMode>,
+    ) -> BoxFuture<'_, Result<Vec<Vec<f32>>, ClassifyError>> {
+        Box::pin(async move {
+            Ok(self
+                .batcher
+                .run(texts)
+                .await?
+                .into_iter()
+                .map(|p| head::softmax(&p.vector))
+                .collect())
+        })
+    }
+}
+
+/// A softmax-regression head over an embedding model's sentence embeddings. `embeddings` is its own
+/// pool over the embedding model's weights, so classification traffic queues apart from `/api/embed`.
+pub struct HeadClassifier {
+    pub head: LinearHead,
+    pub meta: HeadMeta,
+    pub embeddings: Arc<EmbeddingService>,
+}
+
+impl Classifier for HeadClassifier {
+    fn labels(&self) -> &[String] {
+        &self.meta.labels
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedding-head"
+    }
+
+    fn probabilities(
+        &self,
+        texts: Vec<String>,
+        mode: Option<InferenceMode>,
+    ) -> BoxFuture<'_, Result<Vec<Vec<f32>>, ClassifyError>> {
+        Box::pin(async move {
+            let segments: Vec<Vec<String>> = texts
+                .iter()
+                .map(|t| match mode.unwrap_or(self.meta.inference) {
+                    InferenceMode::Whole => vec![t.clone()],
+                    InferenceMode::Sentences => segment::sentences(t),
+                })
+                .collect();
+            let flat: Vec<String> = segments.iter().flatten().cloned().collect();
+            let mut vectors = self
+                .embeddings
+                .embed(flat, self.meta.normalize)
+                .await?
+                .into_iter();
+            Ok(segments
+                .iter()
+                .map(|parts| {
+                    let per: Vec<Vec<f32>> = vectors
+                        .by_ref()
+                        .take(parts.len())
+                        .map(|e| self.head.probabilities(&e.vector, &self.meta.logit_bias))
+                        .collect();
+                    segment::mean(&per)
+                })
+                .collect())
+        })
     }
 }

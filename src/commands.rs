@@ -101,8 +101,8 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 .map(|p| p.scores.into_iter().map(|(_, s)| s).collect::<Vec<f32>>()),
         );
     }
-    let metrics = train::evaluate(&labels, &truth, &probabilities);
-    train::print_metrics(&args.data.display().to_string(), &labels, &metrics);
+    let metrics = crate::classify::metrics::evaluate(&labels, &truth, &probabilities);
+    crate::classify::metrics::print_metrics(&args.data.display().to_string(), &labels, &metrics);
     Ok(())
 }
 

@@ -347,3 +347,46 @@ async fn a_model_that_is_not_a_classifier_is_422() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_flood_of_classification_cannot_fill_the_embedding_queue() {
+    let server = std::sync::Arc::new(
+        spawn(&[
+            "--queue-capacity",
+            "1",
+            "--max-batch-size",
+            "8",
+            "--max-batch-wait-ms",
+            "0",
+        ])
+        .await,
+    );
+    let long: Vec<String> = (0..64)
+        .map(|i| format!("Sentence number {i} is here. It has a second sentence too."))
+        .collect();
+    let flood = futures::future::join_all((0..10).map(|_| {
+        let server = server.clone();
+        let body = json!({ "texts": long });
+        async move { server.post("/api/classify/sentiment/batch", &body).await.0 }
+    }));
+    let embeds = async {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            let (status, _) = server
+                .post("/api/embed", &json!({"texts": ["still served"]}))
+                .await;
+            statuses.push(status);
+        }
+        statuses
+    };
+    let (classified, embedded) = tokio::join!(flood, embeds);
+    assert!(
+        classified.contains(&503),
+        "the classification queue never filled: {classified:?}"
+    );
+    assert!(classified.contains(&200), "{classified:?}");
+    assert_eq!(
+        embedded, [200; 5],
+        "embeddings were refused while classification was flooded"
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::Value;
 
 use super::head::{self, LinearHead, META_FILE};
-use super::{Classifier, ClassifyError};
+use super::{Classifier, ClassifyError, HeadClassifier, TransformerClassifier};
 use crate::inference::source::{self, HubOptions, ModelFiles};
 use crate::inference::{BatchConfig, Batcher, EmbeddingService, SequenceClassifier, SequenceModel};
 use crate::state::Slot;
@@ -40,7 +40,7 @@ pub struct Classifiers {
     /// The served embedding model, shared with heads trained on it.
     embeddings: Arc<Slot<EmbeddingService>>,
     /// Most recently used last.
-    cache: Mutex<Vec<(String, Arc<Classifier>)>>,
+    cache: Mutex<Vec<(String, Arc<dyn Classifier>)>>,
     /// One load at a time: two requests for the same new model load it once.
     loading: tokio::sync::Mutex<()>,
 }
@@ -55,7 +55,7 @@ impl Classifiers {
         }
     }
 
-    fn cached(&self, id: &str) -> Option<Arc<Classifier>> {
+    fn cached(&self, id: &str) -> Option<Arc<dyn Classifier>> {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         let at = cache.iter().position(|(key, _)| key == id)?;
         let entry = cache.remove(at);
@@ -64,7 +64,7 @@ impl Classifiers {
         Some(found)
     }
 
-    fn insert(&self, id: &str, classifier: Arc<Classifier>) {
+    fn insert(&self, id: &str, classifier: Arc<dyn Classifier>) {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         cache.retain(|(key, _)| key != id);
         while cache.len() >= self.config.capacity.max(1) {
@@ -75,7 +75,7 @@ impl Classifiers {
     }
 
     /// The classifier called `id`, loading it (off the runtime) when it is not cached.
-    pub async fn get(&self, id: &str) -> Result<Arc<Classifier>, ClassifyError> {
+    pub async fn get(&self, id: &str) -> Result<Arc<dyn Classifier>, ClassifyError> {
         if let Some(found) = self.cached(id) {
             return Ok(found);
         }
@@ -84,7 +84,7 @@ impl Classifiers {
             return Ok(found);
         }
         let started = std::time::Instant::now();
-        let classifier = Arc::new(self.load(id).await?);
+        let classifier = self.load(id).await?;
         tracing::info!(
             classifier = %id,
             kind = classifier.kind(),
@@ -95,7 +95,7 @@ impl Classifiers {
         Ok(classifier)
     }
 
-    async fn load(&self, id: &str) -> Result<Classifier, ClassifyError> {
+    async fn load(&self, id: &str) -> Result<Arc<dyn Classifier>, ClassifyError> {
         let unknown =
             |why: String| ClassifyError::NotFound(format!("Unknown classifier '{id}': {why}"));
         if !valid_id(id) {
@@ -125,7 +125,7 @@ impl Classifiers {
         self.load_transformer(id, files).await
     }
 
-    async fn load_head(&self, dir: &Path) -> Result<Classifier, ClassifyError> {
+    async fn load_head(&self, dir: &Path) -> Result<Arc<dyn Classifier>, ClassifyError> {
         let meta = head::read_meta(dir)?;
         let head = LinearHead::load(dir)?;
         if head.labels() != meta.labels.len() {
@@ -136,14 +136,26 @@ impl Classifiers {
                 head.labels()
             )));
         }
+        let mut batch = self.config.batch.clone();
+        batch.name = format!(
+            "{}-head",
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("classifier")
+        );
+        // Its own pool over the served model's weights when it reads that model: classification
+        // then cannot fill the queue of /api/embed, nor the other way round.
         let embeddings = if source::model_name(&meta.embedding_model) == self.embeddings.name() {
-            self.embeddings.get()?
+            Arc::new(
+                self.embeddings
+                    .get()?
+                    .with_own_pool(batch)
+                    .map_err(|e| ClassifyError::Inference(e.into()))?,
+            )
         } else {
             let files = source::resolve(&meta.embedding_model, &self.config.hub)
                 .await
                 .map_err(|e| ClassifyError::Invalid(e.to_string()))?;
-            let mut batch = self.config.batch.clone();
-            batch.name = source::model_name(&meta.embedding_model);
             Arc::new(
                 EmbeddingService::load(files, batch)
                     .await
@@ -159,18 +171,18 @@ impl Classifiers {
                 embeddings.dims()
             )));
         }
-        Ok(Classifier::Head {
+        Ok(Arc::new(HeadClassifier {
             head,
             meta,
             embeddings,
-        })
+        }))
     }
 
     async fn load_transformer(
         &self,
         id: &str,
         files: ModelFiles,
-    ) -> Result<Classifier, ClassifyError> {
+    ) -> Result<Arc<dyn Classifier>, ClassifyError> {
         let model = tokio::task::spawn_blocking(move || {
             let model = SequenceClassifier::load(&files)?;
             let warm = model.tokenize("warm up")?;
@@ -184,12 +196,12 @@ impl Classifiers {
         let mut batch = self.config.batch.clone();
         batch.name = id.replace('/', "--");
         let batcher = Batcher::spawn(Arc::new(model), batch)?;
-        Ok(Classifier::Transformer { labels, batcher })
+        Ok(Arc::new(TransformerClassifier { labels, batcher }))
     }
 
     /// Every classifier under the folder, plus the loaded ones from the Hub.
     pub fn list(&self) -> Vec<ClassifierInfo> {
-        let loaded: Vec<(String, Arc<Classifier>)> = self
+        let loaded: Vec<(String, Arc<dyn Classifier>)> = self
             .cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -17,6 +17,7 @@ pub struct EmbeddingService {
     name: String,
     dims: usize,
     max_tokens: usize,
+    model: Arc<dyn SequenceModel>,
     batcher: Batcher,
 }
 
@@ -44,14 +45,22 @@ impl EmbeddingService {
     ) -> Result<Self, ModelError> {
         let name = config.name.clone();
         let dims = model.dims();
-        let batcher = Batcher::spawn(model, config)
+        let batcher = Batcher::spawn(model.clone(), config)
             .map_err(|e| ModelError::Load(format!("could not start the worker thread: {e}")))?;
         Ok(Self {
             name,
             dims,
             max_tokens,
+            model,
             batcher,
         })
+    }
+
+    /// The same model (weights shared, not copied) behind a queue and workers of its own.
+    pub fn with_own_pool(&self, config: BatchConfig) -> Result<Self, ModelError> {
+        let mut service = Self::with_model(self.model.clone(), self.max_tokens, config)?;
+        service.name = self.name.clone();
+        Ok(service)
     }
 
     pub fn name(&self) -> &str {
