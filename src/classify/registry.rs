@@ -126,8 +126,12 @@ impl Classifiers {
     }
 
     async fn load_head(&self, dir: &Path) -> Result<Arc<dyn Classifier>, ClassifyError> {
-        let meta = head::read_meta(dir)?;
-        let head = LinearHead::load(dir)?;
+        let files = dir.to_path_buf();
+        let (meta, head) = tokio::task::spawn_blocking(move || {
+            Ok::<_, ClassifyError>((head::read_meta(&files)?, LinearHead::load(&files)?))
+        })
+        .await
+        .map_err(|e| ClassifyError::Invalid(format!("loader task failed: {e}")))??;
         if head.labels() != meta.labels.len() {
             return Err(ClassifyError::Invalid(format!(
                 "{}: {} labels but {} head rows",
