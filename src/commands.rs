@@ -64,15 +64,16 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
     )
     .await?;
     embeddings.fill_shared(service);
-    let registry = Classifiers::new(
+    let registry = Arc::new(Classifiers::new(
         RegistryConfig {
             dir: args.classifiers_dir.clone(),
             capacity: 1,
             batch: batch(&args.name),
             hub,
+            hub_ids: true,
         },
         embeddings,
-    );
+    ));
     let classifier = registry.get(&args.name).await?;
     let data = read_labelled(&args)?;
     let labels = classifier.labels().to_vec();

@@ -219,6 +219,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_SENTIMENT_MODEL", default_value = "sentiment")]
     pub sentiment_model: String,
 
+    /// Let clients name Hugging Face repo ids as `model_id` (downloaded into the Hub cache on first
+    /// use). Convenient, but any client can then make the server download any public classifier:
+    /// turn it off on a public deployment and configure classifiers by folder instead.
+    #[arg(long, env = "AITIER_HUB_MODEL_IDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub hub_model_ids: bool,
+
     /// Classifiers kept loaded at once (least recently used ones are dropped).
     #[arg(long, env = "AITIER_CLASSIFIER_CACHE", default_value_t = 3)]
     pub classifier_cache: usize,
@@ -275,7 +281,7 @@ impl ServeArgs {
 
     /// Settings clap cannot check alone.
     pub fn validate(&self) -> Result<(), String> {
-        if self.cors_credentials && self.cors_origins.iter().any(|o| o == "*") {
+        if self.cors_credentials && self.cors_origins.iter().any(|o| o.trim() == "*") {
             return Err(
                 "--cors-credentials cannot be combined with --cors-origins '*': browsers refuse it; list the origins".into(),
             );
@@ -312,6 +318,7 @@ impl fmt::Debug for ServeArgs {
             .field("classifiers_dir", &self.classifiers_dir)
             .field("sentiment_model", &self.sentiment_model)
             .field("classifier_cache", &self.classifier_cache)
+            .field("hub_model_ids", &self.hub_model_ids)
             .field("body_limit", &self.body_limit)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("cors_origins", &self.cors_origins)

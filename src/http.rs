@@ -109,7 +109,7 @@ fn request_span(req: &Request) -> tracing::Span {
 }
 
 fn cors(args: &ServeArgs) -> CorsLayer {
-    let origins = if args.cors_origins.iter().any(|o| o == "*") {
+    let origins = if args.cors_origins.iter().any(|o| o.trim() == "*") {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(

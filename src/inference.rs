@@ -11,7 +11,7 @@ pub mod source;
 
 pub use batcher::{BatchConfig, Batcher, Pooled};
 pub use bert::BertEmbedder;
-pub use classifier::SequenceClassifier;
+pub use classifier::{SequenceClassifier, read_classifier_config};
 pub use embeddings::{Embedding, EmbeddingService};
 
 /// Makes candle run each forward pass on the calling thread alone, so that each worker is one

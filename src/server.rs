@@ -50,6 +50,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         capacity: args.classifier_cache,
         batch: batch.clone(),
         hub,
+        hub_ids: args.hub_model_ids,
     };
     let state = AppState::new(
         args.embedding_model_name(),

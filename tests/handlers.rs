@@ -58,6 +58,7 @@ fn fake_state() -> AppState {
         capacity: 1,
         batch: batch_config(),
         hub: Default::default(),
+        hub_ids: false,
     };
     AppState::new("fake", registry, None)
 }

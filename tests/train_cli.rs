@@ -132,3 +132,20 @@ fn the_same_seed_gives_the_same_classifier() {
     assert_eq!(meta["training"]["skipped_empty"], 1);
     assert_eq!(meta["metrics"]["heldout"]["examples"], 12);
 }
+
+#[test]
+fn a_name_that_would_escape_the_folder_is_refused() {
+    let dir = scratch("bad-name");
+    let data = reviews_csv(&dir);
+    let out = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["classifier", "train", "--data"])
+        .arg(&data)
+        .args(["--name", "../escape", "--classifiers-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is not usable"), "{}", stderr(&out));
+    assert!(!dir.join("..").join("escape").exists());
+}

@@ -103,6 +103,9 @@ impl LinearHead {
         };
         let weight = get("weight")?;
         let (labels, dims) = weight.dims2()?;
+        if dims == 0 || labels == 0 {
+            return Err(ClassifyError::Invalid(format!("{HEAD_FILE} is empty")));
+        }
         let bias = get("bias")?.to_vec1::<f32>()?;
         if bias.len() != labels {
             return Err(ClassifyError::Invalid(format!(

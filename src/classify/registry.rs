@@ -22,6 +22,8 @@ pub struct RegistryConfig {
     /// Batching settings for each transformer classifier's pool (its name is filled in).
     pub batch: BatchConfig,
     pub hub: HubOptions,
+    /// Accept Hugging Face repo ids from clients (downloaded on first use).
+    pub hub_ids: bool,
 }
 
 /// What `GET /api/classifiers` shows of a classifier.
@@ -74,11 +76,20 @@ impl Classifiers {
         cache.push((id.to_string(), classifier));
     }
 
-    /// The classifier called `id`, loading it (off the runtime) when it is not cached.
-    pub async fn get(&self, id: &str) -> Result<Arc<dyn Classifier>, ClassifyError> {
+    /// The classifier called `id`, loading it (off the runtime) when it is not cached. The load runs
+    /// in a task of its own: a client that gives up does not cancel it half-way, and the next
+    /// request finds the classifier ready.
+    pub async fn get(self: &Arc<Self>, id: &str) -> Result<Arc<dyn Classifier>, ClassifyError> {
         if let Some(found) = self.cached(id) {
             return Ok(found);
         }
+        let (registry, key) = (self.clone(), id.to_string());
+        tokio::spawn(async move { registry.load_once(&key).await })
+            .await
+            .map_err(|e| ClassifyError::Invalid(format!("loader task failed: {e}")))?
+    }
+
+    async fn load_once(&self, id: &str) -> Result<Arc<dyn Classifier>, ClassifyError> {
         let _one_at_a_time = self.loading.lock().await;
         if let Some(found) = self.cached(id) {
             return Ok(found);
@@ -119,6 +130,17 @@ impl Classifiers {
                 dir.display()
             )));
         }
+        if !self.config.hub_ids {
+            return Err(unknown(
+                "Hugging Face repo ids are turned off on this server (--hub-model-ids)".into(),
+            ));
+        }
+        // config.json first: a repo that is not a classifier costs no weights download.
+        let config = source::hub_file(id, "config.json", &self.config.hub)
+            .await
+            .map_err(|e| unknown(e.to_string()))?;
+        crate::inference::read_classifier_config(&config)
+            .map_err(|e| ClassifyError::Invalid(e.to_string()))?;
         let files = source::resolve_hub(id, &self.config.hub)
             .await
             .map_err(|e| unknown(e.to_string()))?;
@@ -131,7 +153,9 @@ impl Classifiers {
             Ok::<_, ClassifyError>((head::read_meta(&files)?, LinearHead::load(&files)?))
         })
         .await
-        .map_err(|e| ClassifyError::Invalid(format!("loader task failed: {e}")))??;
+        .map_err(|e| ClassifyError::Invalid(format!("loader task failed: {e}")))?
+        // A broken folder is the classifier's fault, not the server's: 422, not 500.
+        .map_err(|e| ClassifyError::Invalid(format!("{}: {e}", dir.display())))?;
         if head.labels() != meta.labels.len() {
             return Err(ClassifyError::Invalid(format!(
                 "{}: {} labels but {} head rows",
@@ -264,6 +288,11 @@ fn describe_dir(dir: &Path, name: &str, loaded: bool) -> Option<ClassifierInfo> 
         metrics: None,
         loaded,
     })
+}
+
+/// A classifier folder name: letters, digits, `.`, `_`, `-`, not starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.contains('/') && valid_id(name)
 }
 
 /// A folder name or `owner/name`: letters, digits, `.`, `_`, `-`; no path tricks.

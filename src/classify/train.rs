@@ -57,6 +57,10 @@ pub enum TrainError {
     TooFewLabels { found: usize, labels: Vec<String> },
     #[error("--holdout must be at least 0 and below 1, not {0}")]
     Holdout(f64),
+    #[error(
+        "--name '{0}' is not usable: letters, digits, '.', '_' and '-' only (it becomes a folder and a URL segment)"
+    )]
+    Name(String),
     #[error("embedding model: {0}")]
     Model(String),
     #[error("training: {0}")]
@@ -183,9 +187,11 @@ pub fn stratified_split(
             .filter(|&i| examples[i].label == label)
             .collect();
         rng.shuffle(&mut rows);
-        let held = ((rows.len() as f64) * holdout).round() as usize;
-        test.extend_from_slice(&rows[..held.min(rows.len())]);
-        train.extend_from_slice(&rows[held.min(rows.len())..]);
+        // Every label keeps at least one training row, however small it is.
+        let held =
+            (((rows.len() as f64) * holdout).round() as usize).min(rows.len().saturating_sub(1));
+        test.extend_from_slice(&rows[..held]);
+        train.extend_from_slice(&rows[held..]);
     }
     train.sort_unstable();
     test.sort_unstable();
@@ -283,9 +289,12 @@ pub fn fit(
 
 /// Trains and writes `output_dir/name/`, replacing any earlier classifier of that name only once
 /// the new one is complete.
-pub async fn train(options: &TrainOptions) -> Result<Metrics, TrainError> {
+pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError> {
     if !(0.0..1.0).contains(&options.holdout) {
         return Err(TrainError::Holdout(options.holdout));
+    }
+    if !super::registry::valid_name(&options.name) {
+        return Err(TrainError::Name(options.name.clone()));
     }
     let data = read_csv(&options.data, &options.text_column, &options.label_column)?;
     println!(
@@ -325,9 +334,16 @@ pub async fn train(options: &TrainOptions) -> Result<Metrics, TrainError> {
             .map_err(|e| TrainError::Model(format!("training task failed: {e}")))??;
 
     let (x_test, y_test) = pick(&test_rows);
-    let probabilities: Vec<Vec<f32>> = x_test.iter().map(|x| head.probabilities(x, &[])).collect();
-    let metrics = evaluate(&data.labels, &y_test, &probabilities);
-    print_metrics("held-out (whole texts)", &data.labels, &metrics);
+    let metrics = if test_rows.is_empty() {
+        println!("no rows held out: nothing to measure the classifier on");
+        None
+    } else {
+        let probabilities: Vec<Vec<f32>> =
+            x_test.iter().map(|x| head.probabilities(x, &[])).collect();
+        let metrics = evaluate(&data.labels, &y_test, &probabilities);
+        print_metrics("held-out (whole texts)", &data.labels, &metrics);
+        Some(metrics)
+    };
 
     let meta = HeadMeta {
         kind: "embedding-head".into(),

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -222,6 +223,17 @@ async fn run(
     Ok((results, elapsed))
 }
 
+/// The `{classifier}` segment, or a FastAPI-shaped 422 when it is not valid UTF-8.
+fn path_param(param: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    param.map(|Path(p)| p).map_err(|e| {
+        ApiError::validation(
+            vec!["path".into(), "classifier".into()],
+            format!("Invalid path parameter: {}", e.body_text()),
+            "value_error",
+        )
+    })
+}
+
 fn sentiment_id(state: &AppState, model_id: Option<String>) -> Result<String, ApiError> {
     model_id
         .or_else(|| state.sentiment.as_ref().map(|s| s.id.clone()))
@@ -316,9 +328,10 @@ pub async fn sentiment_batch(
 )]
 pub async fn classify(
     State(state): State<AppState>,
-    Path(classifier): Path<String>,
+    classifier: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<ClassifyRequest>,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
+    let classifier = path_param(classifier)?;
     let (mut results, _) = run(&state, &classifier, Source::Path, vec![req.text]).await?;
     Ok(Json(results.remove(0)))
 }
@@ -342,9 +355,10 @@ pub async fn classify(
 )]
 pub async fn classify_batch(
     State(state): State<AppState>,
-    Path(classifier): Path<String>,
+    classifier: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<ClassifyBatchRequest>,
 ) -> Result<Json<BatchClassifyResponse>, ApiError> {
+    let classifier = path_param(classifier)?;
     let (results, elapsed) = run(&state, &classifier, Source::Path, req.texts).await?;
     Ok(Json(BatchClassifyResponse {
         results,

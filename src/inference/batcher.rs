@@ -66,7 +66,7 @@ impl Batcher {
     /// Starts the worker threads. They run until every handle is dropped.
     pub fn spawn(model: Arc<dyn SequenceModel>, config: BatchConfig) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
-        let rx = Arc::new(Mutex::new(rx));
+        let rx = Arc::new(Mutex::new(Queue { rx, carried: None }));
         let name: Arc<str> = config.name.clone().into();
         for i in 0..config.workers.max(1) {
             let (model, rx, config) = (model.clone(), rx.clone(), config.clone());
@@ -102,14 +102,22 @@ impl Batcher {
     }
 }
 
+/// The workers' side of the queue. A job that did not fit the last batch waits in `carried`, under
+/// the same lock, so whichever worker gathers next takes it first (a job kept by one worker could
+/// wait behind another worker blocked on an empty queue).
+struct Queue {
+    rx: Receiver<Job>,
+    carried: Option<Prepared>,
+}
+
 /// Takes a batch from the shared queue (one worker at a time gathers), then runs it while the
 /// other workers gather theirs.
-fn worker(model: &dyn SequenceModel, rx: &Mutex<Receiver<Job>>, config: &BatchConfig) {
-    let mut carried: Option<Prepared> = None;
+fn worker(model: &dyn SequenceModel, queue: &Mutex<Queue>, config: &BatchConfig) {
     loop {
         let jobs = {
-            let rx = rx.lock().unwrap_or_else(PoisonError::into_inner);
-            match gather(model, &rx, config, &mut carried) {
+            let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let Queue { rx, carried } = &mut *queue;
+            match gather(model, rx, config, carried) {
                 Some(jobs) => jobs,
                 None => return,
             }
@@ -172,11 +180,13 @@ fn prepare(model: &dyn SequenceModel, job: Job) -> Option<Prepared> {
     if job.reply.is_closed() {
         return None;
     }
-    let seqs = job
-        .texts
-        .iter()
-        .map(|t| model.tokenize(t))
-        .collect::<Result<Vec<_>, _>>();
+    let seqs = catch_unwind(AssertUnwindSafe(|| {
+        job.texts
+            .iter()
+            .map(|t| model.tokenize(t))
+            .collect::<Result<Vec<_>, _>>()
+    }))
+    .unwrap_or_else(|panic| Err(ModelError::Panic(panic_message(panic.as_ref()))));
     match seqs {
         Ok(seqs) => Some(Prepared {
             seqs,
@@ -411,6 +421,25 @@ mod tests {
         }
         let threads = model.threads.lock().unwrap().clone();
         assert_eq!(threads.len(), 2, "{threads:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_left_over_from_a_full_batch_is_served_without_new_traffic() {
+        // Two jobs of two texts with room for three: the second is carried over; the other worker
+        // must pick it up although no third request ever comes.
+        let model = recorder(30);
+        let mut config = config(64);
+        config.max_batch_size = 3;
+        config.workers = 2;
+        let batcher = Batcher::spawn(model, config).unwrap();
+        let all = futures::future::join_all((1..=2).map(|n| {
+            let batcher = batcher.clone();
+            async move { batcher.run(vec!["z".repeat(n), "zz".into()]).await }
+        }));
+        let answers = tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("a carried job waited for traffic that never came");
+        assert!(answers.iter().all(Result::is_ok));
     }
 
     #[test]

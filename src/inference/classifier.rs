@@ -63,6 +63,14 @@ impl SequenceClassifier {
     }
 }
 
+/// Checks a `config.json` before any weights are fetched: a supported family with `id2label`.
+/// Returns the labels.
+pub fn read_classifier_config(path: &std::path::Path) -> Result<Vec<String>, ModelError> {
+    let config = checkpoint::read_json(path)?;
+    super::encoder::EncoderConfig::from_json(&config).map_err(ModelError::Load)?;
+    labels(&config)
+}
+
 /// `id2label` in index order; a checkpoint without one is not a classifier.
 fn labels(config: &serde_json::Value) -> Result<Vec<String>, ModelError> {
     let map = config["id2label"].as_object().ok_or_else(|| {

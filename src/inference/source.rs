@@ -119,11 +119,30 @@ fn assemble(
     })
 }
 
-async fn download(model: &str, hub: &HubOptions) -> Result<ModelFiles, SourceError> {
-    let unreachable = |cause: String| SourceError::Unreachable {
+/// One file of a Hub repo: from the cache, else downloaded.
+pub async fn hub_file(model: &str, file: &str, hub: &HubOptions) -> Result<PathBuf, SourceError> {
+    let cache = hub
+        .cache_dir
+        .clone()
+        .map(Cache::new)
+        .unwrap_or_else(Cache::from_env);
+    if let Some(path) = cache.repo(Repo::model(model.to_string())).get(file) {
+        return Ok(path);
+    }
+    let api = api(hub).map_err(|cause| SourceError::Unreachable {
         model: model.to_string(),
         cause,
-    };
+    })?;
+    api.model(model.to_string())
+        .get(file)
+        .await
+        .map_err(|e| SourceError::Unreachable {
+            model: model.to_string(),
+            cause: e.to_string(),
+        })
+}
+
+fn api(hub: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
     let mut builder = ApiBuilder::from_env().with_progress(false);
     if let Some(dir) = &hub.cache_dir {
         builder = builder.with_cache_dir(dir.clone());
@@ -131,7 +150,15 @@ async fn download(model: &str, hub: &HubOptions) -> Result<ModelFiles, SourceErr
     if let Some(token) = &hub.token {
         builder = builder.with_token(Some(token.expose().to_string()));
     }
-    let api = builder.build().map_err(|e| unreachable(e.to_string()))?;
+    builder.build().map_err(|e| e.to_string())
+}
+
+async fn download(model: &str, hub: &HubOptions) -> Result<ModelFiles, SourceError> {
+    let unreachable = |cause: String| SourceError::Unreachable {
+        model: model.to_string(),
+        cause,
+    };
+    let api = api(hub).map_err(unreachable)?;
     let repo = api.model(model.to_string());
     let config = repo
         .get("config.json")
