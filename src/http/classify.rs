@@ -313,7 +313,7 @@ pub async fn sentiment_batch(
     post,
     path = "/api/classify/{classifier}",
     tag = "classification",
-    params(("classifier" = String, Path, description = "A name from `GET /api/classifiers`")),
+    params(("classifier" = String, Path, description = "A name from `GET /api/classifiers`", example = "sentiment")),
     request_body = ClassifyRequest,
     responses(
         (status = 200, description = "The text's label", body = ClassifyResponse),
@@ -341,7 +341,7 @@ pub async fn classify(
     post,
     path = "/api/classify/{classifier}/batch",
     tag = "classification",
-    params(("classifier" = String, Path, description = "A name from `GET /api/classifiers`")),
+    params(("classifier" = String, Path, description = "A name from `GET /api/classifiers`", example = "sentiment")),
     request_body = ClassifyBatchRequest,
     responses(
         (status = 200, description = "One result per text", body = BatchClassifyResponse),
