@@ -6,6 +6,7 @@ pub mod commands;
 pub mod config;
 pub mod http;
 pub mod inference;
+pub mod llm;
 pub mod server;
 pub mod state;
 pub mod telemetry;

@@ -1,0 +1,31 @@
+//! Chat models. The local provider runs GGUF chat models with candle: the tokenizer and chat
+//! template come from the GGUF metadata, generation streams tokens through a callback that can stop
+//! it. (The HTTP surface and the upstream provider are the next steps of the chat issue.)
+
+mod gguf_tokenizer;
+mod local;
+mod template;
+
+pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
+pub use template::{ChatMessage, ChatTemplate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error("could not load the model: {0}")]
+    Load(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error(
+        "the conversation is {prompt} tokens; with max_tokens {max_tokens} it exceeds the context of {context}"
+    )]
+    ContextExceeded {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
