@@ -229,6 +229,29 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_CLASSIFIER_CACHE", default_value_t = 3)]
     pub classifier_cache: usize,
 
+    /// Local chat model: a GGUF file (llama architecture), or `none` to serve no chat.
+    #[arg(
+        long,
+        env = "AITIER_CHAT_MODEL",
+        default_value = "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub chat_model: String,
+
+    /// Name the chat model is served under (`model` in chat requests). Defaults to the GGUF file's
+    /// folder name.
+    #[arg(long, env = "AITIER_CHAT_MODEL_NAME")]
+    pub chat_model_name: Option<String>,
+
+    /// Generations that run at once. On a small machine one generation already uses every core:
+    /// more add latency, not throughput.
+    #[arg(long, env = "AITIER_MAX_CONCURRENT_GENERATIONS", default_value_t = 1)]
+    pub max_concurrent_generations: usize,
+
+    /// Generations that may wait for a slot; beyond them a chat request gets 503 + Retry-After
+    /// before its stream starts. A waiting client gets its headers and a `queued` comment at once.
+    #[arg(long, env = "AITIER_GENERATION_QUEUE", default_value_t = 8)]
+    pub generation_queue: usize,
+
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "AITIER_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
     pub body_limit: usize,
@@ -259,6 +282,24 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// The chat model's file, unless chat is turned off.
+    pub fn chat_model(&self) -> Option<&str> {
+        (self.chat_model != "none").then_some(self.chat_model.as_str())
+    }
+
+    /// The served name of the chat model.
+    pub fn chat_model_name(&self) -> String {
+        self.chat_model_name.clone().unwrap_or_else(|| {
+            let path = std::path::Path::new(&self.chat_model);
+            path.parent()
+                .and_then(|p| p.file_name())
+                .or(path.file_stem())
+                .and_then(|n| n.to_str())
+                .unwrap_or("local")
+                .to_string()
+        })
     }
 
     /// Worker threads per model: as configured, else one per core.
@@ -292,6 +333,10 @@ impl ServeArgs {
             ("--queue-capacity", self.queue_capacity),
             ("--workers", self.workers.unwrap_or(1)),
             ("--classifier-cache", self.classifier_cache),
+            (
+                "--max-concurrent-generations",
+                self.max_concurrent_generations,
+            ),
         ];
         if let Some((flag, _)) = limits.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{flag} must be at least 1"));
@@ -319,6 +364,13 @@ impl fmt::Debug for ServeArgs {
             .field("sentiment_model", &self.sentiment_model)
             .field("classifier_cache", &self.classifier_cache)
             .field("hub_model_ids", &self.hub_model_ids)
+            .field("chat_model", &self.chat_model)
+            .field("chat_model_name", &self.chat_model_name)
+            .field(
+                "max_concurrent_generations",
+                &self.max_concurrent_generations,
+            )
+            .field("generation_queue", &self.generation_queue)
             .field("body_limit", &self.body_limit)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("cors_origins", &self.cors_origins)

@@ -1,6 +1,7 @@
 //! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, and
 //! the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
 
+mod chat;
 mod classify;
 mod embed;
 mod error;
@@ -46,10 +47,11 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     tags(
         (name = "embeddings", description = "Sentence embeddings"),
         (name = "classification", description = "Sentiment and text classification"),
+        (name = "chat", description = "Chat answers streamed as Server-Sent Events"),
         (name = "openai", description = "OpenAI-compatible API"),
         (name = "health", description = "Liveness and readiness probes"),
     ),
-    components(schemas(HTTPValidationError, ValidationError, HttpError))
+    components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent))
 )]
 struct ApiDoc;
 
@@ -59,6 +61,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(health::routes())
         .merge(embed::routes())
         .merge(classify::routes())
+        .merge(chat::routes())
         .merge(openai::routes())
 }
 

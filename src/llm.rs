@@ -4,10 +4,12 @@
 
 mod gguf_tokenizer;
 mod local;
+mod service;
 mod template;
 
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
+pub use service::{Admission, ChatEvent, ChatService};
 pub use template::{ChatMessage, ChatTemplate};
 
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ use crate::config::ServeArgs;
 use crate::http;
 use crate::inference::source::{self, HubOptions, ModelFiles};
 use crate::inference::{BatchConfig, EmbeddingService};
+use crate::llm::{ChatService, LocalModel};
 use crate::state::AppState;
 
 /// A server bound to its port, its models loading in the background.
@@ -52,12 +53,28 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         hub,
         hub_ids: args.hub_model_ids,
     };
-    let state = AppState::new(
+    let mut state = AppState::new(
         args.embedding_model_name(),
         registry,
         Some(args.sentiment_model.clone()),
     );
-    let loader = tokio::spawn(load_models(state.clone(), files, batch));
+    let chat = match args.chat_model() {
+        Some(path) => {
+            if !std::path::Path::new(path).is_file() {
+                anyhow::bail!(
+                    "chat model {path} not found: run models/fetch, pass another GGUF file with --chat-model, or --chat-model none"
+                );
+            }
+            state = state.with_chat(args.chat_model_name());
+            Some(ChatConfig {
+                path: path.into(),
+                concurrent: args.max_concurrent_generations,
+                queue: args.generation_queue,
+            })
+        }
+        None => None,
+    };
+    let loader = tokio::spawn(load_models(state.clone(), files, batch, chat));
     Ok(Bound {
         app: http::app(state.clone(), args),
         listener,
@@ -67,7 +84,18 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
     })
 }
 
-async fn load_models(state: AppState, files: ModelFiles, batch: BatchConfig) -> anyhow::Result<()> {
+struct ChatConfig {
+    path: std::path::PathBuf,
+    concurrent: usize,
+    queue: usize,
+}
+
+async fn load_models(
+    state: AppState,
+    files: ModelFiles,
+    batch: BatchConfig,
+    chat: Option<ChatConfig>,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let name = batch.name.clone();
     let service = EmbeddingService::load(files, batch)
@@ -88,6 +116,26 @@ async fn load_models(state: AppState, files: ModelFiles, batch: BatchConfig) -> 
             .await
             .with_context(|| format!("sentiment classifier {}", sentiment.id))?;
         sentiment.mark_ready();
+    }
+    if let (Some(slot), Some(chat)) = (&state.chat, chat) {
+        let started = std::time::Instant::now();
+        let path = chat.path.clone();
+        let model = tokio::task::spawn_blocking(move || LocalModel::load(&path))
+            .await
+            .context("chat model loader task")?
+            .with_context(|| format!("chat model {}", chat.path.display()))?;
+        tracing::info!(
+            model = %slot.name(),
+            context = model.context_length(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "chat model loaded"
+        );
+        slot.fill(ChatService::new(
+            slot.name().to_string(),
+            model,
+            chat.concurrent,
+            chat.queue,
+        ));
     }
     Ok(())
 }

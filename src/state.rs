@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::classify::{Classifiers, RegistryConfig};
 use crate::inference::{EmbeddingService, InferenceError};
+use crate::llm::ChatService;
 
 /// A model that is loading in the background; requests before it is ready get 503.
 pub struct Slot<T> {
@@ -65,6 +66,8 @@ pub struct AppState {
     pub classifiers: Arc<Classifiers>,
     /// `None` when no sentiment classifier is configured (handler tests).
     pub sentiment: Option<Arc<Sentiment>>,
+    /// The local chat model; `None` when chat is turned off.
+    pub chat: Option<Arc<Slot<ChatService>>>,
 }
 
 impl AppState {
@@ -83,7 +86,14 @@ impl AppState {
                     ready: AtomicBool::new(false),
                 })
             }),
+            chat: None,
         }
+    }
+
+    /// Serves chat with the model that will fill this slot.
+    pub fn with_chat(mut self, name: impl Into<String>) -> Self {
+        self.chat = Some(Arc::new(Slot::empty(name)));
+        self
     }
 
     /// Names of the configured models that are not loaded and warm yet.
@@ -96,6 +106,11 @@ impl AppState {
             && !sentiment.ready.load(Ordering::Acquire)
         {
             pending.push(format!("classifier {}", sentiment.id));
+        }
+        if let Some(chat) = &self.chat
+            && !chat.is_ready()
+        {
+            pending.push(format!("chat model {}", chat.name()));
         }
         pending
     }

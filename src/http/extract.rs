@@ -4,6 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, LocItem, ValidationError};
@@ -171,6 +172,40 @@ fn capitalize(s: &str) -> String {
         .next()
         .map(|c| c.to_uppercase().chain(chars).collect())
         .unwrap_or_default()
+}
+
+/// An integer field that also accepts a JSON number with no fractional part (`3.0`), as JSON Schema
+/// and pydantic do.
+pub fn integral<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let value = serde_json::Number::deserialize(deserializer)?;
+    let whole = value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+            .map(|f| f as u64)
+    });
+    whole.and_then(|n| T::try_from(n).ok()).ok_or_else(|| {
+        D::Error::custom(format!(
+            "invalid type: {value}, expected a non-negative integer"
+        ))
+    })
+}
+
+/// [`integral`] for optional fields.
+pub fn integral_opt<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let value: Option<serde_json::Number> = Option::deserialize(deserializer)?;
+    value
+        .map(|n| integral(n).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// Pydantic's `min_length`/`max_length` on a list.

@@ -153,7 +153,7 @@ pub struct CreateEmbeddingRequest {
     pub encoding_format: Option<EncodingFormat>,
     /// Output dimensions. Only the model's own dimension is supported (no Matryoshka truncation);
     /// any other value is a 422.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::integral_opt")]
     #[schema(minimum = 1)]
     pub dimensions: Option<u32>,
     /// An end-user id, accepted for compatibility and ignored.

@@ -175,6 +175,24 @@ impl LocalModel {
         self.template.render(messages)
     }
 
+    /// The prompt's length in tokens, or `ContextExceeded` when it and `max_tokens` do not fit.
+    pub fn check(&self, messages: &[ChatMessage], max_tokens: usize) -> Result<usize, LlmError> {
+        let prompt = self.prompt(messages)?;
+        let tokens = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?
+            .len();
+        if tokens + max_tokens > self.context {
+            return Err(LlmError::ContextExceeded {
+                prompt: tokens,
+                max_tokens,
+                context: self.context,
+            });
+        }
+        Ok(tokens)
+    }
+
     /// Generates the assistant's answer. `on_delta` gets each new piece of text (possibly empty)
     /// after every token, and stops generation by returning `Break`: a consumer that went away
     /// stops the work within one token.

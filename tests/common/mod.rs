@@ -13,6 +13,8 @@ pub const MINILM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
+    /// The server's state, to watch what happens behind the HTTP surface.
+    pub state: aitier::state::AppState,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -25,6 +27,10 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
         "{MINILM} is missing: run models/fetch"
     );
     let mut argv = vec!["aitier", "--port", "0", "--embedding-model", MINILM];
+    // Chat loads only for the tests that ask for it.
+    if !extra.contains(&"--chat-model") {
+        argv.extend_from_slice(&["--chat-model", "none"]);
+    }
     argv.extend_from_slice(extra);
     let args = match Cli::try_parse_from(argv)
         .expect("valid flags")
@@ -35,6 +41,7 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
     };
     let bound = aitier::server::bind(&args).await.expect("server binds");
     let addr = bound.local_addr().unwrap();
+    let state = bound.state().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(bound.run(async {
         let _ = stopped.await;
@@ -42,6 +49,7 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
     let server = TestServer {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
+        state,
         _stop: stop,
     };
     server.wait_ready().await;

@@ -1,0 +1,317 @@
+//! `POST /api/chat/stream`: the seed's streamed chat, as Server-Sent Events of `delta` events and a
+//! final `done` (or `error`) event. Validation, an unknown model and overload are answered before the
+//! stream starts.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::{HeaderName, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+use utoipa::openapi::{Ref, RefOr, Schema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::error::{ApiError, HTTPValidationError, HttpError, LocItem, ValidationError};
+use super::extract::{ApiJson, Validate, check_list, check_text, integral, integral_opt};
+use crate::llm::{ChatEvent, ChatMessage, FinishReason, GenerationParams, LlmError};
+use crate::state::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(chat_stream))
+}
+
+const MAX_CONTENT: usize = 100_000;
+const MAX_STOPS: usize = 4;
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Message {
+    pub role: Role,
+    /// The message text (at most 100000 characters).
+    #[schema(max_length = 100000)]
+    pub content: String,
+}
+
+/// One stop sequence or several (at most 4).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged, expecting = "a string or an array of strings")]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn stop_text() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(64))
+}
+
+fn stop_schema() -> OneOfBuilder {
+    OneOfBuilder::new().item(stop_text()).item(
+        ArrayBuilder::new()
+            .items(stop_text())
+            .max_items(Some(MAX_STOPS)),
+    )
+}
+
+fn default_max_tokens() -> u32 {
+    1024
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 64}))]
+pub struct ChatRequest {
+    /// The conversation so far, oldest first (at least one message).
+    #[schema(min_items = 1)]
+    pub messages: Vec<Message>,
+    /// The chat model; the local model when omitted.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Most tokens to generate.
+    #[serde(default = "default_max_tokens", deserialize_with = "integral")]
+    #[schema(minimum = 1, maximum = 4096, default = 1024)]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 or omitted is greedy decoding.
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p.
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    /// Makes sampling repeatable: the same request and seed give the same text.
+    #[serde(default, deserialize_with = "integral_opt")]
+    pub seed: Option<u64>,
+    /// Generation ends before any of these strings (at most 4, each 1 to 64 characters); they are
+    /// not part of the answer.
+    #[serde(default)]
+    #[schema(schema_with = stop_schema)]
+    pub stop: Option<Stop>,
+}
+
+impl ChatRequest {
+    fn stops(&self) -> Vec<String> {
+        match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+    }
+}
+
+impl Validate for ChatRequest {
+    fn validate(&self) -> Vec<ValidationError> {
+        let body = |rest: &[LocItem]| -> Vec<LocItem> {
+            std::iter::once(LocItem::from("body"))
+                .chain(rest.iter().cloned())
+                .collect()
+        };
+        let mut problems: Vec<ValidationError> = check_list(
+            &body(&["messages".into()]),
+            self.messages.len(),
+            1,
+            usize::MAX,
+        )
+        .into_iter()
+        .collect();
+        for (i, m) in self.messages.iter().enumerate() {
+            problems.extend(check_text(
+                body(&["messages".into(), i.into(), "content".into()]),
+                &m.content,
+                0,
+                MAX_CONTENT,
+            ));
+        }
+        let range = |name: &str, ok: bool, msg: &str| {
+            (!ok).then(|| ValidationError::new(body(&[name.into()]), msg, "value_error"))
+        };
+        problems.extend(range(
+            "max_tokens",
+            (1..=4096).contains(&self.max_tokens),
+            "max_tokens should be between 1 and 4096",
+        ));
+        problems.extend(range(
+            "temperature",
+            self.temperature.is_none_or(|t| (0.0..=2.0).contains(&t)),
+            "temperature should be between 0 and 2",
+        ));
+        problems.extend(range(
+            "top_p",
+            self.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
+            "top_p should be above 0 and at most 1",
+        ));
+        let stops = self.stops();
+        problems.extend(check_list(
+            &body(&["stop".into()]),
+            stops.len(),
+            0,
+            MAX_STOPS,
+        ));
+        for (i, s) in stops.iter().enumerate() {
+            problems.extend(check_text(body(&["stop".into(), i.into()]), s, 1, 64));
+        }
+        problems
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatUsage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// The events of a chat stream, each sent as `data: {json}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ChatStreamEvent {
+    /// The next piece of the answer.
+    Delta { content: String },
+    /// The answer is complete: `stop` (end of turn or a stop string) or `length` (max_tokens).
+    Done {
+        finish_reason: String,
+        usage: ChatUsage,
+    },
+    /// Generation failed after the stream started.
+    Error { message: String },
+}
+
+/// One Server-Sent Event of a chat stream: its `data` is a JSON-encoded [`ChatStreamEvent`].
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // a schema only: the events are written by axum's `Event`
+pub struct ChatSseEvent {
+    #[schema(schema_with = chat_event_data)]
+    data: String,
+    /// The SSE event type, `message` (the default) when absent.
+    event: Option<String>,
+}
+
+fn chat_event_data() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .content_media_type("application/json")
+        .content_schema(Some(Ref::from_schema_name("ChatStreamEvent")))
+        .into()
+}
+
+fn event(e: ChatEvent) -> Event {
+    let payload = match e {
+        ChatEvent::Queued => return Event::default().comment("queued"),
+        ChatEvent::Delta(content) => ChatStreamEvent::Delta { content },
+        ChatEvent::Done(g) => ChatStreamEvent::Done {
+            finish_reason: match g.finish_reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+                FinishReason::Cancelled => "cancelled",
+            }
+            .into(),
+            usage: ChatUsage {
+                prompt_tokens: g.prompt_tokens,
+                completion_tokens: g.completion_tokens,
+            },
+        },
+        ChatEvent::Error(message) => ChatStreamEvent::Error { message },
+    };
+    Event::default().json_data(payload).unwrap_or_else(|_| {
+        Event::default().data(r#"{"type":"error","message":"unserialisable event"}"#)
+    })
+}
+
+/// Stream a chat answer token by token.
+///
+/// `text/event-stream` of `data: {json}` events: `delta` events, then one `done` (or `error`).
+/// A request that must wait for a generation slot gets its headers and a `: queued` comment at
+/// once; a client that disconnects stops the generation within one token.
+#[utoipa::path(
+    post,
+    path = "/api/chat/stream",
+    tag = "chat",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "Server-Sent Events, each `data:` line one event", content_type = "text/event-stream", body = ChatSseEvent),
+        (status = 404, description = "Unknown model", body = HttpError,
+            example = json!({"detail": "Unknown model 'gpt-4'; this server chats with 'SmolLM2-135M-Instruct'"})),
+        (status = 413, description = "The body is larger than the configured limit", body = HttpError),
+        (status = 422, description = "The body is not valid, or the conversation does not fit the context", body = HTTPValidationError),
+        (status = 500, description = "Unexpected server error (the cause is logged)", body = HttpError),
+        (status = 503, description = "Too many generations, or the model is loading: retry later", body = HttpError,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub async fn chat_stream(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let slot = state.chat.as_ref().ok_or_else(|| {
+        ApiError::NotFound("This server has no chat model (--chat-model none)".into())
+    })?;
+    let service = slot.get()?;
+    if let Some(model) = req.model.as_deref().filter(|m| *m != service.name()) {
+        return Err(ApiError::NotFound(format!(
+            "Unknown model '{model}'; this server chats with '{}'",
+            service.name()
+        )));
+    }
+    let messages: Vec<ChatMessage> = req
+        .messages
+        .iter()
+        .map(|m| {
+            let role = match m.role {
+                Role::System => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            };
+            ChatMessage::new(role, &m.content)
+        })
+        .collect();
+    let max_tokens = req.max_tokens as usize;
+    let (checker, to_check) = (service.clone(), messages.clone());
+    tokio::task::spawn_blocking(move || checker.check(&to_check, max_tokens))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| match e {
+            e @ LlmError::ContextExceeded { .. } => ApiError::validation(
+                vec!["body".into(), "messages".into()],
+                e.to_string(),
+                "value_error",
+            ),
+            e => ApiError::Internal(e.into()),
+        })?;
+    let admission = service.admit().ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "Too many chat requests for {}; retry after 1 s",
+            service.name()
+        ))
+    })?;
+    let params = GenerationParams {
+        max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        stop: req.stops(),
+        ..Default::default()
+    };
+    let rx = service.stream(admission, messages, params);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let next = rx.recv().await?;
+        Some((Ok::<_, Infallible>(event(next)), rx))
+    });
+    Ok((
+        [
+            (header::CACHE_CONTROL, "no-cache"),
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )
+        .into_response())
+}
