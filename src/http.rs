@@ -8,6 +8,7 @@ mod error;
 mod extract;
 mod health;
 mod openai;
+mod openai_chat;
 
 use std::any::Any;
 use std::time::Duration;
@@ -51,7 +52,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
         (name = "openai", description = "OpenAI-compatible API"),
         (name = "health", description = "Liveness and readiness probes"),
     ),
-    components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent))
+    components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent, openai_chat::ChatCompletionChunk))
 )]
 struct ApiDoc;
 
@@ -63,6 +64,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(classify::routes())
         .merge(chat::routes())
         .merge(openai::routes())
+        .merge(openai_chat::routes())
 }
 
 /// The OpenAPI document, as committed in `openapi.json`.

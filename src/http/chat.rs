@@ -3,6 +3,7 @@
 //! stream starts.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderName, header};
@@ -16,7 +17,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, HTTPValidationError, HttpError, LocItem, ValidationError};
 use super::extract::{ApiJson, Validate, check_list, check_text, integral, integral_opt};
-use crate::llm::{ChatEvent, ChatMessage, FinishReason, GenerationParams, LlmError};
+use tokio::sync::mpsc;
+
+use crate::llm::{ChatEvent, ChatMessage, ChatService, FinishReason, GenerationParams, LlmError};
 use crate::state::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -32,6 +35,16 @@ pub enum Role {
     System,
     User,
     Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -57,7 +70,7 @@ fn stop_text() -> ObjectBuilder {
         .max_length(Some(64))
 }
 
-fn stop_schema() -> OneOfBuilder {
+pub fn stop_schema() -> OneOfBuilder {
     OneOfBuilder::new().item(stop_text()).item(
         ArrayBuilder::new()
             .items(stop_text())
@@ -227,6 +240,56 @@ fn event(e: ChatEvent) -> Event {
     })
 }
 
+/// Checks a chat request against the served model (its name, the context) and takes a place in
+/// line; every failure happens here, before a stream starts. Shared by `/api/chat/stream` and
+/// `/v1/chat/completions`.
+pub async fn start(
+    state: &AppState,
+    model: Option<&str>,
+    messages: Vec<ChatMessage>,
+    params: GenerationParams,
+) -> Result<(Arc<ChatService>, mpsc::Receiver<ChatEvent>), ApiError> {
+    let slot = state.chat.as_ref().ok_or_else(|| {
+        ApiError::NotFound("This server has no chat model (--chat-model none)".into())
+    })?;
+    let service = slot.get()?;
+    if let Some(model) = model.filter(|m| *m != service.name()) {
+        return Err(ApiError::NotFound(format!(
+            "Unknown model '{model}'; this server chats with '{}'",
+            service.name()
+        )));
+    }
+    let max_tokens = params.max_tokens;
+    let (checker, to_check) = (service.clone(), messages.clone());
+    tokio::task::spawn_blocking(move || checker.check(&to_check, max_tokens))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| match e {
+            e @ LlmError::ContextExceeded { .. } => ApiError::validation(
+                vec!["body".into(), "messages".into()],
+                e.to_string(),
+                "value_error",
+            ),
+            e => ApiError::Internal(e.into()),
+        })?;
+    let admission = service.admit().ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "Too many chat requests for {}; retry after 1 s",
+            service.name()
+        ))
+    })?;
+    let rx = service.stream(admission, messages, params);
+    Ok((service, rx))
+}
+
+/// Response headers of every chat stream: no caching, no proxy buffering.
+pub fn stream_headers() -> [(HeaderName, &'static str); 2] {
+    [
+        (header::CACHE_CONTROL, "no-cache"),
+        (HeaderName::from_static("x-accel-buffering"), "no"),
+    ]
+}
+
 /// Stream a chat answer token by token.
 ///
 /// `text/event-stream` of `data: {json}` events: `delta` events, then one `done` (or `error`).
@@ -252,65 +315,26 @@ pub async fn chat_stream(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let slot = state.chat.as_ref().ok_or_else(|| {
-        ApiError::NotFound("This server has no chat model (--chat-model none)".into())
-    })?;
-    let service = slot.get()?;
-    if let Some(model) = req.model.as_deref().filter(|m| *m != service.name()) {
-        return Err(ApiError::NotFound(format!(
-            "Unknown model '{model}'; this server chats with '{}'",
-            service.name()
-        )));
-    }
     let messages: Vec<ChatMessage> = req
         .messages
         .iter()
-        .map(|m| {
-            let role = match m.role {
-                Role::System => "system",
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            ChatMessage::new(role, &m.content)
-        })
+        .map(|m| ChatMessage::new(m.role.as_str(), &m.content))
         .collect();
-    let max_tokens = req.max_tokens as usize;
-    let (checker, to_check) = (service.clone(), messages.clone());
-    tokio::task::spawn_blocking(move || checker.check(&to_check, max_tokens))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(|e| match e {
-            e @ LlmError::ContextExceeded { .. } => ApiError::validation(
-                vec!["body".into(), "messages".into()],
-                e.to_string(),
-                "value_error",
-            ),
-            e => ApiError::Internal(e.into()),
-        })?;
-    let admission = service.admit().ok_or_else(|| {
-        ApiError::Unavailable(format!(
-            "Too many chat requests for {}; retry after 1 s",
-            service.name()
-        ))
-    })?;
     let params = GenerationParams {
-        max_tokens,
+        max_tokens: req.max_tokens as usize,
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
         stop: req.stops(),
         ..Default::default()
     };
-    let rx = service.stream(admission, messages, params);
+    let (_, rx) = start(&state, req.model.as_deref(), messages, params).await?;
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let next = rx.recv().await?;
         Some((Ok::<_, Infallible>(event(next)), rx))
     });
     Ok((
-        [
-            (header::CACHE_CONTROL, "no-cache"),
-            (HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
+        stream_headers(),
         Sse::new(stream).keep_alive(KeepAlive::default()),
     )
         .into_response())

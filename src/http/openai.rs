@@ -47,8 +47,10 @@ pub struct OpenAiError {
 }
 
 impl From<ApiError> for OpenAiError {
+    /// A 404 on the `/v1` surface is always an unknown model.
     fn from(error: ApiError) -> Self {
-        Self { error, code: None }
+        let code = matches!(error, ApiError::NotFound(_)).then_some("model_not_found");
+        Self { error, code }
     }
 }
 

@@ -1,0 +1,478 @@
+//! The OpenAI-compatible chat surface: `POST /v1/chat/completions` (streaming and not) and
+//! `GET /v1/models`, on the local chat model, so that any OpenAI SDK can use aitier as its base URL.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{Ref, RefOr, Schema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::chat::{Role, Stop, start, stream_headers};
+use super::error::{ApiError, LocItem, ValidationError};
+use super::extract::{Validate, check_list, check_text, integral_opt};
+use super::openai::{OpenAiError, OpenAiErrorBody, OpenAiJson};
+use crate::llm::{ChatEvent, ChatMessage, FinishReason, Generation, GenerationParams};
+use crate::state::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(completions))
+        .routes(routes!(models))
+}
+
+/// A message's content: text, or a list of parts of which only `text` parts are understood.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged, expecting = "a string or an array of content parts")]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// Only text parts are supported.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PartKind {
+    Text,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    #[allow(dead_code)] // checked by deserialization: only `text` parts get through
+    pub kind: PartKind,
+    pub text: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CompletionMessage {
+    pub role: Role,
+    pub content: Content,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send a last chunk with the token usage before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}))]
+pub struct ChatCompletionRequest {
+    /// The chat model (see `GET /v1/models`).
+    pub model: String,
+    /// The conversation so far (at least one message).
+    #[schema(min_items = 1)]
+    pub messages: Vec<CompletionMessage>,
+    /// Most tokens to generate (default 1024).
+    #[serde(default, deserialize_with = "integral_opt")]
+    #[schema(minimum = 1, maximum = 4096)]
+    pub max_tokens: Option<u32>,
+    /// Newer name of `max_tokens`; wins when both are given.
+    #[serde(default, deserialize_with = "integral_opt")]
+    #[schema(minimum = 1, maximum = 4096)]
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature; 0 or omitted is greedy decoding.
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "integral_opt")]
+    pub seed: Option<u64>,
+    /// Up to 4 stop sequences (each 1 to 64 characters).
+    #[serde(default)]
+    #[schema(schema_with = super::chat::stop_schema)]
+    pub stop: Option<Stop>,
+    /// Stream `chat.completion.chunk` events, ending with `data: [DONE]`.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Only 1 is supported.
+    #[serde(default, deserialize_with = "integral_opt")]
+    #[schema(minimum = 1, maximum = 1)]
+    pub n: Option<u32>,
+}
+
+impl ChatCompletionRequest {
+    fn max_tokens(&self) -> u32 {
+        self.max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(1024)
+    }
+
+    fn stops(&self) -> Vec<String> {
+        match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+    }
+
+    fn text(content: &Content) -> String {
+        match content {
+            Content::Text(t) => t.clone(),
+            Content::Parts(parts) => parts
+                .iter()
+                .map(|p| p.text.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
+impl Validate for ChatCompletionRequest {
+    fn validate(&self) -> Vec<ValidationError> {
+        let at = |rest: &[LocItem]| -> Vec<LocItem> {
+            std::iter::once(LocItem::from("body"))
+                .chain(rest.iter().cloned())
+                .collect()
+        };
+        let mut problems: Vec<ValidationError> = check_list(
+            &at(&["messages".into()]),
+            self.messages.len(),
+            1,
+            usize::MAX,
+        )
+        .into_iter()
+        .collect();
+        let mut range = |name: &str, ok: bool, msg: &str| {
+            if !ok {
+                problems.push(ValidationError::new(at(&[name.into()]), msg, "value_error"));
+            }
+        };
+        range(
+            "max_tokens",
+            self.max_tokens.is_none_or(|n| (1..=4096).contains(&n)),
+            "max_tokens should be between 1 and 4096",
+        );
+        range(
+            "max_completion_tokens",
+            self.max_completion_tokens
+                .is_none_or(|n| (1..=4096).contains(&n)),
+            "max_completion_tokens should be between 1 and 4096",
+        );
+        range(
+            "temperature",
+            self.temperature.is_none_or(|t| (0.0..=2.0).contains(&t)),
+            "temperature should be between 0 and 2",
+        );
+        range(
+            "top_p",
+            self.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
+            "top_p should be above 0 and at most 1",
+        );
+        range(
+            "n",
+            self.n.is_none_or(|n| n == 1),
+            "only n = 1 is supported",
+        );
+        let stops = self.stops();
+        problems.extend(check_list(&at(&["stop".into()]), stops.len(), 0, 4));
+        for (i, s) in stops.iter().enumerate() {
+            problems.extend(check_text(at(&["stop".into(), i.into()]), s, 1, 64));
+        }
+        problems
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionUsage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl From<&Generation> for CompletionUsage {
+    fn from(g: &Generation) -> Self {
+        Self {
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.completion_tokens,
+            total_tokens: g.prompt_tokens + g.completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: CompletionUsage,
+}
+
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct ChunkDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: ChunkDelta,
+    /// `null` until the last content chunk.
+    pub finish_reason: Option<String>,
+}
+
+/// One streamed chunk.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChunkChoice>,
+    /// Only in the last chunk, with `stream_options.include_usage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<CompletionUsage>,
+}
+
+/// One Server-Sent Event of a completion stream: `data` is a JSON `ChatCompletionChunk`, or
+/// `[DONE]` at the end.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // a schema only
+pub struct ChatCompletionSseEvent {
+    #[schema(schema_with = chunk_data)]
+    data: String,
+}
+
+fn chunk_data() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .content_media_type("application/json")
+        .content_schema(Some(Ref::from_schema_name("ChatCompletionChunk")))
+        .into()
+}
+
+fn finish(reason: FinishReason) -> String {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    }
+    .into()
+}
+
+/// Create a chat completion (OpenAI-compatible).
+///
+/// With `stream: true` the answer arrives as `chat.completion.chunk` Server-Sent Events ending with
+/// `data: [DONE]`. Errors use OpenAI's shape.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its stream of chunks",
+            content((ChatCompletion = "application/json"), (ChatCompletionSseEvent = "text/event-stream"))),
+        (status = 404, description = "No such model", body = OpenAiErrorBody),
+        (status = 413, description = "The body is larger than the configured limit", body = OpenAiErrorBody),
+        (status = 422, description = "The body is not valid, or the conversation does not fit the context", body = OpenAiErrorBody),
+        (status = 500, description = "Unexpected server error (the cause is logged)", body = OpenAiErrorBody),
+        (status = 503, description = "Too many generations, or the model is loading: retry later", body = OpenAiErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub async fn completions(
+    State(state): State<AppState>,
+    OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    let messages: Vec<ChatMessage> = req
+        .messages
+        .iter()
+        .map(|m| ChatMessage::new(m.role.as_str(), &ChatCompletionRequest::text(&m.content)))
+        .collect();
+    let params = GenerationParams {
+        max_tokens: req.max_tokens() as usize,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        stop: req.stops(),
+        ..Default::default()
+    };
+    let (service, mut rx) = start(&state, Some(&req.model), messages, params).await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let model = service.name().to_string();
+    if req.stream != Some(true) {
+        let mut text = String::new();
+        while let Some(event) = rx.recv().await {
+            match event {
+                ChatEvent::Queued => {}
+                ChatEvent::Delta(piece) => text.push_str(&piece),
+                ChatEvent::Done(generation) => {
+                    return Ok(Json(ChatCompletion {
+                        id,
+                        object: "chat.completion".into(),
+                        created,
+                        model,
+                        choices: vec![CompletionChoice {
+                            index: 0,
+                            message: AssistantMessage {
+                                role: "assistant".into(),
+                                content: generation.text.clone(),
+                            },
+                            finish_reason: finish(generation.finish_reason),
+                        }],
+                        usage: CompletionUsage::from(&generation),
+                    })
+                    .into_response());
+                }
+                ChatEvent::Error(message) => {
+                    return Err(ApiError::Internal(anyhow::anyhow!(message)).into());
+                }
+            }
+        }
+        return Err(
+            ApiError::Internal(anyhow::anyhow!("the generation ended without a result")).into(),
+        );
+    }
+    let include_usage = req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let chunk =
+        move |choices: Vec<ChunkChoice>, usage: Option<CompletionUsage>| ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        };
+    let data = |c: &ChatCompletionChunk| {
+        Event::default()
+            .json_data(c)
+            .unwrap_or_else(|_| Event::default().data("{}"))
+    };
+    let first = vec![data(&chunk(
+        vec![ChunkChoice {
+            index: 0,
+            delta: ChunkDelta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+            },
+            finish_reason: None,
+        }],
+        None,
+    ))];
+    let stream = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>)).chain(
+        futures::stream::unfold(Some(rx), move |rx| {
+            let chunk = chunk.clone();
+            async move {
+                let mut rx = rx?;
+                let out: Vec<Event> = match rx.recv().await {
+                    None => return None,
+                    Some(ChatEvent::Queued) => vec![Event::default().comment("queued")],
+                    Some(ChatEvent::Delta(piece)) => vec![data(&chunk(
+                        vec![ChunkChoice {
+                            index: 0,
+                            delta: ChunkDelta {
+                                role: None,
+                                content: Some(piece),
+                            },
+                            finish_reason: None,
+                        }],
+                        None,
+                    ))],
+                    Some(ChatEvent::Done(generation)) => {
+                        let mut out = vec![data(&chunk(
+                            vec![ChunkChoice {
+                                index: 0,
+                                delta: ChunkDelta::default(),
+                                finish_reason: Some(finish(generation.finish_reason)),
+                            }],
+                            None,
+                        ))];
+                        if include_usage {
+                            out.push(data(&chunk(Vec::new(), Some(CompletionUsage::from(&generation)))));
+                        }
+                        out.push(Event::default().data("[DONE]"));
+                        return Some((futures::stream::iter(out.into_iter().map(Ok)), None));
+                    }
+                    Some(ChatEvent::Error(message)) => {
+                        let body = serde_json::json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+                        let out = vec![Event::default().data(body.to_string())];
+                        return Some((futures::stream::iter(out.into_iter().map(Ok)), None));
+                    }
+                };
+                Some((futures::stream::iter(out.into_iter().map(Ok)), Some(rx)))
+            }
+        })
+        .flatten(),
+    );
+    Ok((
+        stream_headers(),
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// Always `model`.
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+/// List the served models (OpenAI-compatible): the chat model and the embedding model.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, description = "The served models", body = ModelList)))]
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let card = |id: &str| ModelCard {
+        id: id.to_string(),
+        object: "model".into(),
+        created: 0,
+        owned_by: "aitier".into(),
+    };
+    let mut data: Vec<ModelCard> = state.chat.iter().map(|slot| card(slot.name())).collect();
+    data.push(card(state.embeddings.name()));
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+}
