@@ -113,9 +113,68 @@ pub struct ChatRequest {
     pub stop: Option<Stop>,
 }
 
-impl ChatRequest {
-    fn stops(&self) -> Vec<String> {
-        match &self.stop {
+/// `["body", ..rest]`.
+fn body(rest: &[LocItem]) -> Vec<LocItem> {
+    std::iter::once(LocItem::from("body"))
+        .chain(rest.iter().cloned())
+        .collect()
+}
+
+/// The checks both chat surfaces make: at least one message, and the sampling settings' ranges.
+/// `max_tokens` are the (field, value) pairs a surface accepts.
+pub fn check_generation(
+    messages: usize,
+    max_tokens: &[(&str, Option<u32>)],
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    stops: &[String],
+) -> Vec<ValidationError> {
+    let mut problems: Vec<ValidationError> =
+        check_list(&body(&["messages".into()]), messages, 1, usize::MAX)
+            .into_iter()
+            .collect();
+    let mut range = |name: &str, ok: bool, msg: String| {
+        if !ok {
+            problems.push(ValidationError::new(
+                body(&[name.into()]),
+                msg,
+                "value_error",
+            ));
+        }
+    };
+    for (name, value) in max_tokens {
+        range(
+            name,
+            value.is_none_or(|n| (1..=4096).contains(&n)),
+            format!("{name} should be between 1 and 4096"),
+        );
+    }
+    range(
+        "temperature",
+        temperature.is_none_or(|t| (0.0..=2.0).contains(&t)),
+        "temperature should be between 0 and 2".into(),
+    );
+    range(
+        "top_p",
+        top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
+        "top_p should be above 0 and at most 1".into(),
+    );
+    problems.extend(check_list(
+        &body(&["stop".into()]),
+        stops.len(),
+        0,
+        MAX_STOPS,
+    ));
+    for (i, s) in stops.iter().enumerate() {
+        problems.extend(check_text(body(&["stop".into(), i.into()]), s, 1, 64));
+    }
+    problems
+}
+
+impl Stop {
+    /// The stop strings as a list.
+    pub fn list(stop: &Option<Stop>) -> Vec<String> {
+        match stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
@@ -125,19 +184,13 @@ impl ChatRequest {
 
 impl Validate for ChatRequest {
     fn validate(&self) -> Vec<ValidationError> {
-        let body = |rest: &[LocItem]| -> Vec<LocItem> {
-            std::iter::once(LocItem::from("body"))
-                .chain(rest.iter().cloned())
-                .collect()
-        };
-        let mut problems: Vec<ValidationError> = check_list(
-            &body(&["messages".into()]),
+        let mut problems = check_generation(
             self.messages.len(),
-            1,
-            usize::MAX,
-        )
-        .into_iter()
-        .collect();
+            &[("max_tokens", Some(self.max_tokens))],
+            self.temperature,
+            self.top_p,
+            &Stop::list(&self.stop),
+        );
         for (i, m) in self.messages.iter().enumerate() {
             problems.extend(check_text(
                 body(&["messages".into(), i.into(), "content".into()]),
@@ -145,34 +198,6 @@ impl Validate for ChatRequest {
                 0,
                 MAX_CONTENT,
             ));
-        }
-        let range = |name: &str, ok: bool, msg: &str| {
-            (!ok).then(|| ValidationError::new(body(&[name.into()]), msg, "value_error"))
-        };
-        problems.extend(range(
-            "max_tokens",
-            (1..=4096).contains(&self.max_tokens),
-            "max_tokens should be between 1 and 4096",
-        ));
-        problems.extend(range(
-            "temperature",
-            self.temperature.is_none_or(|t| (0.0..=2.0).contains(&t)),
-            "temperature should be between 0 and 2",
-        ));
-        problems.extend(range(
-            "top_p",
-            self.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
-            "top_p should be above 0 and at most 1",
-        ));
-        let stops = self.stops();
-        problems.extend(check_list(
-            &body(&["stop".into()]),
-            stops.len(),
-            0,
-            MAX_STOPS,
-        ));
-        for (i, s) in stops.iter().enumerate() {
-            problems.extend(check_text(body(&["stop".into(), i.into()]), s, 1, 64));
         }
         problems
     }
@@ -325,7 +350,7 @@ pub async fn chat_stream(
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
-        stop: req.stops(),
+        stop: Stop::list(&req.stop),
         ..Default::default()
     };
     let (_, rx) = start(&state, req.model.as_deref(), messages, params).await?;

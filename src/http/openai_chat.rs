@@ -15,9 +15,9 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{Ref, RefOr, Schema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::chat::{Role, Stop, start, stream_headers};
-use super::error::{ApiError, LocItem, ValidationError};
-use super::extract::{Validate, check_list, check_text, integral_opt};
+use super::chat::{Role, Stop, check_generation, start, stream_headers};
+use super::error::{ApiError, ValidationError};
+use super::extract::{Validate, integral_opt};
 use super::openai::{OpenAiError, OpenAiErrorBody, OpenAiJson};
 use crate::llm::{ChatEvent, ChatMessage, FinishReason, Generation, GenerationParams};
 use crate::state::AppState;
@@ -111,14 +111,6 @@ impl ChatCompletionRequest {
             .unwrap_or(1024)
     }
 
-    fn stops(&self) -> Vec<String> {
-        match &self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        }
-    }
-
     fn text(content: &Content) -> String {
         match content {
             Content::Text(t) => t.clone(),
@@ -133,54 +125,22 @@ impl ChatCompletionRequest {
 
 impl Validate for ChatCompletionRequest {
     fn validate(&self) -> Vec<ValidationError> {
-        let at = |rest: &[LocItem]| -> Vec<LocItem> {
-            std::iter::once(LocItem::from("body"))
-                .chain(rest.iter().cloned())
-                .collect()
-        };
-        let mut problems: Vec<ValidationError> = check_list(
-            &at(&["messages".into()]),
+        let mut problems = check_generation(
             self.messages.len(),
-            1,
-            usize::MAX,
-        )
-        .into_iter()
-        .collect();
-        let mut range = |name: &str, ok: bool, msg: &str| {
-            if !ok {
-                problems.push(ValidationError::new(at(&[name.into()]), msg, "value_error"));
-            }
-        };
-        range(
-            "max_tokens",
-            self.max_tokens.is_none_or(|n| (1..=4096).contains(&n)),
-            "max_tokens should be between 1 and 4096",
+            &[
+                ("max_tokens", self.max_tokens),
+                ("max_completion_tokens", self.max_completion_tokens),
+            ],
+            self.temperature,
+            self.top_p,
+            &Stop::list(&self.stop),
         );
-        range(
-            "max_completion_tokens",
-            self.max_completion_tokens
-                .is_none_or(|n| (1..=4096).contains(&n)),
-            "max_completion_tokens should be between 1 and 4096",
-        );
-        range(
-            "temperature",
-            self.temperature.is_none_or(|t| (0.0..=2.0).contains(&t)),
-            "temperature should be between 0 and 2",
-        );
-        range(
-            "top_p",
-            self.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
-            "top_p should be above 0 and at most 1",
-        );
-        range(
-            "n",
-            self.n.is_none_or(|n| n == 1),
-            "only n = 1 is supported",
-        );
-        let stops = self.stops();
-        problems.extend(check_list(&at(&["stop".into()]), stops.len(), 0, 4));
-        for (i, s) in stops.iter().enumerate() {
-            problems.extend(check_text(at(&["stop".into(), i.into()]), s, 1, 64));
+        if self.n.is_some_and(|n| n != 1) {
+            problems.push(ValidationError::new(
+                vec!["body".into(), "n".into()],
+                "only n = 1 is supported",
+                "value_error",
+            ));
         }
         problems
     }
@@ -319,7 +279,7 @@ pub async fn completions(
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
-        stop: req.stops(),
+        stop: Stop::list(&req.stop),
         ..Default::default()
     };
     let (service, mut rx) = start(&state, Some(&req.model), messages, params).await?;
