@@ -145,7 +145,8 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Args)]
+/// `Debug` prints every field; secrets are [`Secret`]s, which print redacted.
+#[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on. 127.0.0.1 keeps a newcomer's server private; containers use 0.0.0.0.
     #[arg(long, env = "AITIER_HOST", default_value = "127.0.0.1")]
@@ -342,42 +343,6 @@ impl ServeArgs {
             return Err(format!("{flag} must be at least 1"));
         }
         Ok(())
-    }
-}
-
-/// Every field is printed except the secrets.
-impl fmt::Debug for ServeArgs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServeArgs")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("embedding_model", &self.embedding_model)
-            .field("embedding_model_name", &self.embedding_model_name)
-            .field("hf_cache", &self.hf_cache)
-            .field("hf_token", &self.hf_token)
-            .field("max_batch_size", &self.max_batch_size)
-            .field("max_batch_tokens", &self.max_batch_tokens)
-            .field("max_batch_wait_ms", &self.max_batch_wait_ms)
-            .field("queue_capacity", &self.queue_capacity)
-            .field("workers", &self.workers)
-            .field("classifiers_dir", &self.classifiers_dir)
-            .field("sentiment_model", &self.sentiment_model)
-            .field("classifier_cache", &self.classifier_cache)
-            .field("hub_model_ids", &self.hub_model_ids)
-            .field("chat_model", &self.chat_model)
-            .field("chat_model_name", &self.chat_model_name)
-            .field(
-                "max_concurrent_generations",
-                &self.max_concurrent_generations,
-            )
-            .field("generation_queue", &self.generation_queue)
-            .field("body_limit", &self.body_limit)
-            .field("request_timeout_secs", &self.request_timeout_secs)
-            .field("cors_origins", &self.cors_origins)
-            .field("cors_credentials", &self.cors_credentials)
-            .field("log_format", &self.log_format)
-            .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
-            .finish()
     }
 }
 

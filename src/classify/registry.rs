@@ -272,18 +272,11 @@ fn describe_dir(dir: &Path, name: &str, loaded: bool) -> Option<ClassifierInfo> 
             loaded,
         });
     }
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
-    let mut labels: Vec<(usize, String)> = config["id2label"]
-        .as_object()?
-        .iter()
-        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_lowercase())))
-        .collect();
-    labels.sort();
+    let labels = crate::inference::read_classifier_config(&dir.join("config.json")).ok()?;
     Some(ClassifierInfo {
         name: name.to_string(),
         kind: "transformers".into(),
-        labels: labels.into_iter().map(|(_, l)| l).collect(),
+        labels,
         embedding_model: None,
         metrics: None,
         loaded,

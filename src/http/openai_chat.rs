@@ -327,75 +327,75 @@ pub async fn completions(
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let chunk =
-        move |choices: Vec<ChunkChoice>, usage: Option<CompletionUsage>| ChatCompletionChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk".into(),
-            created,
-            model: model.clone(),
-            choices,
-            usage,
+        move |delta: ChunkDelta, finish_reason: Option<String>, usage: Option<CompletionUsage>| {
+            let choices = match usage {
+                Some(_) => Vec::new(),
+                None => vec![ChunkChoice {
+                    index: 0,
+                    delta,
+                    finish_reason,
+                }],
+            };
+            Event::default()
+                .json_data(ChatCompletionChunk {
+                    id: id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created,
+                    model: model.clone(),
+                    choices,
+                    usage,
+                })
+                .unwrap_or_else(|_| Event::default().data("{}"))
         };
-    let data = |c: &ChatCompletionChunk| {
-        Event::default()
-            .json_data(c)
-            .unwrap_or_else(|_| Event::default().data("{}"))
-    };
-    let first = vec![data(&chunk(
-        vec![ChunkChoice {
-            index: 0,
-            delta: ChunkDelta {
-                role: Some("assistant".into()),
-                content: Some(String::new()),
-            },
-            finish_reason: None,
-        }],
+    let opening = chunk(
+        ChunkDelta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        },
         None,
-    ))];
-    let stream = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>)).chain(
-        futures::stream::unfold(Some(rx), move |rx| {
-            let chunk = chunk.clone();
-            async move {
-                let mut rx = rx?;
-                let out: Vec<Event> = match rx.recv().await {
-                    None => return None,
-                    Some(ChatEvent::Queued) => vec![Event::default().comment("queued")],
-                    Some(ChatEvent::Delta(piece)) => vec![data(&chunk(
-                        vec![ChunkChoice {
-                            index: 0,
-                            delta: ChunkDelta {
-                                role: None,
-                                content: Some(piece),
-                            },
-                            finish_reason: None,
-                        }],
-                        None,
-                    ))],
-                    Some(ChatEvent::Done(generation)) => {
-                        let mut out = vec![data(&chunk(
-                            vec![ChunkChoice {
-                                index: 0,
-                                delta: ChunkDelta::default(),
-                                finish_reason: Some(finish(generation.finish_reason)),
-                            }],
-                            None,
-                        ))];
-                        if include_usage {
-                            out.push(data(&chunk(Vec::new(), Some(CompletionUsage::from(&generation)))));
-                        }
-                        out.push(Event::default().data("[DONE]"));
-                        return Some((futures::stream::iter(out.into_iter().map(Ok)), None));
-                    }
-                    Some(ChatEvent::Error(message)) => {
-                        let body = serde_json::json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
-                        let out = vec![Event::default().data(body.to_string())];
-                        return Some((futures::stream::iter(out.into_iter().map(Ok)), None));
-                    }
-                };
-                Some((futures::stream::iter(out.into_iter().map(Ok)), Some(rx)))
-            }
-        })
-        .flatten(),
+        None,
     );
+    // The generation closes the channel after its last event, which ends the stream.
+    let to_events = move |event: ChatEvent| -> Vec<Event> {
+        match event {
+            ChatEvent::Queued => vec![Event::default().comment("queued")],
+            ChatEvent::Delta(piece) => vec![chunk(
+                ChunkDelta {
+                    role: None,
+                    content: Some(piece),
+                },
+                None,
+                None,
+            )],
+            ChatEvent::Done(generation) => {
+                let mut out = vec![chunk(
+                    ChunkDelta::default(),
+                    Some(finish(generation.finish_reason)),
+                    None,
+                )];
+                if include_usage {
+                    out.push(chunk(
+                        ChunkDelta::default(),
+                        None,
+                        Some(CompletionUsage::from(&generation)),
+                    ));
+                }
+                out.push(Event::default().data("[DONE]"));
+                out
+            }
+            ChatEvent::Error(message) => {
+                let body = serde_json::json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+                vec![Event::default().data(body.to_string())]
+            }
+        }
+    };
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    })
+    .flat_map(move |event| futures::stream::iter(to_events(event)));
+    let stream = futures::stream::iter([opening])
+        .chain(events)
+        .map(Ok::<_, Infallible>);
     Ok((
         stream_headers(),
         Sse::new(stream).keep_alive(KeepAlive::default()),

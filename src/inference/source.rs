@@ -58,23 +58,14 @@ pub fn model_name(reference: &str) -> String {
 pub async fn resolve(reference: &str, hub: &HubOptions) -> Result<ModelFiles, SourceError> {
     let dir = Path::new(reference);
     if dir.is_dir() {
-        return from_dir(dir);
+        return resolve_dir(dir);
     }
     resolve_hub(reference, hub).await
 }
 
-/// The files of a local model directory.
-pub fn resolve_dir(dir: &Path) -> Result<ModelFiles, SourceError> {
-    from_dir(dir)
-}
-
 /// Resolves a Hub repo id only (never a local path): the Hub cache first, then a download.
 pub async fn resolve_hub(reference: &str, hub: &HubOptions) -> Result<ModelFiles, SourceError> {
-    let cache = hub
-        .cache_dir
-        .clone()
-        .map(Cache::new)
-        .unwrap_or_else(Cache::from_env);
+    let cache = cache(hub);
     let cached = cache.repo(Repo::model(reference.to_string()));
     if let Some(files) = assemble(|f| cached.get(f), |f| cached.get(f)) {
         return Ok(files);
@@ -82,7 +73,8 @@ pub async fn resolve_hub(reference: &str, hub: &HubOptions) -> Result<ModelFiles
     download(reference, hub).await
 }
 
-fn from_dir(dir: &Path) -> Result<ModelFiles, SourceError> {
+/// The files of a local model directory.
+pub fn resolve_dir(dir: &Path) -> Result<ModelFiles, SourceError> {
     let existing = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
     let missing = |file| SourceError::MissingFile {
         dir: dir.to_path_buf(),
@@ -121,11 +113,7 @@ fn assemble(
 
 /// One file of a Hub repo: from the cache, else downloaded.
 pub async fn hub_file(model: &str, file: &str, hub: &HubOptions) -> Result<PathBuf, SourceError> {
-    let cache = hub
-        .cache_dir
-        .clone()
-        .map(Cache::new)
-        .unwrap_or_else(Cache::from_env);
+    let cache = cache(hub);
     if let Some(path) = cache.repo(Repo::model(model.to_string())).get(file) {
         return Ok(path);
     }
@@ -140,6 +128,14 @@ pub async fn hub_file(model: &str, file: &str, hub: &HubOptions) -> Result<PathB
             model: model.to_string(),
             cause: e.to_string(),
         })
+}
+
+/// The local Hub cache: the configured directory, else hf-hub's default.
+fn cache(hub: &HubOptions) -> Cache {
+    hub.cache_dir
+        .clone()
+        .map(Cache::new)
+        .unwrap_or_else(Cache::from_env)
 }
 
 fn api(hub: &HubOptions) -> Result<hf_hub::api::tokio::Api, String> {
@@ -215,7 +211,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
-        let err = from_dir(&dir).unwrap_err().to_string();
+        let err = resolve_dir(&dir).unwrap_err().to_string();
         assert!(err.contains("model.safetensors"), "{err}");
     }
 }
