@@ -253,6 +253,30 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_GENERATION_QUEUE", default_value_t = 8)]
     pub generation_queue: usize,
 
+    /// Base URL of an OpenAI-compatible upstream for chat (OpenAI, vLLM, llama.cpp's server,
+    /// another aitier's `/v1`). Setting it or `OPENAI_API_KEY` turns the upstream provider on.
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+
+    /// API key sent to the upstream as a bearer token. Never logged.
+    #[arg(long, env = "OPENAI_API_KEY")]
+    pub openai_api_key: Option<Secret>,
+
+    /// Chat models served by the upstream, comma separated; an entry ending in `*` is a prefix
+    /// (`gpt-*`). Empty (the default): every model name except the local model's goes upstream.
+    #[arg(long, env = "AITIER_UPSTREAM_MODELS", value_delimiter = ',')]
+    pub upstream_models: Vec<String>,
+
+    /// Longest wait for the upstream, in seconds: for its response to start and between two
+    /// chunks of a stream. Past it the request gets 504 (or an `error` event once streaming).
+    #[arg(long, env = "AITIER_UPSTREAM_TIMEOUT_SECS", default_value_t = 30)]
+    pub upstream_timeout_secs: u64,
+
+    /// Longest an upstream generation may take in all, in seconds; then it ends with an `error`
+    /// event (or 504 before the stream starts).
+    #[arg(long, env = "AITIER_UPSTREAM_DEADLINE_SECS", default_value_t = 600)]
+    pub upstream_deadline_secs: u64,
+
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "AITIER_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
     pub body_limit: usize,
@@ -288,6 +312,20 @@ impl ServeArgs {
     /// The chat model's file, unless chat is turned off.
     pub fn chat_model(&self) -> Option<&str> {
         (self.chat_model != "none").then_some(self.chat_model.as_str())
+    }
+
+    /// The chat upstream, when a base URL or an API key is configured.
+    pub fn upstream(&self) -> Option<crate::llm::Upstream> {
+        if self.openai_base_url.is_none() && self.openai_api_key.is_none() {
+            return None;
+        }
+        Some(crate::llm::Upstream::new(crate::llm::UpstreamConfig {
+            base_url: self.openai_base_url.clone(),
+            api_key: self.openai_api_key.as_ref().map(|k| k.expose().to_string()),
+            models: self.upstream_models.clone(),
+            timeout: Duration::from_secs(self.upstream_timeout_secs),
+            deadline: Duration::from_secs(self.upstream_deadline_secs),
+        }))
     }
 
     /// The served name of the chat model.
@@ -337,6 +375,14 @@ impl ServeArgs {
             (
                 "--max-concurrent-generations",
                 self.max_concurrent_generations,
+            ),
+            (
+                "--upstream-timeout-secs",
+                self.upstream_timeout_secs as usize,
+            ),
+            (
+                "--upstream-deadline-secs",
+                self.upstream_deadline_secs as usize,
             ),
         ];
         if let Some((flag, _)) = limits.iter().find(|(_, value)| *value == 0) {

@@ -69,12 +69,20 @@ fn api() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, as committed in `openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
+    finish(api().into_openapi())
+}
+
+/// Touches utoipa cannot make: each event union becomes a oneOf of named event schemas with a
+/// `type` discriminator, which openapi-typescript turns into a discriminated union.
+fn finish(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    chat::discriminate(&mut doc, "ChatStreamEvent", "type");
+    doc
 }
 
 /// The application with its middleware, ready to serve.
 pub fn app(state: AppState, args: &ServeArgs) -> Router {
     let (router, spec) = api().split_for_parts();
+    let spec = finish(spec);
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(not_found)

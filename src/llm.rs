@@ -1,16 +1,20 @@
-//! Chat models. The local provider runs GGUF chat models with candle: the tokenizer and chat
-//! template come from the GGUF metadata, generation streams tokens through a callback that can stop
-//! it. (The HTTP surface and the upstream provider are the next steps of the chat issue.)
+//! Chat models behind one trait ([`ChatProvider`]): the local provider runs GGUF chat models with
+//! candle (tokenizer and chat template from the GGUF metadata); the upstream provider relays any
+//! OpenAI-compatible server through async-openai.
 
 mod gguf_tokenizer;
 mod local;
+mod provider;
 mod service;
 mod template;
+mod upstream;
 
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
+pub use provider::{ChatError, ChatProvider, ChatStream};
 pub use service::{Admission, ChatEvent, ChatService};
 pub use template::{ChatMessage, ChatTemplate};
+pub use upstream::{Upstream, UpstreamConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LlmError {

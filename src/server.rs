@@ -74,6 +74,10 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         }
         None => None,
     };
+    if let Some(upstream) = args.upstream() {
+        tracing::info!(upstream = %upstream.base_url(), "chat upstream configured");
+        state = state.with_upstream(upstream);
+    }
     let loader = tokio::spawn(load_models(state.clone(), files, batch, chat));
     Ok(Bound {
         app: http::app(state.clone(), args),

@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::classify::{Classifiers, RegistryConfig};
 use crate::inference::{EmbeddingService, InferenceError};
-use crate::llm::ChatService;
+use crate::llm::{ChatService, Upstream};
 
 /// A model that is loading in the background; requests before it is ready get 503.
 pub struct Slot<T> {
@@ -68,6 +68,8 @@ pub struct AppState {
     pub sentiment: Option<Arc<Sentiment>>,
     /// The local chat model; `None` when chat is turned off.
     pub chat: Option<Arc<Slot<ChatService>>>,
+    /// The OpenAI-compatible upstream for chat; `None` when none is configured.
+    pub upstream: Option<Arc<Upstream>>,
 }
 
 impl AppState {
@@ -87,12 +89,19 @@ impl AppState {
                 })
             }),
             chat: None,
+            upstream: None,
         }
     }
 
     /// Serves chat with the model that will fill this slot.
     pub fn with_chat(mut self, name: impl Into<String>) -> Self {
         self.chat = Some(Arc::new(Slot::empty(name)));
+        self
+    }
+
+    /// Routes chat models this server does not run to `upstream`.
+    pub fn with_upstream(mut self, upstream: Upstream) -> Self {
+        self.upstream = Some(Arc::new(upstream));
         self
     }
 

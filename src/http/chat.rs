@@ -11,15 +11,15 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+use utoipa::openapi::schema::{ArrayBuilder, Discriminator, ObjectBuilder, OneOfBuilder, Type};
 use utoipa::openapi::{Ref, RefOr, Schema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, HTTPValidationError, HttpError, LocItem, ValidationError};
 use super::extract::{ApiJson, Validate, check_list, check_text, integral, integral_opt};
-use tokio::sync::mpsc;
-
-use crate::llm::{ChatEvent, ChatMessage, ChatService, FinishReason, GenerationParams, LlmError};
+use crate::llm::{
+    ChatError, ChatEvent, ChatMessage, ChatProvider, ChatStream, FinishReason, GenerationParams,
+};
 use crate::state::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -242,6 +242,54 @@ fn chat_event_data() -> RefOr<Schema> {
         .into()
 }
 
+/// Rewrites the internally tagged union `union` (utoipa writes its variants inline): each variant
+/// becomes a component named after its tag (`delta` in `ChatStreamEvent` → `ChatDeltaEvent`), the
+/// union a oneOf of references with a discriminator on `tag` mapping each value to its schema.
+pub fn discriminate(doc: &mut utoipa::openapi::OpenApi, union: &str, tag: &str) {
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    let Some(RefOr::T(Schema::OneOf(one_of))) = components.schemas.get(union).cloned() else {
+        return;
+    };
+    let stem = union.strip_suffix("StreamEvent").unwrap_or(union);
+    let (mut refs, mut mapping) = (Vec::new(), Vec::new());
+    for item in one_of.items {
+        let RefOr::T(Schema::Object(variant)) = &item else {
+            refs.push(item);
+            continue;
+        };
+        let value = variant
+            .properties
+            .get(tag)
+            .and_then(|p| match p {
+                RefOr::T(Schema::Object(o)) => o.enum_values.as_ref()?.first()?.as_str(),
+                _ => None,
+            })
+            .map(str::to_string);
+        let Some(value) = value else {
+            refs.push(item);
+            continue;
+        };
+        let mut title = value.clone();
+        title[..1].make_ascii_uppercase();
+        let name = format!("{stem}{title}Event");
+        let reference = format!("#/components/schemas/{name}");
+        components.schemas.insert(name.clone(), item);
+        refs.push(Ref::new(reference.clone()).into());
+        mapping.push((value, reference));
+    }
+    let mut rebuilt = OneOfBuilder::new()
+        .description(one_of.description)
+        .discriminator(Some(Discriminator::with_mapping(tag, mapping)));
+    for item in refs {
+        rebuilt = rebuilt.item(item);
+    }
+    components
+        .schemas
+        .insert(union.to_string(), Schema::OneOf(rebuilt.build()).into());
+}
+
 fn event(e: ChatEvent) -> Event {
     let payload = match e {
         ChatEvent::Queued => return Event::default().comment("queued"),
@@ -265,46 +313,73 @@ fn event(e: ChatEvent) -> Event {
     })
 }
 
-/// Checks a chat request against the served model (its name, the context) and takes a place in
-/// line; every failure happens here, before a stream starts. Shared by `/api/chat/stream` and
+/// Routes a chat request to its provider — the local model for its own name (or no name), the
+/// upstream for the names configured for it — which checks it and takes a place in line; every
+/// failure happens here, before a stream starts. Shared by `/api/chat/stream` and
 /// `/v1/chat/completions`.
 pub async fn start(
     state: &AppState,
     model: Option<&str>,
     messages: Vec<ChatMessage>,
     params: GenerationParams,
-) -> Result<(Arc<ChatService>, mpsc::Receiver<ChatEvent>), ApiError> {
-    let slot = state.chat.as_ref().ok_or_else(|| {
-        ApiError::NotFound("This server has no chat model (--chat-model none)".into())
-    })?;
-    let service = slot.get()?;
-    if let Some(model) = model.filter(|m| *m != service.name()) {
-        return Err(ApiError::NotFound(format!(
-            "Unknown model '{model}'; this server chats with '{}'",
-            service.name()
-        )));
-    }
-    let max_tokens = params.max_tokens;
-    let (checker, to_check) = (service.clone(), messages.clone());
-    tokio::task::spawn_blocking(move || checker.check(&to_check, max_tokens))
+) -> Result<Started, ApiError> {
+    let local = state.chat.as_ref();
+    let upstream = state.upstream.as_ref();
+    let (provider, name): (Arc<dyn ChatProvider>, String) = match (model, local, upstream) {
+        (None, Some(slot), _) => (slot.get()?, slot.name().to_string()),
+        (Some(m), Some(slot), _) if m == slot.name() => (slot.get()?, m.to_string()),
+        (Some(m), _, Some(up)) if up.serves(m) => (up.clone(), m.to_string()),
+        (None, None, Some(up)) => match up.default_model() {
+            Some(m) => (up.clone(), m.to_string()),
+            None => {
+                return Err(ApiError::validation(
+                    vec!["body".into(), "model".into()],
+                    "Field required: this server has no local chat model, name an upstream model",
+                    "missing",
+                ));
+            }
+        },
+        (_, None, None) => {
+            return Err(ApiError::NotFound(
+                "This server has no chat model (--chat-model none) and no upstream".into(),
+            ));
+        }
+        (Some(m), _, _) => {
+            let served = local.map_or("no local model".into(), |s| format!("'{}'", s.name()));
+            return Err(ApiError::NotFound(format!(
+                "Unknown model '{m}'; this server chats with {served}"
+            )));
+        }
+    };
+    let upstream = local.is_none_or(|slot| slot.name() != name);
+    let events = provider
+        .start(name.clone(), messages, params)
         .await
-        .map_err(|e| ApiError::Internal(e.into()))?
         .map_err(|e| match e {
-            e @ LlmError::ContextExceeded { .. } => ApiError::validation(
+            ChatError::Invalid(e) => ApiError::validation(
                 vec!["body".into(), "messages".into()],
                 e.to_string(),
                 "value_error",
             ),
-            e => ApiError::Internal(e.into()),
+            e @ ChatError::Busy(_) => ApiError::Unavailable(e.to_string()),
+            ChatError::Upstream(detail) => ApiError::BadGateway(detail),
+            ChatError::UpstreamTimeout(detail) => ApiError::GatewayTimeout(detail),
+            ChatError::Internal(e) => ApiError::Internal(e),
         })?;
-    let admission = service.admit().ok_or_else(|| {
-        ApiError::Unavailable(format!(
-            "Too many chat requests for {}; retry after 1 s",
-            service.name()
-        ))
-    })?;
-    let rx = service.stream(admission, messages, params);
-    Ok((service, rx))
+    Ok(Started {
+        model: name,
+        events,
+        upstream,
+    })
+}
+
+/// A chat request that passed every check: its stream has started.
+pub struct Started {
+    /// The model answering.
+    pub model: String,
+    pub events: ChatStream,
+    /// Whether the upstream answers (so an `error` event is the upstream's failure).
+    pub upstream: bool,
 }
 
 /// Response headers of every chat stream: no caching, no proxy buffering.
@@ -332,8 +407,11 @@ pub fn stream_headers() -> [(HeaderName, &'static str); 2] {
         (status = 413, description = "The body is larger than the configured limit", body = HttpError),
         (status = 422, description = "The body is not valid, or the conversation does not fit the context", body = HTTPValidationError),
         (status = 500, description = "Unexpected server error (the cause is logged)", body = HttpError),
+        (status = 502, description = "The chat upstream could not be reached or refused the request", body = HttpError,
+            example = json!({"detail": "The chat upstream http://127.0.0.1:9/v1 could not be reached: error sending request"})),
         (status = 503, description = "Too many generations, or the model is loading: retry later", body = HttpError,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "The chat upstream did not answer in time", body = HttpError),
     )
 )]
 pub async fn chat_stream(
@@ -353,7 +431,9 @@ pub async fn chat_stream(
         stop: Stop::list(&req.stop),
         ..Default::default()
     };
-    let (_, rx) = start(&state, req.model.as_deref(), messages, params).await?;
+    let rx = start(&state, req.model.as_deref(), messages, params)
+        .await?
+        .events;
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let next = rx.recv().await?;
         Some((Ok::<_, Infallible>(event(next)), rx))

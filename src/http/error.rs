@@ -86,6 +86,12 @@ pub enum ApiError {
     Unavailable(String),
     #[error("the request took longer than {0} s")]
     Timeout(u64),
+    /// The chat upstream failed or answered with an error; the detail says how.
+    #[error("{0}")]
+    BadGateway(String),
+    /// The chat upstream did not answer in time.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -103,6 +109,8 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) | Self::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -124,8 +132,14 @@ impl ApiError {
     /// Builds a response with any JSON body, the status, `Retry-After` where due, and logs a 5xx
     /// cause once, with its whole source chain.
     pub fn respond_with(&self, body: impl Serialize) -> Response {
-        if let Self::Internal(cause) = self {
-            tracing::error!(error = format!("{cause:#}"), "internal error");
+        match self {
+            Self::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "internal error")
+            }
+            Self::BadGateway(cause) | Self::GatewayTimeout(cause) => {
+                tracing::warn!(error = %cause, "chat upstream failed")
+            }
+            _ => {}
         }
         let mut response = (self.status(), axum::Json(body)).into_response();
         if self.retry_after() {

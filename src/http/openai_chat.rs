@@ -261,8 +261,10 @@ fn finish(reason: FinishReason) -> String {
         (status = 413, description = "The body is larger than the configured limit", body = OpenAiErrorBody),
         (status = 422, description = "The body is not valid, or the conversation does not fit the context", body = OpenAiErrorBody),
         (status = 500, description = "Unexpected server error (the cause is logged)", body = OpenAiErrorBody),
+        (status = 502, description = "The chat upstream could not be reached or refused the request", body = OpenAiErrorBody),
         (status = 503, description = "Too many generations, or the model is loading: retry later", body = OpenAiErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "The chat upstream did not answer in time", body = OpenAiErrorBody),
     )
 )]
 pub async fn completions(
@@ -282,12 +284,12 @@ pub async fn completions(
         stop: Stop::list(&req.stop),
         ..Default::default()
     };
-    let (service, mut rx) = start(&state, Some(&req.model), messages, params).await?;
+    let started = start(&state, Some(&req.model), messages, params).await?;
+    let (model, mut rx) = (started.model, started.events);
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let model = service.name().to_string();
     if req.stream != Some(true) {
         let mut text = String::new();
         while let Some(event) = rx.recv().await {
@@ -311,6 +313,9 @@ pub async fn completions(
                         usage: CompletionUsage::from(&generation),
                     })
                     .into_response());
+                }
+                ChatEvent::Error(message) if started.upstream => {
+                    return Err(ApiError::BadGateway(message).into());
                 }
                 ChatEvent::Error(message) => {
                     return Err(ApiError::Internal(anyhow::anyhow!(message)).into());
@@ -419,18 +424,32 @@ pub struct ModelList {
     pub data: Vec<ModelCard>,
 }
 
-/// List the served models (OpenAI-compatible): the chat model and the embedding model.
+/// List the served models (OpenAI-compatible): the local chat model, the upstream's chat models
+/// and the embedding model.
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
     responses((status = 200, description = "The served models", body = ModelList)))]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
-    let card = |id: &str| ModelCard {
+    let card = |id: &str, owned_by: &str| ModelCard {
         id: id.to_string(),
         object: "model".into(),
         created: 0,
-        owned_by: "aitier".into(),
+        owned_by: owned_by.into(),
     };
-    let mut data: Vec<ModelCard> = state.chat.iter().map(|slot| card(slot.name())).collect();
-    data.push(card(state.embeddings.name()));
+    let mut data: Vec<ModelCard> = state
+        .chat
+        .iter()
+        .map(|slot| card(slot.name(), "aitier"))
+        .collect();
+    if let Some(upstream) = &state.upstream {
+        data.extend(
+            upstream
+                .models()
+                .await
+                .iter()
+                .map(|id| card(id, "upstream")),
+        );
+    }
+    data.push(card(state.embeddings.name(), "aitier"));
     Json(ModelList {
         object: "list".into(),
         data,
