@@ -253,6 +253,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_GENERATION_QUEUE", default_value_t = 8)]
     pub generation_queue: usize,
 
+    /// Most tokens one chat request may generate, whatever it asks for (`max_tokens` up to 4096):
+    /// a request over it generates this many and finishes with `length`, like llama.cpp's
+    /// `--n-predict`. Unset: the request's own `max_tokens`.
+    #[arg(long, env = "AITIER_MAX_TOKENS_LIMIT")]
+    pub max_tokens_limit: Option<usize>,
+
     /// Base URL of an OpenAI-compatible upstream for chat (OpenAI, vLLM, llama.cpp's server,
     /// another aitier's `/v1`). Setting it or `OPENAI_API_KEY` turns the upstream provider on.
     #[arg(long, env = "OPENAI_BASE_URL")]
@@ -376,6 +382,7 @@ impl ServeArgs {
                 "--max-concurrent-generations",
                 self.max_concurrent_generations,
             ),
+            ("--max-tokens-limit", self.max_tokens_limit.unwrap_or(1)),
             (
                 "--upstream-timeout-secs",
                 self.upstream_timeout_secs as usize,

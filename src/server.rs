@@ -74,6 +74,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         }
         None => None,
     };
+    state.max_tokens_limit = args.max_tokens_limit;
     if let Some(upstream) = args.upstream() {
         tracing::info!(upstream = %upstream.base_url(), "chat upstream configured");
         state = state.with_upstream(upstream);

@@ -70,6 +70,8 @@ pub struct AppState {
     pub chat: Option<Arc<Slot<ChatService>>>,
     /// The OpenAI-compatible upstream for chat; `None` when none is configured.
     pub upstream: Option<Arc<Upstream>>,
+    /// Most tokens a chat request generates, whatever it asks for.
+    pub max_tokens_limit: Option<usize>,
 }
 
 impl AppState {
@@ -90,6 +92,7 @@ impl AppState {
             }),
             chat: None,
             upstream: None,
+            max_tokens_limit: None,
         }
     }
 

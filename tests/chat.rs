@@ -76,6 +76,22 @@ async fn max_tokens_is_respected_and_reported() {
 }
 
 #[tokio::test]
+async fn the_server_side_token_limit_caps_every_request() {
+    let server = chat_server(&["--max-tokens-limit", "3"]).await;
+    let response = server
+        .client
+        .post(server.url("/api/chat/stream"))
+        .json(&json!({"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 64}))
+        .send()
+        .await
+        .unwrap();
+    let events = events(&response.text().await.unwrap());
+    let done = events.last().unwrap();
+    assert_eq!(done["finish_reason"], "length");
+    assert_eq!(done["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_before_any_stream() {
     let server = chat_server(&[]).await;
     let cases = [

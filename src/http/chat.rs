@@ -70,12 +70,16 @@ fn stop_text() -> ObjectBuilder {
         .max_length(Some(64))
 }
 
+/// A string, a list of strings, or null (as OpenAI's API accepts).
 pub fn stop_schema() -> OneOfBuilder {
-    OneOfBuilder::new().item(stop_text()).item(
-        ArrayBuilder::new()
-            .items(stop_text())
-            .max_items(Some(MAX_STOPS)),
-    )
+    OneOfBuilder::new()
+        .item(stop_text())
+        .item(
+            ArrayBuilder::new()
+                .items(stop_text())
+                .max_items(Some(MAX_STOPS)),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Null))
 }
 
 fn default_max_tokens() -> u32 {
@@ -105,7 +109,8 @@ pub struct ChatRequest {
     pub top_p: Option<f64>,
     /// Makes sampling repeatable: the same request and seed give the same text.
     #[serde(default, deserialize_with = "integral_opt")]
-    pub seed: Option<u64>,
+    #[schema(minimum = 0)]
+    pub seed: Option<i64>,
     /// Generation ends before any of these strings (at most 4, each 1 to 64 characters); they are
     /// not part of the answer.
     #[serde(default)]
@@ -321,8 +326,11 @@ pub async fn start(
     state: &AppState,
     model: Option<&str>,
     messages: Vec<ChatMessage>,
-    params: GenerationParams,
+    mut params: GenerationParams,
 ) -> Result<Started, ApiError> {
+    if let Some(limit) = state.max_tokens_limit {
+        params.max_tokens = params.max_tokens.min(limit);
+    }
     let local = state.chat.as_ref();
     let upstream = state.upstream.as_ref();
     let (provider, name): (Arc<dyn ChatProvider>, String) = match (model, local, upstream) {
@@ -427,7 +435,7 @@ pub async fn chat_stream(
         max_tokens: req.max_tokens as usize,
         temperature: req.temperature,
         top_p: req.top_p,
-        seed: req.seed,
+        seed: req.seed.map(|s| s as u64),
         stop: Stop::list(&req.stop),
         ..Default::default()
     };

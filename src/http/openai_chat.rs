@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
 use utoipa::openapi::{Ref, RefOr, Schema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -88,7 +88,8 @@ pub struct ChatCompletionRequest {
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     #[serde(default, deserialize_with = "integral_opt")]
-    pub seed: Option<u64>,
+    #[schema(minimum = 0)]
+    pub seed: Option<i64>,
     /// Up to 4 stop sequences (each 1 to 64 characters).
     #[serde(default)]
     #[schema(schema_with = super::chat::stop_schema)]
@@ -219,8 +220,8 @@ pub struct ChatCompletionChunk {
     pub usage: Option<CompletionUsage>,
 }
 
-/// One Server-Sent Event of a completion stream: `data` is a JSON `ChatCompletionChunk`, or
-/// `[DONE]` at the end.
+/// One Server-Sent Event of a completion stream: `data` is a JSON `ChatCompletionChunk`, an
+/// OpenAI error object when generation fails midway, or `[DONE]` at the end.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)] // a schema only
 pub struct ChatCompletionSseEvent {
@@ -229,10 +230,22 @@ pub struct ChatCompletionSseEvent {
 }
 
 fn chunk_data() -> RefOr<Schema> {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .content_media_type("application/json")
-        .content_schema(Some(Ref::from_schema_name("ChatCompletionChunk")))
+    let json = |schema: &str| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .content_schema(Some(Ref::from_schema_name(schema)))
+    };
+    // anyOf, not oneOf: `contentSchema` is an annotation, so `[DONE]` is a string the others
+    // accept too.
+    AnyOfBuilder::new()
+        .item(json("ChatCompletionChunk"))
+        .item(json("OpenAiErrorBody"))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["[DONE]"])),
+        )
         .into()
 }
 
@@ -280,7 +293,7 @@ pub async fn completions(
         max_tokens: req.max_tokens() as usize,
         temperature: req.temperature,
         top_p: req.top_p,
-        seed: req.seed,
+        seed: req.seed.map(|s| s as u64),
         stop: Stop::list(&req.stop),
         ..Default::default()
     };
