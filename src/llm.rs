@@ -2,12 +2,17 @@
 //! template come from the GGUF metadata, generation streams tokens through a callback that can stop
 //! it. (The HTTP surface and the upstream provider are the next steps of the chat issue.)
 
+mod decode;
 mod gguf_tokenizer;
+mod kv;
+mod llama;
 mod local;
 mod service;
 mod template;
 
 pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use kv::KvCache;
+pub use llama::{Input, Llama, LlamaConfig, requantised_gguf};
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
 pub use service::{Admission, ChatEvent, ChatService};
 pub use template::{ChatMessage, ChatTemplate};
