@@ -3,17 +3,21 @@
 //! it. (The HTTP surface and the upstream provider are the next steps of the chat issue.)
 
 mod decode;
+mod engine;
 mod gguf_tokenizer;
 mod kv;
 mod llama;
 mod local;
+mod prefix;
 mod service;
 mod template;
 
+pub use engine::EngineStats;
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use kv::KvCache;
 pub use llama::{Input, Llama, LlamaConfig, requantised_gguf};
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
+pub use prefix::PrefixCache;
 pub use service::{Admission, ChatEvent, ChatService};
 pub use template::{ChatMessage, ChatTemplate};
 

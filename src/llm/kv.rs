@@ -42,6 +42,14 @@ impl KvCache {
         self.len = len;
     }
 
+    /// Gives back the room reserved for growth: a cache kept for reuse does not grow.
+    pub fn shrink_to_fit(&mut self) {
+        for (k, v) in &mut self.layers {
+            k.shrink_to_fit();
+            v.shrink_to_fit();
+        }
+    }
+
     /// A new cache holding the first `len` tokens of this one.
     pub fn prefix(&self, len: usize) -> Self {
         let len = len.min(self.len);
