@@ -15,7 +15,7 @@ mod template;
 pub use engine::EngineStats;
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use kv::KvCache;
-pub use llama::{Input, Llama, LlamaConfig, requantised_gguf};
+pub use llama::{Input, Kernels, Llama, LlamaConfig, requantised_gguf};
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
 pub use prefix::PrefixCache;
 pub use service::{Admission, ChatEvent, ChatService};

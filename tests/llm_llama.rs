@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use aitier::llm::{Input, KvCache, Llama, LocalModel, requantised_gguf};
+use aitier::llm::{Input, Kernels, KvCache, Llama, LocalModel, requantised_gguf};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 
@@ -21,7 +21,10 @@ const PROMPTS: [&str; 3] = [
 ];
 
 struct Models {
+    /// Our forward pass on the kernels candle's model uses.
     ours: Llama,
+    /// Our forward pass as served: on the fast tiled kernels.
+    fast: Llama,
     candle: ModelWeights,
     chat: LocalModel,
 }
@@ -32,10 +35,16 @@ fn models() -> &'static Models {
         let path = std::path::Path::new(GGUF);
         assert!(path.is_file(), "{GGUF} is missing: run models/fetch");
         let (content, mut reader) = requantised_gguf(path).unwrap();
-        let ours = Llama::from_gguf(&content, &mut reader).unwrap();
+        let ours = Llama::from_gguf(&content, &mut reader, Kernels::Reference).unwrap();
+        let fast = Llama::from_gguf(&content, &mut reader, Kernels::Fast).unwrap();
         let candle = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
         let chat = LocalModel::load(path).unwrap();
-        Models { ours, candle, chat }
+        Models {
+            ours,
+            fast,
+            candle,
+            chat,
+        }
     })
 }
 
@@ -111,8 +120,7 @@ fn candle_greedy(prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     (tokens, all)
 }
 
-fn our_greedy(prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let ours = &models().ours;
+fn our_greedy(ours: &Llama, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut cache = ours.new_cache();
     let mut logits = ours
         .forward(&mut [Input {
@@ -135,31 +143,73 @@ fn our_greedy(prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     (tokens, all)
 }
 
+/// How far below candle's best logit candle puts the token we would pick.
+fn regret(ours: &[f32], theirs: &[f32]) -> f32 {
+    theirs[argmax(theirs) as usize] - theirs[argmax(ours) as usize]
+}
+
+/// Our logits for `prompt` followed by each of `tokens` (teacher forcing).
+fn our_logits(ours: &Llama, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = ours.new_cache();
+    let mut all = vec![
+        ours.forward(&mut [Input {
+            cache: &mut cache,
+            tokens: prompt,
+        }])
+        .unwrap(),
+    ];
+    for t in &tokens[..tokens.len() - 1] {
+        all.push(
+            ours.forward(&mut [Input {
+                cache: &mut cache,
+                tokens: &[*t],
+            }])
+            .unwrap(),
+        );
+    }
+    all
+}
+
 #[test]
 fn our_forward_matches_candles_logits_and_greedy_text() {
+    // A prompt without near-ties: the same greedy text, token for token.
+    let prompt = prompt_ids(PROMPTS[0]);
+    let (theirs, _) = candle_greedy(&prompt, 24);
+    let (ours, _) = our_greedy(&models().ours, &prompt, 24);
+    let text = models().chat.tokenizer().decode(&ours, true).unwrap();
+    assert_eq!(ours, theirs, "{text}");
+    assert!(text.contains("Paris"), "{text}");
+    // Every prompt, fed candle's greedy tokens: the same distribution at each step, and the same
+    // top token unless candle's own top two are within rounding noise of each other (the logits
+    // differ by up to ≈1 at the extremes of the vocabulary, a few tenths near the top).
     for question in PROMPTS {
         let prompt = prompt_ids(question);
-        let (theirs, their_logits) = candle_greedy(&prompt, 24);
-        let (ours, our_logits) = our_greedy(&prompt, 24);
-        let text = models().chat.tokenizer().decode(&ours, true).unwrap();
-        assert_eq!(ours, theirs, "{question}: {text}");
-        for (step, (a, b)) in our_logits.iter().zip(&their_logits).enumerate() {
+        let (tokens, theirs) = candle_greedy(&prompt, 24);
+        let ours = our_logits(&models().ours, &prompt, &tokens);
+        for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             let diff = max_abs_diff(&softmax(a), &softmax(b));
-            // Bit-identical for short prompts; on longer ones the attention sums round differently,
-            // and as the activations are requantised to 8 bits before every matmul a one-ulp
-            // difference can flip a rounding and grow through 30 layers: a few hundredths of
-            // probability on the top tokens, never a different greedy choice on these prompts.
+            // Bit-identical on short prompts; on longer ones the attention sums round
+            // differently, and as activations are requantised to 8 bits before every matmul a
+            // one-ulp difference can flip a rounding and grow through 30 layers.
             assert!(diff < 0.08, "{question}, step {step}: max |Δp| = {diff}");
+            assert!(
+                regret(a, b) < 0.5,
+                "{question}, step {step}: top token {} vs {} ({} below)",
+                argmax(a),
+                argmax(b),
+                regret(a, b)
+            );
         }
     }
 }
 
 #[test]
 fn a_batched_step_gives_each_sequence_its_own_logits() {
-    let ours = &models().ours;
+    let ours = &models().fast;
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|q| prompt_ids(q)).collect();
     // Each sequence alone: its prompt, then two greedy tokens.
-    let alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> = prompts.iter().map(|p| our_greedy(p, 3)).collect();
+    let alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> =
+        prompts.iter().map(|p| our_greedy(ours, p, 3)).collect();
     // All together, each at its own position: prompts prefilled separately, then batched steps.
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| ours.new_cache()).collect();
     let mut next: Vec<u32> = caches
@@ -190,7 +240,7 @@ fn a_batched_step_gives_each_sequence_its_own_logits() {
 
 #[test]
 fn a_cached_prefix_gives_the_logits_of_a_cold_prefill() {
-    let ours = &models().ours;
+    let ours = &models().fast;
     let first = prompt_ids(PROMPTS[0]);
     let second = prompt_ids(PROMPTS[1]);
     let shared = first
@@ -224,4 +274,37 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill() {
     assert!(diff < 0.05, "max |Δlogit| = {diff}");
     assert_eq!(argmax(&reused), argmax(&fresh));
     assert_eq!(copy.len(), second.len());
+}
+
+/// The fast kernels quantise activations per 256 values instead of per 32: fed the same tokens, the
+/// fast model's next-token distribution stays close to the reference's.
+#[test]
+fn the_fast_kernels_stay_close_to_the_reference() {
+    let (ours, fast) = (&models().ours, &models().fast);
+    let (mut agree, mut steps, mut worst) = (0, 0, 0f32);
+    for question in PROMPTS {
+        let prompt = prompt_ids(question);
+        let (tokens, reference) = our_greedy(ours, &prompt, 24);
+        let mut cache = fast.new_cache();
+        let mut logits = fast
+            .forward(&mut [Input {
+                cache: &mut cache,
+                tokens: &prompt,
+            }])
+            .unwrap();
+        for (token, expected) in tokens.iter().zip(&reference) {
+            worst = worst.max(max_abs_diff(&softmax(&logits), &softmax(expected)));
+            agree += usize::from(argmax(&logits) == *token);
+            steps += 1;
+            logits = fast
+                .forward(&mut [Input {
+                    cache: &mut cache,
+                    tokens: &[*token],
+                }])
+                .unwrap();
+        }
+    }
+    eprintln!("fast vs reference: top-1 {agree}/{steps}, max |Δp| {worst}");
+    assert!(agree * 10 >= steps * 9, "top-1 agreement {agree}/{steps}");
+    assert!(worst < 0.25, "max |Δp| = {worst}");
 }

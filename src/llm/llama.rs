@@ -55,19 +55,48 @@ pub fn requantised_gguf(path: &Path) -> Result<(Content, Cursor<Vec<u8>>), LlmEr
     Ok((content, rewritten))
 }
 
+/// candle's fast x86 kernels for Q8_0 (weights repacked in 16-row tiles, activations quantised
+/// per 256 values, AVX-512 VNNI) only take inputs whose width is a multiple of 256. SmolLM2's width
+/// is 576: padding it to 768 with zero weights does a third more arithmetic yet runs 4–10× faster
+/// than the generic Q8_0 dot products, and reuses each weight tile for every row of a batch
+/// (measured on this machine, one thread: [4, 576]×[576, 3072] 591 µs, [4, 768]×[768, 3072] 53 µs).
+const FAST_WIDTH: usize = 256;
+
+/// Which matmul kernels the weights are laid out for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Q8_0 weights padded to a multiple of [`FAST_WIDTH`] for candle's tiled VNNI kernels. Their
+    /// activations are quantised per 256 values rather than per 32, so the logits differ a little
+    /// from the reference (tests/llm_llama.rs measures by how much).
+    Fast,
+    /// The kernels candle's `quantized_llama` uses: bit-identical logits on short prompts.
+    Reference,
+}
+
 /// A projection whose output columns are several weight matrices side by side (q|k|v, gate|up):
 /// one matmul instead of three means one pass of the thread pool's barrier instead of three.
 struct Linear {
     matmul: QMatMul,
+    /// Input width, and the padded width the matmul takes.
+    k: usize,
+    padded: usize,
     out: usize,
 }
 
 impl Linear {
     /// Stacks the rows of `parts` (`[out_i, in]` each) into one `[Σ out_i, in]` matrix. Rows are
-    /// whole quantisation blocks, so stacking is concatenating their bytes.
-    fn stacked(parts: Vec<QTensor>) -> Result<Self, LlmError> {
+    /// whole quantisation blocks, so stacking is concatenating their bytes; padding a Q8_0 row is
+    /// appending zero blocks (scale 0).
+    fn stacked(parts: Vec<QTensor>, kernels: Kernels) -> Result<Self, LlmError> {
         let dtype = parts[0].dtype();
         let (_, k) = parts[0].shape().dims2()?;
+        let padded = if dtype == GgmlDType::Q8_0 && kernels == Kernels::Fast {
+            k.next_multiple_of(FAST_WIDTH)
+        } else {
+            k
+        };
+        let row = k / dtype.block_size() * dtype.type_size();
+        let pad = vec![0u8; (padded - k) / dtype.block_size() * dtype.type_size()];
         let mut out = 0;
         let mut bytes = Vec::new();
         for part in &parts {
@@ -76,16 +105,32 @@ impl Linear {
                 return Err(LlmError::Load("projections of mixed types".into()));
             }
             out += n;
-            bytes.extend_from_slice(&part.data()?);
+            for r in part.data()?.chunks_exact(row) {
+                bytes.extend_from_slice(r);
+                bytes.extend_from_slice(&pad);
+            }
         }
         let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?;
-        let matmul = QMatMul::from_qtensor(QTensor::new(storage, (out, k))?)?;
-        Ok(Self { matmul, out })
+        let matmul = QMatMul::from_qtensor(QTensor::new(storage, (out, padded))?)?;
+        Ok(Self {
+            matmul,
+            k,
+            padded,
+            out,
+        })
     }
 
-    /// `[rows, in]` → `[rows, out]`, row-major.
+    /// `[rows, k]` → `[rows, out]`, row-major.
     fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, LlmError> {
-        let x = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
+        let x = if self.padded == self.k {
+            Tensor::from_slice(x, (rows, self.k), &Device::Cpu)?
+        } else {
+            let mut p = vec![0f32; rows * self.padded];
+            for (dst, src) in p.chunks_exact_mut(self.padded).zip(x.chunks_exact(self.k)) {
+                dst[..self.k].copy_from_slice(src);
+            }
+            Tensor::from_vec(p, (rows, self.padded), &Device::Cpu)?
+        };
         let y = self.matmul.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         debug_assert_eq!(y.len(), rows * self.out);
         Ok(y)
@@ -141,7 +186,11 @@ fn f32_vec(t: QTensor) -> Result<Vec<f32>, LlmError> {
 }
 
 impl Llama {
-    pub fn from_gguf<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Self, LlmError> {
+    pub fn from_gguf<R: Read + Seek>(
+        ct: &Content,
+        r: &mut R,
+        kernels: Kernels,
+    ) -> Result<Self, LlmError> {
         let dev = Device::Cpu;
         let meta = |key: &str| {
             ct.metadata
@@ -165,11 +214,14 @@ impl Llama {
         let embeddings = Arc::new(tensor("token_embd.weight")?);
         let (vocab, _) = embeddings.shape().dims2()?;
         let output = match tensor("output.weight") {
-            Ok(t) => Linear::stacked(vec![t])?,
-            Err(_) => Linear::stacked(vec![QTensor::new(
-                QStorage::from_data(embeddings.data()?, &dev, embeddings.dtype())?,
-                (vocab, dim),
-            )?])?,
+            Ok(t) => Linear::stacked(vec![t], kernels)?,
+            Err(_) => Linear::stacked(
+                vec![QTensor::new(
+                    QStorage::from_data(embeddings.data()?, &dev, embeddings.dtype())?,
+                    (vocab, dim),
+                )?],
+                kernels,
+            )?,
         };
         let norm = f32_vec(tensor("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(n_layer);
@@ -181,11 +233,11 @@ impl Llama {
             ffn_dim = gate.shape().dims2()?.0;
             layers.push(Layer {
                 attn_norm: f32_vec(t("attn_norm")?)?,
-                qkv: Linear::stacked(vec![q, k, v])?,
-                wo: Linear::stacked(vec![t("attn_output")?])?,
+                qkv: Linear::stacked(vec![q, k, v], kernels)?,
+                wo: Linear::stacked(vec![t("attn_output")?], kernels)?,
                 ffn_norm: f32_vec(t("ffn_norm")?)?,
-                gate_up: Linear::stacked(vec![gate, up])?,
-                down: Linear::stacked(vec![t("ffn_down")?])?,
+                gate_up: Linear::stacked(vec![gate, up], kernels)?,
+                down: Linear::stacked(vec![t("ffn_down")?], kernels)?,
             });
         }
         let head_dim = dim / n_head;

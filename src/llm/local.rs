@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 use super::LlmError;
 use super::decode::{Decoder, Step};
 use super::gguf_tokenizer::tokenizer_from_gguf;
-use super::llama::{Input, Llama, requantised_gguf};
+use super::llama::{Input, Kernels, Llama, requantised_gguf};
 use super::template::{ChatMessage, ChatTemplate};
 
 /// Tokens that end an assistant turn in common chat templates, besides the declared eos.
@@ -107,7 +107,7 @@ impl LocalModel {
             .find(|(k, _)| k.ends_with(".context_length"))
             .and_then(|(_, v)| v.to_u32().ok())
             .unwrap_or(2048) as usize;
-        let llama = Llama::from_gguf(&content, &mut reader)?;
+        let llama = Llama::from_gguf(&content, &mut reader, Kernels::Fast)?;
         tracing::info!(
             model = %path.display(),
             layers = llama.config().n_layer,
