@@ -142,6 +142,7 @@ async fn main() {
     let o = options();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
+        .tcp_nodelay(true)
         .build()
         .unwrap();
     // Warm-up: connections, and the prompt in both servers' prefix caches.
