@@ -104,10 +104,10 @@ impl Worker {
                 }
             }
             waiting.extend(jobs.try_iter());
-            while running.len() < self.max_batch
-                && let Some(job) = waiting.pop_front()
-            {
-                running.extend(self.start(job));
+            let room = self.max_batch.saturating_sub(running.len());
+            let joining: Vec<Job> = waiting.drain(..room.min(waiting.len())).collect();
+            if !joining.is_empty() {
+                running.extend(self.start(joining));
             }
             // A client that went away frees its place before the next step costs anything.
             let (gone, kept): (Vec<_>, Vec<_>) =
@@ -122,46 +122,72 @@ impl Worker {
         }
     }
 
-    /// Prefills a new request's prompt (from the longest cached prefix) and samples its first
-    /// token; `None` when it is already over.
-    fn start(&mut self, job: Job) -> Option<Sequence> {
-        self.active.fetch_add(1, Ordering::SeqCst);
-        let prompt = match self.model.prompt_ids(&job.messages, job.params.max_tokens) {
-            Ok(prompt) => prompt,
-            Err(e) => return self.fail(job.events, job.slot, &e),
-        };
-        let (mut cache, reused) = match self.prefixes.lookup(&prompt) {
-            Some(hit) => (hit.cache, hit.reused),
-            None => (self.model.llama().new_cache(), 0),
-        };
-        let logits = self.model.llama().forward(&mut [Input {
-            cache: &mut cache,
-            tokens: &prompt[reused..],
-        }]);
-        let logits = match logits {
+    /// Prefills the new requests' prompts, each from its longest cached prefix, in one forward
+    /// pass (requests that arrive together share the weights' reads, as decode steps do), and
+    /// samples their first tokens. Returns those not already over.
+    fn start(&mut self, jobs: Vec<Job>) -> Vec<Sequence> {
+        let mut ready = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            self.active.fetch_add(1, Ordering::SeqCst);
+            match self.model.prompt_ids(&job.messages, job.params.max_tokens) {
+                Ok(prompt) => {
+                    let (cache, reused) = match self.prefixes.lookup(&prompt) {
+                        Some(hit) => (hit.cache, hit.reused),
+                        None => (self.model.llama().new_cache(), 0),
+                    };
+                    ready.push((job, prompt, cache, reused));
+                }
+                Err(e) => {
+                    self.fail(job.events, job.slot, &e);
+                }
+            }
+        }
+        if ready.is_empty() {
+            return Vec::new();
+        }
+        let mut inputs: Vec<Input> = ready
+            .iter_mut()
+            .map(|(_, prompt, cache, reused)| Input {
+                cache,
+                tokens: &prompt[*reused..],
+            })
+            .collect();
+        let logits = match self.model.llama().forward(&mut inputs) {
             Ok(logits) => logits,
-            Err(e) => return self.fail(job.events, job.slot, &e),
+            Err(e) => {
+                for (job, ..) in ready {
+                    self.fail(job.events, job.slot, &e);
+                }
+                return Vec::new();
+            }
         };
-        let stats = &self.stats;
-        stats
-            .prefilled_tokens
-            .fetch_add((prompt.len() - reused) as u64, Ordering::Relaxed);
-        stats
-            .reused_tokens
-            .fetch_add(reused as u64, Ordering::Relaxed);
-        tracing::debug!(
-            prompt = prompt.len(),
-            reused,
-            "chat sequence joins the batch"
-        );
-        let seq = Sequence {
-            decoder: Decoder::new(job.params, &prompt),
-            cache,
-            next: 0,
-            events: job.events,
-            _slot: job.slot,
-        };
-        self.advance(seq, &logits)
+        let vocab = self.model.llama().config().vocab;
+        let mut started = Vec::with_capacity(ready.len());
+        for ((job, prompt, cache, reused), logits) in
+            ready.into_iter().zip(logits.chunks_exact(vocab))
+        {
+            let stats = &self.stats;
+            stats
+                .prefilled_tokens
+                .fetch_add((prompt.len() - reused) as u64, Ordering::Relaxed);
+            stats
+                .reused_tokens
+                .fetch_add(reused as u64, Ordering::Relaxed);
+            tracing::debug!(
+                prompt = prompt.len(),
+                reused,
+                "chat sequence joins the batch"
+            );
+            let seq = Sequence {
+                decoder: Decoder::new(job.params, &prompt),
+                cache,
+                next: 0,
+                events: job.events,
+                _slot: job.slot,
+            };
+            started.extend(self.advance(seq, logits));
+        }
+        started
     }
 
     /// One decode step for every running sequence, in one forward pass.
