@@ -2,15 +2,24 @@
 //! candle (tokenizer and chat template from the GGUF metadata); the upstream provider relays any
 //! OpenAI-compatible server through async-openai.
 
+mod decode;
+mod engine;
 mod gguf_tokenizer;
+mod kv;
+mod llama;
 mod local;
+mod prefix;
 mod provider;
 mod service;
 mod template;
 mod upstream;
 
+pub use engine::EngineStats;
 pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use kv::KvCache;
+pub use llama::{Input, Kernels, Llama, LlamaConfig, requantised_gguf};
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
+pub use prefix::PrefixCache;
 pub use provider::{ChatError, ChatProvider, ChatStream};
 pub use service::{Admission, ChatEvent, ChatService};
 pub use template::{ChatMessage, ChatTemplate};

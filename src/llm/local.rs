@@ -3,19 +3,16 @@
 //! Q8_0 at load: on SmolLM2 that took decoding from ≈25 to ≈73 tokens/s with the same greedy output
 //! (../shared/FINDINGS.md).
 
-use std::io::Cursor;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{self, Content, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_core::quantized::gguf_file::Content;
 use tokenizers::Tokenizer;
 
 use super::LlmError;
+use super::decode::{Decoder, Step};
 use super::gguf_tokenizer::tokenizer_from_gguf;
+use super::llama::{Input, Kernels, Llama, requantised_gguf};
 use super::template::{ChatMessage, ChatTemplate};
 
 /// Tokens that end an assistant turn in common chat templates, besides the declared eos.
@@ -69,13 +66,12 @@ pub struct Generation {
 }
 
 pub struct LocalModel {
-    /// Never run: each generation clones it (the weights are shared) for a fresh KV cache.
-    pristine: ModelWeights,
+    /// The weights; every sequence brings its own KV cache.
+    llama: Llama,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     end_of_turn: Vec<u32>,
     context: usize,
-    device: Device,
 }
 
 fn metadata_u32(content: &Content, key: &str) -> Option<u32> {
@@ -84,10 +80,7 @@ fn metadata_u32(content: &Content, key: &str) -> Option<u32> {
 
 impl LocalModel {
     pub fn load(path: &Path) -> Result<Self, LlmError> {
-        let device = Device::Cpu;
-        let load = |e: &dyn std::fmt::Display| LlmError::Load(format!("{}: {e}", path.display()));
-        let mut file = std::fs::File::open(path).map_err(|e| load(&e))?;
-        let content = Content::read(&mut file).map_err(|e| load(&e))?;
+        let (content, mut reader) = requantised_gguf(path)?;
         let tokenizer = tokenizer_from_gguf(&content)?;
         let token =
             |key: &str| metadata_u32(&content, key).and_then(|id| tokenizer.id_to_token(id));
@@ -114,51 +107,18 @@ impl LocalModel {
             .find(|(k, _)| k.ends_with(".context_length"))
             .and_then(|(_, v)| v.to_u32().ok())
             .unwrap_or(2048) as usize;
-
-        // Requantise the tensors candle has no fast kernel for, then load from the rewritten file.
-        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-        names.sort();
-        let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
-        let mut requantised = 0;
-        for name in names {
-            let tensor = content
-                .tensor(&mut file, name, &device)
-                .map_err(|e| load(&e))?;
-            let tensor = match tensor.dtype() {
-                GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-                    requantised += 1;
-                    QTensor::quantize(&tensor.dequantize(&device)?, GgmlDType::Q8_0)?
-                }
-                _ => tensor,
-            };
-            tensors.push((name.clone(), tensor));
-        }
-        if requantised > 0 {
-            tracing::info!(
-                model = %path.display(),
-                tensors = requantised,
-                "requantised Q4_1/Q5_x tensors to Q8_0: candle has no fast kernel for them"
-            );
-        }
-        let metadata: Vec<(&str, &Value)> = content
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.as_str(), v))
-            .collect();
-        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let mut rewritten = Cursor::new(Vec::new());
-        gguf_file::write(&mut rewritten, &metadata, &refs)?;
-        drop(tensors);
-        rewritten.set_position(0);
-        let content = Content::read(&mut rewritten)?;
-        let pristine = ModelWeights::from_gguf(content, &mut rewritten, &device)?;
+        let llama = Llama::from_gguf(&content, &mut reader, Kernels::Fast)?;
+        tracing::info!(
+            model = %path.display(),
+            layers = llama.config().n_layer,
+            "chat model loaded (Q4_1/Q5_x tensors requantised to Q8_0: candle has no fast kernel for them)"
+        );
         Ok(Self {
-            pristine,
+            llama,
             tokenizer,
             template,
             end_of_turn,
             context,
-            device,
         })
     }
 
@@ -177,121 +137,78 @@ impl LocalModel {
 
     /// The prompt's length in tokens, or `ContextExceeded` when it and `max_tokens` do not fit.
     pub fn check(&self, messages: &[ChatMessage], max_tokens: usize) -> Result<usize, LlmError> {
+        Ok(self.prompt_ids(messages, max_tokens)?.len())
+    }
+
+    /// The prompt's tokens, or `ContextExceeded` when they and `max_tokens` do not fit.
+    pub(crate) fn prompt_ids(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, LlmError> {
         let prompt = self.prompt(messages)?;
-        let tokens = self
+        let ids = self
             .tokenizer
             .encode(prompt, false)
             .map_err(|e| LlmError::Tokenizer(e.to_string()))?
-            .len();
-        if tokens + max_tokens > self.context {
+            .get_ids()
+            .to_vec();
+        if ids.len() + max_tokens > self.context {
             return Err(LlmError::ContextExceeded {
-                prompt: tokens,
+                prompt: ids.len(),
                 max_tokens,
                 context: self.context,
             });
         }
-        Ok(tokens)
+        Ok(ids)
     }
 
-    /// Generates the assistant's answer. `on_delta` gets each new piece of text (possibly empty)
-    /// after every token, and stops generation by returning `Break`: a consumer that went away
-    /// stops the work within one token.
+    pub(crate) fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    pub(crate) fn end_of_turn(&self) -> &[u32] {
+        &self.end_of_turn
+    }
+
+    /// Generates the assistant's answer, one sequence on the calling thread, from an empty cache
+    /// (the engine behind [`super::ChatService`] batches sequences and reuses prompt prefixes).
+    /// `on_delta` gets each new piece of text (possibly empty) after every token, and stops
+    /// generation by returning `Break`: a consumer that went away stops the work within one token.
     pub fn generate(
         &self,
         messages: &[ChatMessage],
         params: &GenerationParams,
         mut on_delta: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, LlmError> {
-        let prompt = self.prompt(messages)?;
-        let prompt_ids = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| LlmError::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
-        if prompt_ids.len() + params.max_tokens > self.context {
-            return Err(LlmError::ContextExceeded {
-                prompt: prompt_ids.len(),
-                max_tokens: params.max_tokens,
-                context: self.context,
-            });
-        }
-        let sampling = match (params.temperature.filter(|t| *t > 0.0), params.top_p) {
-            (None, _) => Sampling::ArgMax,
-            (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
-            (Some(temperature), _) => Sampling::All { temperature },
-        };
-        let seed = params.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
-        let mut sampler = LogitsProcessor::from_sampling(seed, sampling);
-        let mut model = self.pristine.clone();
-        let mut context = prompt_ids.clone();
-        let input = Tensor::new(prompt_ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let mut logits = model.forward(&input, 0)?.squeeze(0)?;
-        // Text not yet handed out: the tail that could still become a stop string waits.
-        let hold = params.stop.iter().map(String::len).max().unwrap_or(1) - 1;
-        let (mut generated, mut emitted, mut text) = (Vec::new(), 0usize, String::new());
+        let prompt = self.prompt_ids(messages, params.max_tokens)?;
+        let mut decoder = Decoder::new(params.clone(), &prompt);
+        let mut cache = self.llama.new_cache();
+        let mut logits = self.llama.forward(&mut [Input {
+            cache: &mut cache,
+            tokens: &prompt,
+        }])?;
         let finish = loop {
-            if generated.len() >= params.max_tokens {
-                break FinishReason::Length;
+            match decoder.step(&self.tokenizer, &self.end_of_turn, &logits)? {
+                Step::Finished(reason) => break reason,
+                Step::Token { token, delta } => {
+                    if on_delta(&delta).is_break() {
+                        break FinishReason::Cancelled;
+                    }
+                    if decoder.exhausted() {
+                        break FinishReason::Length;
+                    }
+                    logits = self.llama.forward(&mut [Input {
+                        cache: &mut cache,
+                        tokens: &[token],
+                    }])?;
+                }
             }
-            let scored = if params.repeat_penalty == 1.0 {
-                logits.clone()
-            } else {
-                let recent = &context[context.len().saturating_sub(params.repeat_last_n)..];
-                candle_transformers::utils::apply_repeat_penalty(
-                    &logits,
-                    params.repeat_penalty,
-                    recent,
-                )?
-            };
-            let next = sampler.sample(&scored)?;
-            if self.end_of_turn.contains(&next) {
-                break FinishReason::Stop;
-            }
-            generated.push(next);
-            context.push(next);
-            text = self
-                .tokenizer
-                .decode(&generated, true)
-                .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
-            if let Some(at) = params
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(at);
-                break FinishReason::Stop;
-            }
-            // A multi-byte character split across tokens decodes as U+FFFD until it is whole.
-            let mut end = if text.ends_with('\u{FFFD}') {
-                emitted
-            } else {
-                text.len().saturating_sub(hold).max(emitted)
-            };
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            let delta = &text[emitted.min(end)..end];
-            emitted = end.max(emitted);
-            if on_delta(delta).is_break() {
-                break FinishReason::Cancelled;
-            }
-            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-            logits = model.forward(&input, context.len() - 1)?.squeeze(0)?;
         };
-        if finish != FinishReason::Cancelled && emitted < text.len() {
-            let _ = on_delta(&text[emitted..]);
+        let (tail, generation) = decoder.finish(finish);
+        if let Some(tail) = tail {
+            let _ = on_delta(&tail);
         }
-        Ok(Generation {
-            text,
-            finish_reason: finish,
-            prompt_tokens: prompt_ids.len(),
-            completion_tokens: generated.len(),
-        })
+        Ok(generation)
     }
 }

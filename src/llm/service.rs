@@ -1,14 +1,14 @@
-//! Admission and streaming for the local chat model: a bounded number of generations run at once
-//! (each on a blocking thread), a bounded number wait; beyond that a request is refused before its
-//! stream starts. Deltas flow through a small channel; when the client goes away the channel
-//! closes and the generation stops at its next token.
+//! Admission and streaming for the local chat model: up to `concurrent` generations run at once,
+//! decoded together by the batching [`Engine`] thread; a bounded number wait; beyond that a request
+//! is refused before its stream starts. Deltas flow through a small channel; when the client goes
+//! away the channel closes and its sequence leaves the batch at the next step.
 
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use super::engine::{Engine, EngineStats, Job};
 use super::{ChatMessage, Generation, GenerationParams, LlmError, LocalModel};
 
 /// What a generation stream carries.
@@ -30,6 +30,7 @@ pub struct ChatService {
     admitted: Arc<Semaphore>,
     /// Generations running now (a gauge for tests and logs).
     active: Arc<AtomicUsize>,
+    engine: Engine,
 }
 
 /// A place in the line, taken before the stream starts; released when dropped.
@@ -38,14 +39,25 @@ pub struct Admission {
 }
 
 impl ChatService {
+    /// `concurrent` is also the engine's batch size: that many sequences share each decode step.
     pub fn new(name: String, model: LocalModel, concurrent: usize, queue: usize) -> Self {
+        let model = Arc::new(model);
+        let active = Arc::new(AtomicUsize::new(0));
+        let concurrent = concurrent.max(1);
         Self {
             name,
-            model: Arc::new(model),
-            running: Arc::new(Semaphore::new(concurrent.max(1))),
-            admitted: Arc::new(Semaphore::new(concurrent.max(1) + queue)),
-            active: Arc::new(AtomicUsize::new(0)),
+            engine: Engine::start(model.clone(), concurrent, active.clone()),
+            model,
+            running: Arc::new(Semaphore::new(concurrent)),
+            admitted: Arc::new(Semaphore::new(concurrent + queue)),
+            active,
         }
+    }
+
+    /// The engine's counters: prompt tokens prefilled and reused from the prefix cache, decode
+    /// steps and the sequences they advanced.
+    pub fn stats(&self) -> &EngineStats {
+        &self.engine.stats
     }
 
     pub fn name(&self) -> &str {
@@ -83,16 +95,13 @@ impl ChatService {
         messages: Vec<ChatMessage>,
         params: GenerationParams,
     ) -> mpsc::Receiver<ChatEvent> {
-        // A few deltas of slack: the generation never waits long on a slow reader, and a closed
-        // channel is noticed at the next token.
+        // A few deltas of slack between the forwarding task and the client; the engine itself
+        // never waits on a reader (see [`Job::events`]).
         let (tx, rx) = mpsc::channel(16);
-        let (model, running, active) = (
-            self.model.clone(),
-            self.running.clone(),
-            self.active.clone(),
-        );
+        let (events, mut from_engine) = mpsc::unbounded_channel();
+        let running = self.running.clone();
+        let jobs = self.engine.sender();
         tokio::spawn(async move {
-            let _admission = admission;
             let permit = match running.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
@@ -108,31 +117,31 @@ impl ChatService {
                     }
                 }
             };
-            let worker = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                active.fetch_add(1, Ordering::SeqCst);
-                let result = model.generate(&messages, &params, |delta| {
-                    if delta.is_empty() {
-                        return if tx.is_closed() {
-                            ControlFlow::Break(())
-                        } else {
-                            ControlFlow::Continue(())
-                        };
-                    }
-                    match tx.blocking_send(ChatEvent::Delta(delta.to_string())) {
-                        Ok(()) => ControlFlow::Continue(()),
-                        Err(_) => ControlFlow::Break(()),
-                    }
-                });
-                active.fetch_sub(1, Ordering::SeqCst);
-                let last = match result {
-                    Ok(generation) => ChatEvent::Done(generation),
-                    Err(e) => ChatEvent::Error(e.to_string()),
-                };
-                let _ = tx.blocking_send(last);
-            });
-            if let Err(e) = worker.await {
-                tracing::error!(error = %e, "generation task failed");
+            let job = Job {
+                messages,
+                params,
+                events,
+                slot: Box::new((admission, permit)),
+            };
+            if jobs.send(job).is_err() {
+                let _ = tx
+                    .send(ChatEvent::Error("the chat engine has stopped".into()))
+                    .await;
+                return;
+            }
+            // Returning drops `from_engine`: the engine sees the closed channel and cancels.
+            loop {
+                tokio::select! {
+                    event = from_engine.recv() => match event {
+                        Some(event) => {
+                            if tx.send(event).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    () = tx.closed() => return,
+                }
             }
         });
         rx

@@ -1,0 +1,137 @@
+//! What happens to one sequence between two forward passes: the repeat penalty, sampling, end of
+//! turn, stop strings, `max_tokens`, and which text is safe to hand out. Kept apart from the
+//! forward pass so that the single-sequence `generate` and the batching engine behave the same.
+
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use tokenizers::Tokenizer;
+
+use super::{FinishReason, Generation, GenerationParams, LlmError};
+
+/// The outcome of one step.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// `token` was sampled: feed it to the model next. `delta` is the text that became safe to
+    /// hand out (possibly empty: a stop string may still be forming, or a character is split).
+    Token { token: u32, delta: String },
+    /// The answer is complete; `finish` gives the rest of the text and the totals.
+    Finished(FinishReason),
+}
+
+pub(crate) struct Decoder {
+    params: GenerationParams,
+    sampler: LogitsProcessor,
+    /// Prompt and answer so far, for the repeat penalty.
+    context: Vec<u32>,
+    prompt_tokens: usize,
+    generated: Vec<u32>,
+    text: String,
+    /// Bytes of `text` handed out.
+    emitted: usize,
+    /// Text not yet handed out: the tail that could still become a stop string waits.
+    hold: usize,
+}
+
+impl Decoder {
+    pub fn new(params: GenerationParams, prompt: &[u32]) -> Self {
+        let sampling = match (params.temperature.filter(|t| *t > 0.0), params.top_p) {
+            (None, _) => Sampling::ArgMax,
+            (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
+            (Some(temperature), _) => Sampling::All { temperature },
+        };
+        let seed = params.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        let hold = params.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+        Self {
+            sampler: LogitsProcessor::from_sampling(seed, sampling),
+            params,
+            context: prompt.to_vec(),
+            prompt_tokens: prompt.len(),
+            generated: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            hold,
+        }
+    }
+
+    /// Prompt and answer tokens so far; the last one is not in the model's cache yet.
+    pub fn tokens(&self) -> &[u32] {
+        &self.context
+    }
+
+    /// `max_tokens` reached: no forward pass is needed for the next step, it ends the answer.
+    pub fn exhausted(&self) -> bool {
+        self.generated.len() >= self.params.max_tokens
+    }
+
+    /// Picks the next token from the logits after the last one.
+    pub fn step(
+        &mut self,
+        tokenizer: &Tokenizer,
+        end_of_turn: &[u32],
+        logits: &[f32],
+    ) -> Result<Step, LlmError> {
+        if self.exhausted() {
+            return Ok(Step::Finished(FinishReason::Length));
+        }
+        let logits = Tensor::from_slice(logits, logits.len(), &Device::Cpu)?;
+        let scored = if self.params.repeat_penalty == 1.0 {
+            logits
+        } else {
+            let n = self.context.len();
+            let recent = &self.context[n.saturating_sub(self.params.repeat_last_n)..];
+            candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                self.params.repeat_penalty,
+                recent,
+            )?
+        };
+        let next = self.sampler.sample(&scored)?;
+        if end_of_turn.contains(&next) {
+            return Ok(Step::Finished(FinishReason::Stop));
+        }
+        self.generated.push(next);
+        self.context.push(next);
+        self.text = tokenizer
+            .decode(&self.generated, true)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        if let Some(at) = self
+            .params
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(at);
+            return Ok(Step::Finished(FinishReason::Stop));
+        }
+        // A multi-byte character split across tokens decodes as U+FFFD until it is whole.
+        let mut end = if self.text.ends_with('\u{FFFD}') {
+            self.emitted
+        } else {
+            self.text.len().saturating_sub(self.hold).max(self.emitted)
+        };
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let delta = self.text[self.emitted.min(end)..end].to_string();
+        self.emitted = end.max(self.emitted);
+        Ok(Step::Token { token: next, delta })
+    }
+
+    /// The text still held back (unless the consumer went away), and the whole answer.
+    pub fn finish(self, finish_reason: FinishReason) -> (Option<String>, Generation) {
+        let tail = (finish_reason != FinishReason::Cancelled && self.emitted < self.text.len())
+            .then(|| self.text[self.emitted..].to_string());
+        let generation = Generation {
+            text: self.text,
+            finish_reason,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.generated.len(),
+        };
+        (tail, generation)
+    }
+}

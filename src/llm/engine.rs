@@ -1,0 +1,283 @@
+//! The continuous-batching engine: one dedicated thread owns every running sequence and the
+//! prompt-prefix cache. Between steps it takes in new requests (prefilling each prompt from the
+//! longest cached prefix); each step then decodes one token for every running sequence in a single
+//! forward pass. On a CPU the weights' memory traffic dominates a decode step, so four sequences
+//! per pass cost little more than one. Each sequence samples on its own and streams to its own
+//! channel; a closed channel cancels that sequence before the next step.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+
+use tokio::sync::mpsc;
+
+use super::decode::{Decoder, Step};
+use super::llama::Input;
+use super::prefix::PrefixCache;
+use super::{
+    ChatEvent, ChatMessage, FinishReason, GenerationParams, KvCache, LlmError, LocalModel,
+};
+
+/// KV state kept for reuse by later prompts (≈1,400 SmolLM2 tokens; see [`PrefixCache`]).
+const PREFIX_CACHE_BYTES: usize = 64 << 20;
+
+/// One admitted request, handed to the engine thread.
+pub(crate) struct Job {
+    pub messages: Vec<ChatMessage>,
+    pub params: GenerationParams,
+    /// Unbounded so that a slow reader never stalls the other sequences of the batch; it holds at
+    /// most `max_tokens` small deltas.
+    pub events: mpsc::UnboundedSender<ChatEvent>,
+    /// Held until the sequence ends: the caller's admission and batch-slot permits.
+    pub slot: Box<dyn Send>,
+}
+
+/// Counters for tests and logs.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Prompt tokens run through the model.
+    pub prefilled_tokens: AtomicU64,
+    /// Prompt tokens whose KV came from the prefix cache instead.
+    pub reused_tokens: AtomicU64,
+    /// Decode steps, and the sequences they advanced (their ratio is the mean batch size).
+    pub steps: AtomicU64,
+    pub stepped_sequences: AtomicU64,
+}
+
+pub(crate) struct Engine {
+    jobs: std_mpsc::Sender<Job>,
+    pub stats: Arc<EngineStats>,
+}
+
+struct Sequence {
+    decoder: Decoder,
+    cache: KvCache,
+    /// Sampled, not yet in the cache: the next step's input.
+    next: u32,
+    events: mpsc::UnboundedSender<ChatEvent>,
+    _slot: Box<dyn Send>,
+}
+
+struct Worker {
+    model: Arc<LocalModel>,
+    max_batch: usize,
+    active: Arc<AtomicUsize>,
+    stats: Arc<EngineStats>,
+    prefixes: PrefixCache,
+}
+
+impl Engine {
+    /// Starts the engine thread; it ends when the `Engine` is dropped and the last job is done.
+    pub fn start(model: Arc<LocalModel>, max_batch: usize, active: Arc<AtomicUsize>) -> Self {
+        let (jobs, rx) = std_mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let mut worker = Worker {
+            model,
+            max_batch: max_batch.max(1),
+            active,
+            stats: stats.clone(),
+            prefixes: PrefixCache::new(PREFIX_CACHE_BYTES),
+        };
+        std::thread::Builder::new()
+            .name("chat-engine".into())
+            .spawn(move || worker.run(rx))
+            .expect("spawn the chat engine thread");
+        Self { jobs, stats }
+    }
+
+    /// Where jobs go; sending fails once the engine thread is gone.
+    pub fn sender(&self) -> std_mpsc::Sender<Job> {
+        self.jobs.clone()
+    }
+}
+
+impl Worker {
+    fn run(&mut self, jobs: std_mpsc::Receiver<Job>) {
+        let mut running: Vec<Sequence> = Vec::new();
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        loop {
+            if running.is_empty() && waiting.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            waiting.extend(jobs.try_iter());
+            let room = self.max_batch.saturating_sub(running.len());
+            let joining: Vec<Job> = waiting.drain(..room.min(waiting.len())).collect();
+            if !joining.is_empty() {
+                running.extend(self.start(joining));
+            }
+            // A client that went away frees its place before the next step costs anything.
+            let (gone, kept): (Vec<_>, Vec<_>) =
+                running.into_iter().partition(|s| s.events.is_closed());
+            running = kept;
+            for seq in gone {
+                self.end(seq, FinishReason::Cancelled);
+            }
+            if !running.is_empty() {
+                running = self.step(running);
+            }
+        }
+    }
+
+    /// Prefills the new requests' prompts, each from its longest cached prefix, in one forward
+    /// pass (requests that arrive together share the weights' reads, as decode steps do), and
+    /// samples their first tokens. Returns those not already over.
+    fn start(&mut self, jobs: Vec<Job>) -> Vec<Sequence> {
+        let mut ready = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            self.active.fetch_add(1, Ordering::SeqCst);
+            match self.model.prompt_ids(&job.messages, job.params.max_tokens) {
+                Ok(prompt) => {
+                    let (cache, reused) = match self.prefixes.lookup(&prompt) {
+                        Some(hit) => (hit.cache, hit.reused),
+                        None => (self.model.llama().new_cache(), 0),
+                    };
+                    ready.push((job, prompt, cache, reused));
+                }
+                Err(e) => {
+                    self.fail(job.events, job.slot, &e);
+                }
+            }
+        }
+        if ready.is_empty() {
+            return Vec::new();
+        }
+        let mut inputs: Vec<Input> = ready
+            .iter_mut()
+            .map(|(_, prompt, cache, reused)| Input {
+                cache,
+                tokens: &prompt[*reused..],
+            })
+            .collect();
+        let logits = match self.model.llama().forward(&mut inputs) {
+            Ok(logits) => logits,
+            Err(e) => {
+                for (job, ..) in ready {
+                    self.fail(job.events, job.slot, &e);
+                }
+                return Vec::new();
+            }
+        };
+        let vocab = self.model.llama().config().vocab;
+        let mut started = Vec::with_capacity(ready.len());
+        for ((job, prompt, cache, reused), logits) in
+            ready.into_iter().zip(logits.chunks_exact(vocab))
+        {
+            let stats = &self.stats;
+            stats
+                .prefilled_tokens
+                .fetch_add((prompt.len() - reused) as u64, Ordering::Relaxed);
+            stats
+                .reused_tokens
+                .fetch_add(reused as u64, Ordering::Relaxed);
+            tracing::debug!(
+                prompt = prompt.len(),
+                reused,
+                "chat sequence joins the batch"
+            );
+            let seq = Sequence {
+                decoder: Decoder::new(job.params, &prompt),
+                cache,
+                next: 0,
+                events: job.events,
+                _slot: job.slot,
+            };
+            started.extend(self.advance(seq, logits));
+        }
+        started
+    }
+
+    /// One decode step for every running sequence, in one forward pass.
+    fn step(&mut self, mut running: Vec<Sequence>) -> Vec<Sequence> {
+        let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
+        let mut inputs: Vec<Input> = running
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(s, t)| Input {
+                cache: &mut s.cache,
+                tokens: std::slice::from_ref(t),
+            })
+            .collect();
+        let logits = self.model.llama().forward(&mut inputs);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .stepped_sequences
+            .fetch_add(running.len() as u64, Ordering::Relaxed);
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(e) => {
+                for seq in running {
+                    self.fail(seq.events, seq._slot, &e);
+                }
+                return Vec::new();
+            }
+        };
+        let vocab = self.model.llama().config().vocab;
+        running
+            .into_iter()
+            .zip(logits.chunks_exact(vocab))
+            .filter_map(|(seq, row)| self.advance(seq, row))
+            .collect()
+    }
+
+    /// Samples a sequence's next token and streams its text; `None` once it has ended.
+    fn advance(&mut self, mut seq: Sequence, logits: &[f32]) -> Option<Sequence> {
+        let model = &self.model;
+        match seq
+            .decoder
+            .step(model.tokenizer(), model.end_of_turn(), logits)
+        {
+            Err(e) => self.fail(seq.events, seq._slot, &e),
+            Ok(Step::Finished(reason)) => self.end(seq, reason),
+            Ok(Step::Token { token, delta }) => {
+                if !delta.is_empty() && seq.events.send(ChatEvent::Delta(delta)).is_err() {
+                    return self.end(seq, FinishReason::Cancelled);
+                }
+                if seq.decoder.exhausted() {
+                    return self.end(seq, FinishReason::Length);
+                }
+                seq.next = token;
+                Some(seq)
+            }
+        }
+    }
+
+    /// Sends the rest of the text and the totals, and keeps the sequence's cache for later prompts.
+    /// The slot is freed before the gauge drops, so that whoever sees the gauge drop finds the
+    /// place free.
+    fn end(&mut self, seq: Sequence, reason: FinishReason) -> Option<Sequence> {
+        let Sequence {
+            decoder,
+            cache,
+            events,
+            _slot,
+            ..
+        } = seq;
+        let tokens = decoder.tokens().to_vec();
+        let (tail, generation) = decoder.finish(reason);
+        if let Some(tail) = tail {
+            let _ = events.send(ChatEvent::Delta(tail));
+        }
+        let _ = events.send(ChatEvent::Done(generation));
+        self.prefixes.insert(tokens, cache);
+        drop(_slot);
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        None
+    }
+
+    fn fail(
+        &self,
+        events: mpsc::UnboundedSender<ChatEvent>,
+        slot: Box<dyn Send>,
+        e: &LlmError,
+    ) -> Option<Sequence> {
+        tracing::error!(error = %e, "chat generation failed");
+        let _ = events.send(ChatEvent::Error(e.to_string()));
+        drop(slot);
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        None
+    }
+}

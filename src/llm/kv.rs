@@ -1,0 +1,203 @@
+//! The per-sequence state of the llama forward pass and the small per-token maths around the
+//! matmuls (RMS norm, rotary embeddings, attention over one sequence's cache). These run on plain
+//! `f32` slices: at SmolLM2's size a candle op costs more in dispatch and allocation than in
+//! arithmetic, and a batched decode step would otherwise run hundreds of them per layer.
+
+/// The keys and values one sequence has seen, one `[tokens, kv_dim]` buffer per layer. Owning it
+/// (instead of candle's `ModelWeights` keeping it privately) is what lets sequences at different
+/// positions share a forward pass and lets a prompt's cache be kept and reused by a later prompt.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    kv_dim: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize, kv_dim: usize) -> Self {
+        Self {
+            layers: vec![(Vec::new(), Vec::new()); n_layer],
+            kv_dim,
+            len: 0,
+        }
+    }
+
+    /// Tokens whose keys and values are cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every token from `len` on: what is left is exactly the cache of the first `len`
+    /// tokens, because each token's keys and values depend only on the tokens before it.
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.len);
+        for (k, v) in &mut self.layers {
+            k.truncate(len * self.kv_dim);
+            v.truncate(len * self.kv_dim);
+        }
+        self.len = len;
+    }
+
+    /// Gives back the room reserved for growth: a cache kept for reuse does not grow.
+    pub fn shrink_to_fit(&mut self) {
+        for (k, v) in &mut self.layers {
+            k.shrink_to_fit();
+            v.shrink_to_fit();
+        }
+    }
+
+    /// A new cache holding the first `len` tokens of this one.
+    pub fn prefix(&self, len: usize) -> Self {
+        let len = len.min(self.len);
+        let n = len * self.kv_dim;
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|(k, v)| (k[..n].to_vec(), v[..n].to_vec()))
+                .collect(),
+            kv_dim: self.kv_dim,
+            len,
+        }
+    }
+
+    /// Bytes held, for bounding the prefix cache.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+            .sum()
+    }
+
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> &mut (Vec<f32>, Vec<f32>) {
+        &mut self.layers[layer]
+    }
+
+    /// Called once all layers have appended `tokens` rows.
+    pub(crate) fn advance(&mut self, tokens: usize) {
+        self.len += tokens;
+    }
+}
+
+/// `x / rms(x) * weight`, row by row, as candle's `rms_norm` computes it.
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let dim = weight.len();
+    out.clear();
+    for row in x.chunks_exact(dim) {
+        let m = (row.iter().map(|v| v * v).sum::<f32>() / dim as f32 + eps).sqrt();
+        out.extend(row.iter().zip(weight).map(|(v, w)| v / m * w));
+    }
+}
+
+/// Dot product with eight independent accumulators, so that the compiler vectorises it (a single
+/// running sum is a dependency chain it must not reorder).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Rotary position tables, `[position][pair]`, computed as candle computes them (f32 throughout)
+/// so that the logits match its `quantized_llama`.
+pub(crate) struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    pub fn new(rope_dim: usize, base: f32, positions: usize) -> Self {
+        let theta: Vec<f32> = (0..rope_dim)
+            .step_by(2)
+            .map(|i| 1f32 / base.powf(i as f32 / rope_dim as f32))
+            .collect();
+        let half = theta.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(positions * half), Vec::new());
+        sin.reserve(positions * half);
+        for p in 0..positions {
+            for t in &theta {
+                let angle = p as f32 * t;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.cos.len() / self.half
+    }
+
+    /// Rotates each `head_dim` slice of `x` in place for position `pos`: the interleaved (GPT-J,
+    /// "NORM") convention, pairs `(2i, 2i + 1)`, which llama-architecture GGUF files use.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
+        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, pair) in head.chunks_exact_mut(2).take(self.half).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * cos[i] - x1 * sin[i];
+                pair[1] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// Causal attention of one query token over the first `len` cached positions. `q` holds all query
+/// heads; query head `h` reads key/value head `h / (n_head / n_kv_head)`, as candle's `repeat_kv`
+/// arranges them, without copying the cache.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    len: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let kv_dim = n_kv_head * head_dim;
+    let group = n_head / n_kv_head;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    for h in 0..n_head {
+        let qh = &q[h * head_dim..(h + 1) * head_dim];
+        let off = (h / group) * head_dim;
+        scores.clear();
+        scores.extend(
+            (0..len).map(|t| dot(qh, &keys[t * kv_dim + off..t * kv_dim + off + head_dim]) * scale),
+        );
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        oh.fill(0.0);
+        for (t, s) in scores.iter().enumerate() {
+            let w = s / sum;
+            let vt = &values[t * kv_dim + off..t * kv_dim + off + head_dim];
+            for (o, v) in oh.iter_mut().zip(vt) {
+                *o += w * v;
+            }
+        }
+    }
+}
