@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use crate::classify::{Classifiers, RegistryConfig};
 use crate::inference::{EmbeddingService, InferenceError};
 use crate::llm::ChatService;
+use crate::rag::Rag;
 
 /// A model that is loading in the background; requests before it is ready get 503.
 pub struct Slot<T> {
@@ -68,6 +69,8 @@ pub struct AppState {
     pub sentiment: Option<Arc<Sentiment>>,
     /// The local chat model; `None` when chat is turned off.
     pub chat: Option<Arc<Slot<ChatService>>>,
+    /// Documents and retrieval; `None` when no database is configured (handler tests).
+    pub rag: Option<Arc<Rag>>,
 }
 
 impl AppState {
@@ -87,7 +90,14 @@ impl AppState {
                 })
             }),
             chat: None,
+            rag: None,
         }
+    }
+
+    /// Serves the RAG routes from this database.
+    pub fn with_rag(mut self, database: Arc<crate::store::Database>) -> Self {
+        self.rag = Some(Arc::new(Rag::new(database, self.embeddings.clone())));
+        self
     }
 
     /// Serves chat with the model that will fill this slot.

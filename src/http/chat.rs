@@ -213,6 +213,9 @@ pub struct ChatUsage {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ChatStreamEvent {
+    /// The sources an answer from `/api/rag/query` is grounded in, before any delta; the answer
+    /// cites the n-th as `[n]`.
+    Sources { sources: Vec<super::rag::Source> },
     /// The next piece of the answer.
     Delta { content: String },
     /// The answer is complete: `stop` (end of turn or a stop string) or `length` (max_tokens).
@@ -242,7 +245,7 @@ fn chat_event_data() -> RefOr<Schema> {
         .into()
 }
 
-fn event(e: ChatEvent) -> Event {
+pub(super) fn event(e: ChatEvent) -> Event {
     let payload = match e {
         ChatEvent::Queued => return Event::default().comment("queued"),
         ChatEvent::Delta(content) => ChatStreamEvent::Delta { content },
