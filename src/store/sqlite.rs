@@ -21,6 +21,22 @@ use super::{
     StoreError, StoreResult, query_words,
 };
 
+/// English stop words (PostgreSQL's `english` dictionary list, which the other backend uses): FTS5
+/// has no stop words, and with any-word matching "my" or "if" would match nearly every chunk.
+const STOP_WORDS: &[&str] = &[
+    "i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "your", "yours",
+    "yourself", "yourselves", "he", "him", "his", "himself", "she", "her", "hers", "herself", "it",
+    "its", "itself", "they", "them", "their", "theirs", "themselves", "what", "which", "who",
+    "whom", "this", "that", "these", "those", "am", "is", "are", "was", "were", "be", "been",
+    "being", "have", "has", "had", "having", "do", "does", "did", "doing", "a", "an", "the", "and",
+    "but", "if", "or", "because", "as", "until", "while", "of", "at", "by", "for", "with", "about",
+    "against", "between", "into", "through", "during", "before", "after", "above", "below", "to",
+    "from", "up", "down", "in", "out", "on", "off", "over", "under", "again", "further", "then",
+    "once", "here", "there", "when", "where", "why", "how", "all", "any", "both", "each", "few",
+    "more", "most", "other", "some", "such", "no", "nor", "not", "only", "own", "same", "so",
+    "than", "too", "very", "s", "t", "can", "will", "just", "don", "should", "now",
+];
+
 /// vec0 answers at most this many neighbours per query; a metadata filter is applied to them.
 const MAX_KNN: usize = 4096;
 
@@ -408,7 +424,10 @@ impl SqliteStore {
 
     #[tracing::instrument(skip(self, scope), fields(collection = scope.collection, k = scope.limit))]
     async fn fts(&self, scope: Scope<'_>, query: &str) -> StoreResult<Vec<Hit>> {
-        let words = query_words(query);
+        let words: Vec<String> = query_words(query)
+            .into_iter()
+            .filter(|w| !STOP_WORDS.contains(&w.as_str()))
+            .collect();
         if words.is_empty() {
             return Ok(Vec::new());
         }
