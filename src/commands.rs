@@ -166,7 +166,8 @@ pub async fn ingest(args: crate::config::IngestArgs) -> anyhow::Result<usize> {
     let service = crate::inference::EmbeddingService::load(model_files, batch(&name))
         .await
         .with_context(|| format!("embedding model {name}"))?;
-    let chunker = crate::rag::Chunker::from_file(&tokenizer, service.max_tokens().saturating_sub(2))?;
+    let chunker =
+        crate::rag::Chunker::from_file(&tokenizer, service.max_tokens().saturating_sub(2))?;
     let database = Arc::new(Database::new(args.database_url.clone()));
     // A command fails fast: one attempt, no retry loop.
     let store = crate::store::open(&args.database_url)

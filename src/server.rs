@@ -124,9 +124,10 @@ async fn load_models(
     if let Some(rag) = &state.rag {
         // Chunks are sized in the model's own tokens, [CLS] and [SEP] left out of the budget.
         let max_tokens = service.max_tokens().saturating_sub(2);
-        let chunker = tokio::task::spawn_blocking(move || Chunker::from_file(&tokenizer, max_tokens))
-            .await
-            .context("chunker task")??;
+        let chunker =
+            tokio::task::spawn_blocking(move || Chunker::from_file(&tokenizer, max_tokens))
+                .await
+                .context("chunker task")??;
         rag.set_chunker(chunker);
     }
     tracing::info!(

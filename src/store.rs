@@ -176,8 +176,10 @@ pub trait Store: Send + Sync + 'static {
     fn delete_document(&self, id: i64) -> BoxFuture<'_, StoreResult<bool>>;
     fn collections(&self) -> BoxFuture<'_, StoreResult<Vec<Collection>>>;
     /// The collection's stored vector length, `None` when it does not exist.
-    fn collection_dims<'a>(&'a self, collection: &'a str)
-    -> BoxFuture<'a, StoreResult<Option<i64>>>;
+    fn collection_dims<'a>(
+        &'a self,
+        collection: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<i64>>>;
     fn documents<'a>(
         &'a self,
         collection: &'a str,
@@ -289,7 +291,8 @@ impl Database {
                 }
                 Err(e @ StoreError::Unavailable(_)) => {
                     tracing::warn!(url = %self.url(), error = %e, "database not available yet; retrying");
-                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(e.to_string());
                     tokio::time::sleep(retry).await;
                 }
                 // A bad URL, a failed migration, a missing database: retrying will not help.

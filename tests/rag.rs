@@ -132,7 +132,10 @@ const QUESTIONS: &[(&str, &str)] = &[
         "I can't remember how to log in, what should I do?",
         "password-reset",
     ),
-    ("Can I phone someone on a Saturday afternoon?", "office-hours"),
+    (
+        "Can I phone someone on a Saturday afternoon?",
+        "office-hours",
+    ),
     (
         "What are the points I collect with my purchases worth?",
         "loyalty-program",
@@ -238,7 +241,10 @@ pub async fn a_deleted_document_is_gone_with_its_chunks(backend: Backend) {
         .unwrap();
     assert_eq!(deleted.status(), 204);
     let after = search(&server, query).await;
-    assert!(after.iter().all(|r| r["document_id"] != target), "{after:#?}");
+    assert!(
+        after.iter().all(|r| r["document_id"] != target),
+        "{after:#?}"
+    );
     let (docs_after, chunks_after) = collection_counts(&server, &name).await.unwrap();
     assert_eq!(docs_after, 19);
     assert!(chunks_after < chunks, "{chunks_after} vs {chunks}");
@@ -271,7 +277,12 @@ pub async fn a_metadata_filter_keeps_only_matching_documents(backend: Backend) {
     };
     let name = collection("filter");
     let ids = ingest_corpus(&server, &name).await;
-    let manuals = ["blender-xk4471", "coffee-machine-cm90", "kettle-tq208", "vacuum-vr12"];
+    let manuals = [
+        "blender-xk4471",
+        "coffee-machine-cm90",
+        "kettle-tq208",
+        "vacuum-vr12",
+    ];
     for mode in ["vector", "text", "hybrid"] {
         let results = search(
             &server,
@@ -325,7 +336,8 @@ pub async fn hybrid_ranks_a_product_code_at_least_as_well_as_vector_only(backend
         ("XK-4471", "blender-xk4471"),
     ] {
         let query = format!("what does the manual say about {code}?");
-        let body = |mode: &str| json!({"query": query, "collection": name, "top_k": 10, "mode": mode});
+        let body =
+            |mode: &str| json!({"query": query, "collection": name, "top_k": 10, "mode": mode});
         let hybrid = rank_of(&server, body("hybrid"), ids[stem]).await;
         let vector = rank_of(&server, body("vector"), ids[stem]).await;
         let text = rank_of(&server, body("text"), ids[stem]).await;
@@ -398,8 +410,10 @@ pub async fn an_answer_streams_its_sources_first(backend: Backend) {
     let response = server
         .client
         .post(server.url("/api/rag/query"))
-        .json(&json!({"question": "How long is the warranty on appliances?", "collection": name,
-                      "top_k": 3, "max_tokens": 12}))
+        .json(
+            &json!({"question": "How long is the warranty on appliances?", "collection": name,
+                      "top_k": 3, "max_tokens": 12}),
+        )
         .send()
         .await
         .unwrap();
@@ -419,7 +433,10 @@ pub async fn an_answer_streams_its_sources_first(backend: Backend) {
     assert_eq!(done["type"], "done", "{done}");
     assert!(done["usage"]["completion_tokens"].as_u64().unwrap() <= 12);
     // The sources are in the prompt: it is far longer than the question alone.
-    assert!(done["usage"]["prompt_tokens"].as_u64().unwrap() > 100, "{done}");
+    assert!(
+        done["usage"]["prompt_tokens"].as_u64().unwrap() > 100,
+        "{done}"
+    );
 }
 
 pub async fn an_empty_collection_answers_404_before_any_stream(backend: Backend) {
@@ -442,7 +459,10 @@ pub async fn an_empty_collection_answers_404_before_any_stream(backend: Backend)
         return;
     };
     let (status, body) = no_chat
-        .post("/api/rag/query", &json!({"question": "What is the warranty?"}))
+        .post(
+            "/api/rag/query",
+            &json!({"question": "What is the warranty?"}),
+        )
         .await;
     assert_eq!(status, 503, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("no chat model"));
@@ -453,19 +473,84 @@ pub async fn bad_requests_are_refused_with_422(backend: Backend) {
         return;
     };
     let cases = [
-        ("/api/rag/documents", json!({"title": "t"}), json!(["body", "content"]), "missing"),
-        ("/api/rag/documents", json!({"title": "", "content": "x"}), json!(["body", "title"]), "string_too_short"),
-        ("/api/rag/documents", json!({"title": "t", "content": "a\u{0}b"}), json!(["body", "content"]), "string_pattern_mismatch"),
-        ("/api/rag/documents", json!({"title": "t", "content": "x", "metadata": [1]}), json!(["body", "metadata"]), "model_attributes_type"),
-        ("/api/rag/documents", json!({"title": "t", "content": "   "}), json!(["body", "content"]), "value_error"),
-        ("/api/rag/search", json!({"query": ""}), json!(["body", "query"]), "string_too_short"),
-        ("/api/rag/search", json!({"query": "q", "top_k": 0}), json!(["body", "top_k"]), "value_error"),
-        ("/api/rag/search", json!({"query": "q", "top_k": 21}), json!(["body", "top_k"]), "value_error"),
-        ("/api/rag/search", json!({"query": "q", "mode": "fuzzy"}), json!(["body", "mode"]), "value_error"),
-        ("/api/rag/search", json!({"query": "q", "filter": {"a": {"b": 1}}}), json!(["body", "filter", "a"]), "value_error"),
-        ("/api/rag/search", json!({"query": "q", "filter": {"bad key": 1}}), json!(["body", "filter", "bad key"]), "value_error"),
-        ("/api/rag/query", json!({"question": "x".repeat(2001)}), json!(["body", "question"]), "string_too_long"),
-        ("/api/rag/query", json!({"question": "q", "max_tokens": 0}), json!(["body", "max_tokens"]), "value_error"),
+        (
+            "/api/rag/documents",
+            json!({"title": "t"}),
+            json!(["body", "content"]),
+            "missing",
+        ),
+        (
+            "/api/rag/documents",
+            json!({"title": "", "content": "x"}),
+            json!(["body", "title"]),
+            "string_too_short",
+        ),
+        (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "a\u{0}b"}),
+            json!(["body", "content"]),
+            "string_pattern_mismatch",
+        ),
+        (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "x", "metadata": [1]}),
+            json!(["body", "metadata"]),
+            "model_attributes_type",
+        ),
+        (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "   "}),
+            json!(["body", "content"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/search",
+            json!({"query": ""}),
+            json!(["body", "query"]),
+            "string_too_short",
+        ),
+        (
+            "/api/rag/search",
+            json!({"query": "q", "top_k": 0}),
+            json!(["body", "top_k"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/search",
+            json!({"query": "q", "top_k": 21}),
+            json!(["body", "top_k"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/search",
+            json!({"query": "q", "mode": "fuzzy"}),
+            json!(["body", "mode"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/search",
+            json!({"query": "q", "filter": {"a": {"b": 1}}}),
+            json!(["body", "filter", "a"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/search",
+            json!({"query": "q", "filter": {"bad key": 1}}),
+            json!(["body", "filter", "bad key"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/query",
+            json!({"question": "x".repeat(2001)}),
+            json!(["body", "question"]),
+            "string_too_long",
+        ),
+        (
+            "/api/rag/query",
+            json!({"question": "q", "max_tokens": 0}),
+            json!(["body", "max_tokens"]),
+            "value_error",
+        ),
     ];
     for (path, body, loc, kind) in cases {
         let (status, answer) = server.post(path, &body).await;
@@ -515,9 +600,15 @@ pub async fn a_collection_of_another_vector_length_is_refused(backend: Backend) 
         .await;
     assert_validation(status, &body, json!(["body", "collection"]), "value_error");
     let detail = body["detail"][0]["msg"].as_str().unwrap();
-    assert!(detail.contains("3-dimensional") && detail.contains("384"), "{detail}");
+    assert!(
+        detail.contains("3-dimensional") && detail.contains("384"),
+        "{detail}"
+    );
     let (status, body) = server
-        .post("/api/rag/search", &json!({"query": "text", "collection": name}))
+        .post(
+            "/api/rag/search",
+            &json!({"query": "text", "collection": name}),
+        )
         .await;
     assert_eq!(status, 422, "{body}");
 }
@@ -560,14 +651,23 @@ pub async fn an_ingest_that_fails_midway_leaves_nothing(backend: Backend) {
         )
         .await;
     assert!(result.is_err(), "{result:?}");
-    assert!(store.find_document(&name, "midway").await.unwrap().is_none());
+    assert!(
+        store
+            .find_document(&name, "midway")
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(collection_counts(&server, &name).await.unwrap(), before);
     let results = search(
         &server,
         json!({"query": "chunk", "collection": name, "mode": "text", "top_k": 20}),
     )
     .await;
-    assert!(results.iter().all(|r| r["title"] == "first"), "{results:#?}");
+    assert!(
+        results.iter().all(|r| r["title"] == "first"),
+        "{results:#?}"
+    );
 }
 
 /// Each case as a test on each backend.

@@ -93,17 +93,17 @@ fn check_collection(loc: Vec<LocItem>, name: &str) -> Vec<ValidationError> {
 pub struct IngestRequest {
     /// The collection to add the document to (created on first use).
     #[serde(default = "default_collection")]
-    #[schema(min_length = 1, max_length = 128, default = "documents")]
+    #[schema(min_length = 1, max_length = 128, default = "documents", pattern = r"^[^\u0000]*$")]
     pub collection: String,
-    #[schema(min_length = 1, max_length = 500)]
+    #[schema(min_length = 1, max_length = 500, pattern = r"^[^\u0000]*$")]
     pub title: String,
     /// The text, split into token-sized overlapping chunks. The same content in the same collection
     /// is stored once.
-    #[schema(min_length = 1, max_length = 1000000)]
+    #[schema(min_length = 1, max_length = 1000000, pattern = r"^[^\u0000]*[^\u0000\s][^\u0000]*$")]
     pub content: String,
     /// Where the document comes from (a URL, a path).
     #[serde(default)]
-    #[schema(max_length = 2000)]
+    #[schema(max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub source: Option<String>,
     /// Any JSON object; searches can filter on its top-level keys.
     #[serde(default)]
@@ -115,7 +115,12 @@ impl Validate for IngestRequest {
         let mut problems = check_collection(body(&["collection"]), &self.collection);
         problems.extend(check_text(body(&["title"]), &self.title, 1, 500));
         problems.extend(check_nul(body(&["title"]), &self.title));
-        problems.extend(check_text(body(&["content"]), &self.content, 1, MAX_CONTENT));
+        problems.extend(check_text(
+            body(&["content"]),
+            &self.content,
+            1,
+            MAX_CONTENT,
+        ));
         problems.extend(check_nul(body(&["content"]), &self.content));
         if let Some(source) = &self.source {
             problems.extend(check_text(body(&["source"]), source, 0, 2000));
@@ -180,9 +185,9 @@ fn api_error(e: RagError) -> ApiError {
         RagError::Store(e @ StoreError::DimensionMismatch { .. }) => {
             ApiError::validation(body(&["collection"]), e.to_string(), "value_error")
         }
-        RagError::Store(e @ (StoreError::Url(_) | StoreError::Migrate(_) | StoreError::Database(_))) => {
-            ApiError::Internal(e.into())
-        }
+        RagError::Store(
+            e @ (StoreError::Url(_) | StoreError::Migrate(_) | StoreError::Database(_)),
+        ) => ApiError::Internal(e.into()),
         RagError::Inference(e) => e.into(),
         RagError::NotReady(model) => {
             ApiError::Unavailable(format!("Model {model} is loading; retry after 1 s"))
@@ -418,6 +423,31 @@ pub async fn collections(State(state): State<AppState>) -> Result<Json<Collectio
     }))
 }
 
+fn filter_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+    let scalar = OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[^\u0000]*$")),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Number))
+        .item(ObjectBuilder::new().schema_type(Type::Boolean));
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::Object,
+            Type::Null,
+        ]))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[A-Za-z0-9_.-]{1,128}$")),
+        ))
+        .additional_properties(Some(AdditionalProperties::RefOr(scalar.into())))
+        .max_properties(Some(MAX_FILTER_KEYS))
+        .into()
+}
+
 /// Scalar metadata values a filter can require.
 fn check_filter(filter: &Map<String, Value>) -> Vec<ValidationError> {
     let mut problems = Vec::new();
@@ -462,10 +492,10 @@ fn check_filter(filter: &Map<String, Value>) -> Vec<ValidationError> {
 #[schema(example = json!({"query": "How long do I have to send a product back?", "collection": "handbook", "top_k": 5, "mode": "hybrid", "filter": {"lang": "en"}}))]
 pub struct SearchRequest {
     /// What to look for, in any words.
-    #[schema(min_length = 1, max_length = 2000)]
+    #[schema(min_length = 1, max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub query: String,
     #[serde(default = "default_collection")]
-    #[schema(min_length = 1, max_length = 128, default = "documents")]
+    #[schema(min_length = 1, max_length = 128, default = "documents", pattern = r"^[^\u0000]*$")]
     pub collection: String,
     /// Most results.
     #[serde(default = "default_top_k", deserialize_with = "integral")]
@@ -475,8 +505,10 @@ pub struct SearchRequest {
     #[serde(default)]
     #[schema(default = "hybrid")]
     pub mode: Mode,
-    /// Metadata that must be equal: top-level keys and string, number or boolean values.
+    /// Metadata that must be equal: at most 16 top-level keys (letters, digits, `_`, `-`, `.`) and
+    /// string, number or boolean values.
     #[serde(default)]
+    #[schema(schema_with = filter_schema)]
     pub filter: Option<Map<String, Value>>,
 }
 
@@ -564,10 +596,10 @@ pub async fn search(
 #[schema(example = json!({"question": "How long do I have to send a product back?", "collection": "handbook", "top_k": 5}))]
 pub struct QueryRequest {
     /// The question.
-    #[schema(min_length = 1, max_length = 2000)]
+    #[schema(min_length = 1, max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub question: String,
     #[serde(default = "default_collection")]
-    #[schema(min_length = 1, max_length = 128, default = "documents")]
+    #[schema(min_length = 1, max_length = 128, default = "documents", pattern = r"^[^\u0000]*$")]
     pub collection: String,
     /// Chunks given to the model as sources.
     #[serde(default = "default_top_k", deserialize_with = "integral")]

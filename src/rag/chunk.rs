@@ -91,7 +91,12 @@ mod tests {
     fn chunks_fit_the_budget_overlap_and_point_back_into_the_text() {
         let chunker = minilm();
         let text: String = (0..120)
-            .map(|i| format!("Sentence number {i} talks about topic {} in some détail. ", i % 7))
+            .map(|i| {
+                format!(
+                    "Sentence number {i} talks about topic {} in some détail. ",
+                    i % 7
+                )
+            })
             .collect();
         let pieces = chunker.split(&text);
         assert!(pieces.len() > 2, "{}", pieces.len());
@@ -106,5 +111,4 @@ mod tests {
             assert!(pair[1].start < pair[0].end, "{pair:?}");
         }
     }
-
 }

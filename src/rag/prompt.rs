@@ -27,7 +27,12 @@ pub fn messages(question: &str, hits: &[Hit]) -> Vec<ChatMessage> {
     let mut system = String::from(INSTRUCTIONS);
     system.push_str("\n\nSources:\n");
     for (i, hit) in hits.iter().enumerate() {
-        system.push_str(&format!("\n[{}] {}\n{}\n", i + 1, hit.title, hit.text.trim()));
+        system.push_str(&format!(
+            "\n[{}] {}\n{}\n",
+            i + 1,
+            hit.title,
+            hit.text.trim()
+        ));
     }
     vec![
         ChatMessage::new("system", &system),

@@ -52,7 +52,11 @@ pub fn fuse(rankings: &[Vec<Hit>], limit: usize) -> Vec<Hit> {
         }
     }
     let mut hits: Vec<Hit> = fused.into_values().collect();
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.chunk_id.cmp(&b.chunk_id)));
+    hits.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then(a.chunk_id.cmp(&b.chunk_id))
+    });
     hits.truncate(limit);
     hits
 }

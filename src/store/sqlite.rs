@@ -23,19 +23,14 @@ use super::{
 
 /// English stop words (PostgreSQL's `english` dictionary list, which the other backend uses): FTS5
 /// has no stop words, and with any-word matching "my" or "if" would match nearly every chunk.
-const STOP_WORDS: &[&str] = &[
-    "i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "your", "yours",
-    "yourself", "yourselves", "he", "him", "his", "himself", "she", "her", "hers", "herself", "it",
-    "its", "itself", "they", "them", "their", "theirs", "themselves", "what", "which", "who",
-    "whom", "this", "that", "these", "those", "am", "is", "are", "was", "were", "be", "been",
-    "being", "have", "has", "had", "having", "do", "does", "did", "doing", "a", "an", "the", "and",
-    "but", "if", "or", "because", "as", "until", "while", "of", "at", "by", "for", "with", "about",
-    "against", "between", "into", "through", "during", "before", "after", "above", "below", "to",
-    "from", "up", "down", "in", "out", "on", "off", "over", "under", "again", "further", "then",
-    "once", "here", "there", "when", "where", "why", "how", "all", "any", "both", "each", "few",
-    "more", "most", "other", "some", "such", "no", "nor", "not", "only", "own", "same", "so",
-    "than", "too", "very", "s", "t", "can", "will", "just", "don", "should", "now",
-];
+const STOP_WORDS: &str = "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself \
+    she her hers herself it its itself they them their theirs themselves what which who whom \
+    this that these those am is are was were be been being have has had having do does did \
+    doing a an the and but if or because as until while of at by for with about against \
+    between into through during before after above below to from up down in out on off over \
+    under again further then once here there when where why how all any both each few more \
+    most other some such no nor not only own same so than too very s t can will just don \
+    should now";
 
 /// vec0 answers at most this many neighbours per query; a metadata filter is applied to them.
 const MAX_KNN: usize = 4096;
@@ -196,11 +191,13 @@ impl SqliteStore {
         // BEGIN IMMEDIATE takes the write lock now (waiting up to the busy timeout) rather than at
         // the first write, where a concurrent writer would make SQLite fail the transaction.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("INSERT INTO collections (name, dims) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
-            .bind(&doc.collection)
-            .bind(dims as i64)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO collections (name, dims) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&doc.collection)
+        .bind(dims as i64)
+        .execute(&mut *tx)
+        .await?;
         let (collection_id, stored): (i64, i64) =
             sqlx::query_as("SELECT id, dims FROM collections WHERE name = ?")
                 .bind(&doc.collection)
@@ -403,10 +400,7 @@ impl SqliteStore {
         for value in binds {
             query = query.bind(value);
         }
-        let rows = query
-            .bind(scope.limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = query.bind(scope.limit as i64).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let distance: f64 = row.try_get("distance")?;
@@ -416,17 +410,19 @@ impl SqliteStore {
     }
 
     async fn collection_id(&self, name: &str) -> StoreResult<Option<i64>> {
-        Ok(sqlx::query_scalar("SELECT id FROM collections WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT id FROM collections WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     #[tracing::instrument(skip(self, scope), fields(collection = scope.collection, k = scope.limit))]
     async fn fts(&self, scope: Scope<'_>, query: &str) -> StoreResult<Vec<Hit>> {
         let words: Vec<String> = query_words(query)
             .into_iter()
-            .filter(|w| !STOP_WORDS.contains(&w.as_str()))
+            .filter(|w| !STOP_WORDS.split_whitespace().any(|s| s == w))
             .collect();
         if words.is_empty() {
             return Ok(Vec::new());

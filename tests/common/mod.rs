@@ -46,9 +46,8 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
         argv.extend_from_slice(&["--chat-model", "none"]);
     }
     // Each server gets its own SQLite file unless the test names a database.
-    let sqlite_file = (!extra.contains(&"--database-url")).then(|| {
-        std::env::temp_dir().join(format!("aitier-test-{}.db", uuid::Uuid::new_v4()))
-    });
+    let sqlite_file = (!extra.contains(&"--database-url"))
+        .then(|| std::env::temp_dir().join(format!("aitier-test-{}.db", uuid::Uuid::new_v4())));
     let sqlite_url = sqlite_file
         .as_ref()
         .map(|f| format!("sqlite://{}", f.display()));
