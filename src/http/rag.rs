@@ -93,13 +93,22 @@ fn check_collection(loc: Vec<LocItem>, name: &str) -> Vec<ValidationError> {
 pub struct IngestRequest {
     /// The collection to add the document to (created on first use).
     #[serde(default = "default_collection")]
-    #[schema(min_length = 1, max_length = 128, default = "documents", pattern = r"^[^\u0000]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        default = "documents",
+        pattern = r"^[^\u0000]*$"
+    )]
     pub collection: String,
     #[schema(min_length = 1, max_length = 500, pattern = r"^[^\u0000]*$")]
     pub title: String,
     /// The text, split into token-sized overlapping chunks. The same content in the same collection
     /// is stored once.
-    #[schema(min_length = 1, max_length = 1000000, pattern = r"^[^\u0000]*[^\u0000\s][^\u0000]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 1000000,
+        pattern = r"^[^\u0000]*[^\u0000\s][^\u0000]*$"
+    )]
     pub content: String,
     /// Where the document comes from (a URL, a path).
     #[serde(default)]
@@ -495,7 +504,12 @@ pub struct SearchRequest {
     #[schema(min_length = 1, max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub query: String,
     #[serde(default = "default_collection")]
-    #[schema(min_length = 1, max_length = 128, default = "documents", pattern = r"^[^\u0000]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        default = "documents",
+        pattern = r"^[^\u0000]*$"
+    )]
     pub collection: String,
     /// Most results.
     #[serde(default = "default_top_k", deserialize_with = "integral")]
@@ -599,7 +613,12 @@ pub struct QueryRequest {
     #[schema(min_length = 1, max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub question: String,
     #[serde(default = "default_collection")]
-    #[schema(min_length = 1, max_length = 128, default = "documents", pattern = r"^[^\u0000]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        default = "documents",
+        pattern = r"^[^\u0000]*$"
+    )]
     pub collection: String,
     /// Chunks given to the model as sources.
     #[serde(default = "default_top_k", deserialize_with = "integral")]

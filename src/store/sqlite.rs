@@ -433,16 +433,21 @@ impl SqliteStore {
             .map(|w| format!("\"{w}\""))
             .collect::<Vec<_>>()
             .join(" OR ");
+        let Some(collection_id) = self.collection_id(scope.collection).await? else {
+            return Ok(Vec::new());
+        };
         let (filter, binds) = filter_sql(scope.filter);
+        // CROSS JOIN keeps the full-text index the outer loop (SQLite does not reorder it): the
+        // matches are found first, then their chunks and documents looked up by key.
         let sql = format!(
-            "SELECT k.id AS chunk_id, k.document_id, d.title, k.text, bm25(chunks_fts) AS rank \
-             FROM chunks_fts JOIN chunks k ON k.id = chunks_fts.rowid \
-             JOIN documents d ON d.id = k.document_id JOIN collections c ON c.id = k.collection_id \
-             WHERE chunks_fts MATCH ? AND c.name = ?{filter} ORDER BY rank LIMIT ?"
+            "SELECT k.id AS chunk_id, k.document_id, d.title, k.text, chunks_fts.rank AS rank \
+             FROM chunks_fts CROSS JOIN chunks k ON k.id = chunks_fts.rowid \
+             CROSS JOIN documents d ON d.id = k.document_id \
+             WHERE chunks_fts MATCH ? AND k.collection_id = ?{filter} ORDER BY chunks_fts.rank LIMIT ?"
         );
         let mut q = sqlx::query(AssertSqlSafe(sql))
             .bind(matcher)
-            .bind(scope.collection);
+            .bind(collection_id);
         for value in binds {
             q = q.bind(value);
         }
