@@ -196,7 +196,8 @@ pub async fn ingest(args: crate::config::IngestArgs) -> anyhow::Result<usize> {
             Ok(Inserted::Existing(_)) => unchanged += 1,
             Err(e) => {
                 failed += 1;
-                progress.println(format!("failed: {}: {e:#}", file.display()));
+                // `suspend`, not `println`: the latter prints nothing when stderr is not a terminal.
+                progress.suspend(|| eprintln!("failed: {}: {e:#}", file.display()));
             }
         }
         progress.inc(1);

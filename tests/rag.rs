@@ -454,6 +454,16 @@ pub async fn an_empty_collection_answers_404_before_any_stream(backend: Backend)
         body,
         json!({"detail": "No relevant documents found in the collection"})
     );
+    // A question the collection knows nothing about finds no sources either.
+    let name = collection("unrelated");
+    ingest_corpus(&server, &name).await;
+    let (status, body) = server
+        .post(
+            "/api/rag/query",
+            &json!({"question": "Which chemical element has the atomic number 79?", "collection": name}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
     // Search works without a chat model; the answer route says why it cannot answer.
     let Some(no_chat) = self::server(backend, &[]).await else {
         return;

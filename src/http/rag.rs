@@ -35,6 +35,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
 const DEFAULT_COLLECTION: &str = "documents";
 const MAX_CONTENT: usize = 1_000_000;
 const MAX_FILTER_KEYS: usize = 16;
+/// The cosine similarity the nearest chunk needs for a question to count as covered by the
+/// collection. MiniLM puts unrelated sentences below about 0.15 and paraphrases above 0.4.
+const MIN_RELEVANCE: f32 = 0.25;
 
 fn default_collection() -> String {
     DEFAULT_COLLECTION.into()
@@ -590,6 +593,7 @@ pub async fn search(
             top_k: req.top_k,
             mode: req.mode,
             filter: req.filter.unwrap_or_default(),
+            min_similarity: None,
         })
         .await
         .map_err(api_error)?;
@@ -673,8 +677,9 @@ pub struct Source {
 ///
 /// `text/event-stream` of `data: {json}` events: first `sources` (the numbered sources the model is
 /// given, number n being the n-th), then `delta` events of the answer, which cites them as `[n]`,
-/// then `done` with the usage (or `error`). When the collection holds nothing relevant the answer
-/// is 404 before any stream starts.
+/// then `done` with the usage (or `error`). When the collection holds nothing relevant (no chunk
+/// with a cosine similarity of at least 0.25 to the question) the answer is 404 before any stream
+/// starts.
 #[utoipa::path(
     post,
     path = "/api/rag/query",
@@ -710,6 +715,7 @@ pub async fn query(
             top_k: req.top_k,
             mode: Mode::Hybrid,
             filter: Map::new(),
+            min_similarity: Some(MIN_RELEVANCE),
         })
         .await
         .map_err(api_error)?;

@@ -33,6 +33,9 @@ pub struct SearchParams {
     pub top_k: usize,
     pub mode: Mode,
     pub filter: Map<String, Value>,
+    /// When set, nothing is found unless the nearest chunk has at least this cosine similarity:
+    /// a question the collection knows nothing about gets no sources rather than the least bad.
+    pub min_similarity: Option<f32>,
 }
 
 /// Fuses rankings by reciprocal rank: each chunk scores the sum of 1 / (K + rank) over the lists it
@@ -86,14 +89,30 @@ impl Rag {
             let mut embedded = service.embed(vec![params.query.clone()], true).await?;
             Some(embedded.remove(0).vector)
         };
+        let relevant = |by_vector: &[Hit]| {
+            params
+                .min_similarity
+                .is_none_or(|min| by_vector.first().is_some_and(|h| h.score >= min))
+        };
         let hits = match (params.mode, vector) {
-            (Mode::Vector, Some(v)) => store.vector_search(scope, &v).await?,
+            (Mode::Vector, Some(v)) => {
+                let by_vector = store.vector_search(scope, &v).await?;
+                if relevant(&by_vector) {
+                    by_vector
+                } else {
+                    Vec::new()
+                }
+            }
             (Mode::Hybrid, Some(v)) => {
                 let (by_vector, by_text) = futures::try_join!(
                     store.vector_search(scope, &v),
                     store.text_search(scope, &params.query)
                 )?;
-                fuse(&[by_vector, by_text], params.top_k)
+                if relevant(&by_vector) {
+                    fuse(&[by_vector, by_text], params.top_k)
+                } else {
+                    Vec::new()
+                }
             }
             _ => store.text_search(scope, &params.query).await?,
         };
