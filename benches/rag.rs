@@ -15,6 +15,7 @@ use aitier::inference::{BatchConfig, EmbeddingService, source};
 use aitier::rag::{Chunker, NewText, Rag};
 use aitier::state::Slot;
 use aitier::store::{self, Database, Inserted, NewChunk, NewDocument, Scope, Store};
+use futures::StreamExt;
 use serde_json::Map;
 
 const DIMS: usize = 384;
@@ -135,27 +136,31 @@ async fn ingest_throughput(
         format!("{}.", s.join(" "))
     };
     let documents = 60;
+    let texts: Vec<NewText> = (0..documents)
+        .map(|i| NewText {
+            collection: collection.clone(),
+            title: format!("document {i}"),
+            content: (0..6)
+                .map(|_| {
+                    (0..6)
+                        .map(|_| sentence(&mut rng))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect::<Vec<_>>()
+                .join("\n\n"),
+            source: None,
+            metadata: Map::new(),
+        })
+        .collect();
+    // As `aitier ingest` does: two documents in flight per embedding worker.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (mut chunks, started) = (0i64, Instant::now());
-    for i in 0..documents {
-        let content: String = (0..6)
-            .map(|_| {
-                (0..6)
-                    .map(|_| sentence(&mut rng))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect::<Vec<_>>()
-            .join("\n\n");
-        let inserted = rag
-            .ingest(NewText {
-                collection: collection.clone(),
-                title: format!("document {i}"),
-                content,
-                source: None,
-                metadata: Map::new(),
-            })
-            .await?;
-        if let Inserted::New(doc) = inserted {
+    let mut results = futures::stream::iter(texts)
+        .map(|text| rag.ingest(text))
+        .buffer_unordered(workers * 2);
+    while let Some(inserted) = results.next().await {
+        if let Inserted::New(doc) = inserted? {
             chunks += doc.chunks;
         }
     }

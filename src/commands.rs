@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 
 use crate::classify::train::{self, Dataset, Example, TrainOptions};
 use crate::classify::{Classifiers, InferenceMode, RegistryConfig};
@@ -186,9 +187,18 @@ pub async fn ingest(args: crate::config::IngestArgs) -> anyhow::Result<usize> {
     );
     let (mut new, mut unchanged, mut failed, mut chunks) = (0usize, 0usize, 0usize, 0i64);
     let started = std::time::Instant::now();
-    for file in &files {
+    // Two files in flight per embedding worker: one embeds while the other is chunked or written.
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let (rag, collection) = (&rag, args.collection.as_str());
+    let mut results = futures::stream::iter(&files)
+        .map(|file| async move {
+            let result = crate::rag::ingest_files::ingest_file(rag, file, collection).await;
+            (file, result)
+        })
+        .buffer_unordered(workers * 2);
+    while let Some((file, result)) = results.next().await {
         progress.set_message(file.display().to_string());
-        match crate::rag::ingest_files::ingest_file(&rag, file, &args.collection).await {
+        match result {
             Ok(Inserted::New(doc)) => {
                 new += 1;
                 chunks += doc.chunks;

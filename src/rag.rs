@@ -20,9 +20,11 @@ use crate::inference::{EmbeddingService, InferenceError};
 use crate::state::Slot;
 use crate::store::{Database, Inserted, NewChunk, NewDocument, StoreError};
 
-/// Chunks sent to the embedding pool per request: big enough to fill a batch, small enough that a
-/// long document never takes the whole queue from other clients.
-const EMBED_BATCH: usize = 32;
+/// Chunks sent to the embedding pool per job: long chunks make a full forward pass at 16 already.
+const EMBED_BATCH: usize = 16;
+/// Jobs of one document in the pool's queue at once: enough to keep every worker busy on a long
+/// document, few enough that it never takes the whole queue from other clients.
+const EMBED_JOBS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RagError {
@@ -90,12 +92,15 @@ impl Rag {
         service: &EmbeddingService,
         texts: Vec<String>,
     ) -> Result<Vec<Vec<f32>>, RagError> {
-        let mut vectors = Vec::with_capacity(texts.len());
-        for batch in texts.chunks(EMBED_BATCH) {
-            let embedded = service.embed(batch.to_vec(), true).await?;
-            vectors.extend(embedded.into_iter().map(|e| e.vector));
-        }
-        Ok(vectors)
+        use futures::{StreamExt, TryStreamExt};
+        // `buffered` keeps the batches in order while several run on the pool's workers.
+        let owned: Vec<Vec<String>> = texts.chunks(EMBED_BATCH).map(<[String]>::to_vec).collect();
+        let batches: Vec<Vec<_>> = futures::stream::iter(owned)
+            .map(|batch| service.embed(batch, true))
+            .buffered(EMBED_JOBS)
+            .try_collect()
+            .await?;
+        Ok(batches.into_iter().flatten().map(|e| e.vector).collect())
     }
 
     /// Chunks, embeds and stores a document, unless the collection holds the same content already.

@@ -326,16 +326,24 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        // The nearest chunks come from `chunks` alone, so that the planner walks the HNSW index
+        // (a join inside would let it pick a join plan and an exact sort); titles are joined after.
+        // The metadata filter is a semi-join, present only when there is a filter.
+        let metadata = if scope.filter.is_empty() {
+            ""
+        } else {
+            "AND k.document_id IN (SELECT id FROM documents WHERE metadata @> $3)"
+        };
         let sql = format!(
-            "SELECT * FROM ( \
-               SELECT k.id AS chunk_id, k.document_id, d.title, k.text, \
+            "SELECT n.chunk_id, n.document_id, d.title, n.text, n.distance FROM ( \
+               SELECT k.id AS chunk_id, k.document_id, k.text, \
                  (k.embedding::vector({dims}) <=> $1) AS distance \
-               FROM chunks k JOIN documents d ON d.id = k.document_id \
+               FROM chunks k \
                WHERE k.dims = {dims} \
                  AND k.collection_id = (SELECT id FROM collections WHERE name = $2) \
-                 AND d.metadata @> $3 \
+                 {metadata} \
                ORDER BY k.embedding::vector({dims}) <=> $1 LIMIT $4 \
-             ) nearest ORDER BY distance"
+             ) n JOIN documents d ON d.id = n.document_id ORDER BY n.distance"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(PgVector(vector))
