@@ -6,7 +6,7 @@
 //!
 //!   cargo bench --bench rag                      # SQLite only
 //!   AITIER_TEST_DATABASE_URL=$(tests/pg start) cargo bench --bench rag   # and PostgreSQL
-//!   RAG_BENCH_SIZES=10000 cargo bench --bench rag                        # fewer sizes
+//!   RAG_BENCH_SIZES=10000 RAG_BENCH_BACKENDS=postgres cargo bench --bench rag  # a subset
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,7 +174,12 @@ async fn ingest_throughput(
 }
 
 /// Writes `size` synthetic chunks, then times vector searches against exact ones.
-async fn search_at(store: &dyn Store, size: usize, centres: &[Vec<f32>]) -> anyhow::Result<()> {
+async fn search_at(
+    store: &dyn Store,
+    pg_url: Option<&str>,
+    size: usize,
+    centres: &[Vec<f32>],
+) -> anyhow::Result<()> {
     let mut rng = Rng(size as u64 * 31 + 1);
     let collection = format!("bench-search-{size}-{}", rng.next() % 1_000_000);
     let spread = 0.8 / (DIMS as f32).sqrt();
@@ -206,6 +211,13 @@ async fn search_at(store: &dyn Store, size: usize, centres: &[Vec<f32>]) -> anyh
             .await?;
     }
     let write = started.elapsed().as_secs_f64();
+    // Planner statistics as autovacuum would have them in a steady state (right after a bulk
+    // write they describe an almost empty table, and PostgreSQL plans an exact scan).
+    if let Some(url) = pg_url {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::query("ANALYZE").execute(&mut conn).await?;
+    }
     let filter = Map::new();
     let scope = Scope {
         collection: &collection,
@@ -290,11 +302,18 @@ async fn run() -> anyhow::Result<()> {
     let embeddings = embedding().await?;
     let dir = std::env::temp_dir().join(format!("aitier-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut backends = vec![format!("sqlite://{}/bench.db", dir.display())];
-    match std::env::var("AITIER_TEST_DATABASE_URL") {
-        Ok(url) => backends.push(fresh_pg_database(&url).await?),
-        Err(_) => {
-            eprintln!("AITIER_TEST_DATABASE_URL is not set: PostgreSQL skipped (see tests/pg)")
+    // RAG_BENCH_BACKENDS=sqlite or =postgres runs one of them.
+    let only = std::env::var("RAG_BENCH_BACKENDS").unwrap_or_default();
+    let mut backends = Vec::new();
+    if !only.contains("postgres") || only.contains("sqlite") {
+        backends.push(format!("sqlite://{}/bench.db", dir.display()));
+    }
+    if !only.contains("sqlite") || only.contains("postgres") {
+        match std::env::var("AITIER_TEST_DATABASE_URL") {
+            Ok(url) => backends.push(fresh_pg_database(&url).await?),
+            Err(_) => {
+                eprintln!("AITIER_TEST_DATABASE_URL is not set: PostgreSQL skipped (see tests/pg)")
+            }
         }
     }
     for url in backends {
@@ -302,7 +321,8 @@ async fn run() -> anyhow::Result<()> {
         println!("{} ({})", store.backend(), store::redact(&url));
         ingest_throughput(store.clone(), &url, embeddings.clone(), chunker()?).await?;
         for &size in &sizes {
-            search_at(store.as_ref(), size, &centres).await?;
+            let pg = (store.backend() == "postgres").then_some(url.as_str());
+            search_at(store.as_ref(), pg, size, &centres).await?;
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
