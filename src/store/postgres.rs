@@ -105,7 +105,12 @@ impl PgStore {
     pub async fn open(url: &str) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Url(e.to_string()))?
-            .application_name("aitier");
+            .application_name("aitier")
+            // sqlx prepares every statement; after five runs PostgreSQL may switch to a generic
+            // plan that ignores the parameters' values, and for a full-text query that plan scans
+            // the whole collection (measured: 260 ms instead of 20 ms at 100k chunks). Planning
+            // each query costs well under a millisecond.
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .acquire_timeout(ACQUIRE_TIMEOUT)
