@@ -21,6 +21,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 WORKDIR /app
 COPY --from=builder /src/target/release/aitier /usr/local/bin/aitier
 COPY --from=builder --chown=aitier /src/models /app/models
+# The embedded RAG store (DATABASE_URL's default, sqlite://data/aitier.db) is created here on first run;
+# mount a volume on /app/data to keep it, or set DATABASE_URL to a PostgreSQL.
+RUN mkdir /app/data && chown aitier /app/data
 USER aitier
 # Listen on all interfaces inside the container; PORT (set by Render) chooses the port.
 ENV AITIER_HOST=0.0.0.0 \

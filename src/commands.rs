@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 
 use crate::classify::train::{self, Dataset, Example, TrainOptions};
 use crate::classify::{Classifiers, InferenceMode, RegistryConfig};
@@ -148,4 +149,75 @@ fn read_labelled(args: &EvalArgs) -> anyhow::Result<Dataset> {
         data.examples.truncate(limit);
     }
     Ok(data)
+}
+
+/// `aitier ingest`: every .txt and .md file under the paths into a collection, with a progress bar
+/// and a summary. Returns how many failed.
+pub async fn ingest(args: crate::config::IngestArgs) -> anyhow::Result<usize> {
+    use crate::store::{Database, Inserted};
+
+    let files = crate::rag::ingest_files::collect(&args.paths)?;
+    if files.is_empty() {
+        bail!("no .txt or .md files under the given paths");
+    }
+    let name = model_name(&args.embedding_model);
+    let hub = HubOptions::default();
+    let model_files = crate::inference::source::resolve(&args.embedding_model, &hub).await?;
+    let tokenizer = model_files.tokenizer.clone();
+    let service = crate::inference::EmbeddingService::load(model_files, batch(&name))
+        .await
+        .with_context(|| format!("embedding model {name}"))?;
+    let chunker =
+        crate::rag::Chunker::from_file(&tokenizer, service.max_tokens().saturating_sub(2))?;
+    let database = Arc::new(Database::new(args.database_url.clone()));
+    // A command fails fast: one attempt, no retry loop.
+    let store = crate::store::open(&args.database_url)
+        .await
+        .with_context(|| format!("database {}", database.url()))?;
+    let database = Arc::new(Database::with_store(args.database_url, store));
+    let embeddings = Arc::new(Slot::empty(name));
+    embeddings.fill(service);
+    let rag = crate::rag::Rag::new(database, embeddings);
+    rag.set_chunker(chunker);
+
+    let progress = indicatif::ProgressBar::new(files.len() as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (mut new, mut unchanged, mut failed, mut chunks) = (0usize, 0usize, 0usize, 0i64);
+    let started = std::time::Instant::now();
+    // Two files in flight per embedding worker: one embeds while the other is chunked or written.
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let (rag, collection) = (&rag, args.collection.as_str());
+    let mut results = futures::stream::iter(&files)
+        .map(|file| async move {
+            let result = crate::rag::ingest_files::ingest_file(rag, file, collection).await;
+            (file, result)
+        })
+        .buffer_unordered(workers * 2);
+    while let Some((file, result)) = results.next().await {
+        progress.set_message(file.display().to_string());
+        match result {
+            Ok(Inserted::New(doc)) => {
+                new += 1;
+                chunks += doc.chunks;
+            }
+            Ok(Inserted::Existing(_)) => unchanged += 1,
+            Err(e) => {
+                failed += 1;
+                // `suspend`, not `println`: the latter prints nothing when stderr is not a terminal.
+                progress.suspend(|| eprintln!("failed: {}: {e:#}", file.display()));
+            }
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    println!(
+        "{} files into '{}': {new} new ({chunks} chunks), {unchanged} unchanged, {failed} failed, in {:.1} s",
+        files.len(),
+        args.collection,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(failed)
 }

@@ -35,7 +35,32 @@ pub enum Command {
     /// Train or evaluate classifiers.
     #[command(subcommand)]
     Classifier(ClassifierCommand),
+    /// Ingest .txt and .md files (folders recursively) into a RAG collection.
+    Ingest(IngestArgs),
 }
+
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Files and folders to ingest; folders are walked recursively for .txt and .md files.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// The collection to add them to.
+    #[arg(long, default_value = "documents")]
+    pub collection: String,
+    /// The database, as for `serve` (the server can run meanwhile: writes take turns).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    /// Embedding model; it must be the one the server searches with.
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+}
+
+/// A file under data/, created on first run: retrieval works without a database server.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/aitier.db";
 
 #[derive(Debug, Subcommand)]
 pub enum ClassifierCommand {
@@ -284,6 +309,13 @@ pub struct ServeArgs {
     /// event (or 504 before the stream starts).
     #[arg(long, env = "AITIER_UPSTREAM_DEADLINE_SECS", default_value_t = 600)]
     pub upstream_deadline_secs: u64,
+    /// Where documents and their vectors live: `sqlite://PATH` (the default, a file created on first
+    /// run, sqlite-vec + FTS5: nothing to install, one writer at a time) or `postgres://…`
+    /// (pgvector HNSW + full-text GIN index: concurrent writers, several servers, approximate but
+    /// sub-linear search). Migrations run at start-up; while the database is unreachable the RAG
+    /// routes answer 503 and the server keeps retrying. A password in it is never logged.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: Secret,
 
     /// Largest accepted request body, in bytes; larger bodies get 413.
     #[arg(long, env = "AITIER_BODY_LIMIT", default_value_t = 2 * 1024 * 1024)]
@@ -394,6 +426,16 @@ impl ServeArgs {
                 self.upstream_deadline_secs as usize,
             ),
         ];
+        let url = self.database_url.expose();
+        if !["sqlite:", "postgres:", "postgresql:"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            return Err(format!(
+                "--database-url must be sqlite://PATH or postgres://…, not '{}'",
+                crate::store::redact(url)
+            ));
+        }
         if let Some((flag, _)) = limits.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{flag} must be at least 1"));
         }

@@ -9,6 +9,7 @@ mod extract;
 mod health;
 mod openai;
 mod openai_chat;
+mod rag;
 
 use std::any::Any;
 use std::time::Duration;
@@ -50,6 +51,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
         (name = "classification", description = "Sentiment and text classification"),
         (name = "chat", description = "Chat answers streamed as Server-Sent Events"),
         (name = "openai", description = "OpenAI-compatible API"),
+        (name = "rag", description = "Documents, retrieval, and answers grounded in them"),
         (name = "health", description = "Liveness and readiness probes"),
     ),
     components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent, openai_chat::ChatCompletionChunk))
@@ -65,6 +67,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(chat::routes())
         .merge(openai::routes())
         .merge(openai_chat::routes())
+        .merge(rag::routes())
 }
 
 /// The OpenAPI document, as committed in `openapi.json`.

@@ -7,6 +7,8 @@ pub mod config;
 pub mod http;
 pub mod inference;
 pub mod llm;
+pub mod rag;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod telemetry;

@@ -24,6 +24,17 @@ fn main() -> anyhow::Result<()> {
                 ClassifierCommand::Eval(args) => runtime.block_on(aitier::commands::eval(args)),
             }
         }
+        Command::Ingest(args) => {
+            aitier::inference::use_one_compute_thread_per_worker();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let failed = runtime.block_on(aitier::commands::ingest(args))?;
+            if failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Serve(args) => {
             // Before the runtime starts its threads: it changes the environment.
             aitier::inference::use_one_compute_thread_per_worker();

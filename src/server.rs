@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,7 +17,12 @@ use crate::http;
 use crate::inference::source::{self, HubOptions, ModelFiles};
 use crate::inference::{BatchConfig, EmbeddingService};
 use crate::llm::{ChatService, LocalModel};
+use crate::rag::Chunker;
 use crate::state::AppState;
+use crate::store::Database;
+
+/// How often an unreachable database is tried again at start-up.
+const DATABASE_RETRY: Duration = Duration::from_secs(2);
 
 /// A server bound to its port, its models loading in the background.
 pub struct Bound {
@@ -80,7 +86,20 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         tracing::info!(upstream = %upstream.base_url(), "chat upstream configured");
         state = state.with_upstream(upstream);
     }
-    let loader = tokio::spawn(load_models(state.clone(), files, batch, chat));
+    // The database opens (and migrates) in the background, retried until it answers: the server
+    // starts and says what is wrong at /health/ready instead of exiting.
+    let database = Arc::new(Database::new(args.database_url.expose()));
+    state = state.with_rag(database.clone());
+    let state_for_loader = state.clone();
+    let connecting = tokio::spawn(async move { database.connect(DATABASE_RETRY).await });
+    let loader = tokio::spawn(async move {
+        load_models(state_for_loader, files, batch, chat).await?;
+        connecting
+            .await
+            .context("database task")?
+            .context("database")?;
+        Ok(())
+    });
     Ok(Bound {
         app: http::app(state.clone(), args),
         listener,
@@ -104,9 +123,19 @@ async fn load_models(
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let name = batch.name.clone();
+    let tokenizer = files.tokenizer.clone();
     let service = EmbeddingService::load(files, batch)
         .await
         .with_context(|| format!("embedding model {name}"))?;
+    if let Some(rag) = &state.rag {
+        // Chunks are sized in the model's own tokens, [CLS] and [SEP] left out of the budget.
+        let max_tokens = service.max_tokens().saturating_sub(2);
+        let chunker =
+            tokio::task::spawn_blocking(move || Chunker::from_file(&tokenizer, max_tokens))
+                .await
+                .context("chunker task")??;
+        rag.set_chunker(chunker);
+    }
     tracing::info!(
         model = %name,
         dims = service.dims(),

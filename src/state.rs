@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use crate::classify::{Classifiers, RegistryConfig};
 use crate::inference::{EmbeddingService, InferenceError};
 use crate::llm::{ChatService, Upstream};
+use crate::rag::Rag;
 
 /// A model that is loading in the background; requests before it is ready get 503.
 pub struct Slot<T> {
@@ -72,6 +73,8 @@ pub struct AppState {
     pub upstream: Option<Arc<Upstream>>,
     /// Most tokens a chat request generates, whatever it asks for.
     pub max_tokens_limit: Option<usize>,
+    /// Documents and retrieval; `None` when no database is configured (handler tests).
+    pub rag: Option<Arc<Rag>>,
 }
 
 impl AppState {
@@ -93,7 +96,14 @@ impl AppState {
             chat: None,
             upstream: None,
             max_tokens_limit: None,
+            rag: None,
         }
+    }
+
+    /// Serves the RAG routes from this database.
+    pub fn with_rag(mut self, database: Arc<crate::store::Database>) -> Self {
+        self.rag = Some(Arc::new(Rag::new(database, self.embeddings.clone())));
+        self
     }
 
     /// Serves chat with the model that will fill this slot.

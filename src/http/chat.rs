@@ -218,6 +218,9 @@ pub struct ChatUsage {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ChatStreamEvent {
+    /// The sources an answer from `/api/rag/query` is grounded in, before any delta; the answer
+    /// cites the n-th as `[n]`.
+    Sources { sources: Vec<super::rag::Source> },
     /// The next piece of the answer.
     Delta { content: String },
     /// The answer is complete: `stop` (end of turn or a stop string) or `length` (max_tokens).
@@ -295,7 +298,7 @@ pub fn discriminate(doc: &mut utoipa::openapi::OpenApi, union: &str, tag: &str) 
         .insert(union.to_string(), Schema::OneOf(rebuilt.build()).into());
 }
 
-fn event(e: ChatEvent) -> Event {
+pub(super) fn event(e: ChatEvent) -> Event {
     let payload = match e {
         ChatEvent::Queued => return Event::default().comment("queued"),
         ChatEvent::Delta(content) => ChatStreamEvent::Delta { content },

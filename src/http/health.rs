@@ -9,6 +9,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::error::{ApiError, HttpError};
 use crate::state::AppState;
 
+/// How long readiness waits for the database to answer.
+const DATABASE_PING: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health))
@@ -36,12 +39,26 @@ pub async fn health() -> Json<HealthResponse> {
     responses(
         (status = 200, description = "Every model is loaded and warm", body = HealthResponse,
             example = json!({"status": "ready"})),
-        (status = 503, description = "A model is still loading", body = HttpError,
+        (status = 503, description = "A model is still loading, or the database is unavailable", body = HttpError,
             headers(("Retry-After" = u64, description = "Seconds to wait before asking again")),
             example = json!({"detail": "Not ready: loading all-MiniLM-L6-v2"})),
     ))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
     let pending = state.not_ready();
+    let database = match &state.rag {
+        Some(rag) => rag.database.problem(DATABASE_PING).await,
+        None => None,
+    };
+    if let Some(problem) = database {
+        let loading = if pending.is_empty() {
+            String::new()
+        } else {
+            format!("; loading {}", pending.join(", "))
+        };
+        return Err(ApiError::Unavailable(format!(
+            "Not ready: {problem}{loading}"
+        )));
+    }
     if pending.is_empty() {
         Ok(Json(HealthResponse {
             status: "ready".into(),

@@ -13,6 +13,8 @@ export function render(event: ChatStreamEvent): string {
       return `${event.finish_reason}: ${event.usage.prompt_tokens} + ${event.usage.completion_tokens} tokens`;
     case "error":
       return `failed: ${event.message}`;
+    case "sources":
+      return event.sources.map((s, i) => `[${i + 1}] ${s.title} (${s.score.toFixed(2)})`).join("\n");
     default: {
       const unhandled: never = event;
       return unhandled;

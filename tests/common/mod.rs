@@ -16,6 +16,20 @@ pub struct TestServer {
     /// The server's state, to watch what happens behind the HTTP surface.
     pub state: aitier::state::AppState,
     _stop: tokio::sync::oneshot::Sender<()>,
+    /// The SQLite file made for this server, removed with it.
+    sqlite_file: Option<std::path::PathBuf>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(file) = &self.sqlite_file {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = file.clone().into_os_string();
+                name.push(suffix);
+                let _ = std::fs::remove_file(name);
+            }
+        }
+    }
 }
 
 /// Starts a server on port 0 with the real MiniLM and `extra` flags, and waits until it is ready.
@@ -30,6 +44,15 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
     // Chat loads only for the tests that ask for it.
     if !extra.contains(&"--chat-model") {
         argv.extend_from_slice(&["--chat-model", "none"]);
+    }
+    // Each server gets its own SQLite file unless the test names a database.
+    let sqlite_file = (!extra.contains(&"--database-url"))
+        .then(|| std::env::temp_dir().join(format!("aitier-test-{}.db", uuid::Uuid::new_v4())));
+    let sqlite_url = sqlite_file
+        .as_ref()
+        .map(|f| format!("sqlite://{}", f.display()));
+    if let Some(url) = &sqlite_url {
+        argv.extend_from_slice(&["--database-url", url]);
     }
     argv.extend_from_slice(extra);
     let args = match Cli::try_parse_from(argv)
@@ -51,6 +74,7 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
         client: reqwest::Client::new(),
         state,
         _stop: stop,
+        sqlite_file,
     };
     server.wait_ready().await;
     server
