@@ -4,6 +4,14 @@
 //! forward pass. On a CPU the weights' memory traffic dominates a decode step, so four sequences
 //! per pass cost little more than one. Each sequence samples on its own and streams to its own
 //! channel; a closed channel cancels that sequence before the next step.
+//!
+//! Compute threads: the matmuls run on candle's thread pool, sized by `CANDLE_NUM_THREADS`, else
+//! `RAYON_NUM_THREADS`, which `main` sets to 1 for the embedding workers. One thread is also what
+//! suits this engine on a shared 2-core machine: with two, the pool's spinning barrier waits on a
+//! core that another process holds, and decoding fell from ≈120 to ≈22 tokens/s while a build ran
+//! next to it (one lucky idle run gave 368 tok/s aggregate for 4 streams, against ≈300 with one
+//! thread). The other core serves HTTP, tokenisation and embeddings. `CANDLE_NUM_THREADS=2` is
+//! worth a try on a dedicated machine.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
