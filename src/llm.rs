@@ -2,6 +2,7 @@
 //! template come from the GGUF metadata, generation streams tokens through a callback that can stop
 //! it. (The HTTP surface and the upstream provider are the next steps of the chat issue.)
 
+mod attention;
 mod decode;
 mod engine;
 mod gguf_tokenizer;

@@ -160,7 +160,7 @@ impl Worker {
                 tokens: &prompt[*reused..],
             })
             .collect();
-        let logits = match self.model.llama().forward(&mut inputs) {
+        let logits = match self.model.llama().prefill(&mut inputs) {
             Ok(logits) => logits,
             Err(e) => {
                 for (job, ..) in ready {

@@ -16,7 +16,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use super::LlmError;
-use super::kv::{KvCache, Rope, attend, rms_norm};
+use super::attention::{BLOCK_MIN, Heads, attend, attend_block};
+use super::kv::{KvCache, Rope, rms_norm};
 
 /// The GGUF at `path` with the tensors candle has no fast kernel for (Q4_1, Q5_0, Q5_1)
 /// requantised to Q8_0, as an in-memory GGUF: on SmolLM2 that took decoding from ≈25 to ≈73
@@ -291,8 +292,21 @@ impl Llama {
 
     /// Runs every input's tokens through the model in one pass, appending them to its cache, and
     /// returns the logits after each input's last token: `[inputs, vocab]`, row-major. A prompt is
-    /// one input with many tokens; a decode step is many inputs with one token each.
+    /// one input with many tokens; a decode step is many inputs with one token each. Attention runs
+    /// as loops for single tokens and as matmuls for several (see [`Self::prefill`]).
     pub fn forward(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
+        self.run(inputs, false)
+    }
+
+    /// [`Self::forward`] for prompts: attention always as matmuls, even for a one-token rest after
+    /// a cached prefix. A prompt's tokens are then computed the same way whether or not part of it
+    /// came from the prefix cache (the two attention paths round differently, and on a near-tie
+    /// that difference alone could change a greedy answer).
+    pub fn prefill(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
+        self.run(inputs, true)
+    }
+
+    fn run(&self, inputs: &mut [Input<'_>], prefill: bool) -> Result<Vec<f32>, LlmError> {
         let c = self.config;
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         if inputs.iter().any(|i| i.tokens.is_empty()) {
@@ -313,6 +327,11 @@ impl Llama {
             self.embed(input.tokens, &mut x)?;
         }
         let (kv_dim, q_dim) = (c.kv_dim(), c.n_head * c.head_dim);
+        let heads = Heads {
+            n_head: c.n_head,
+            n_kv_head: c.n_kv_head,
+            head_dim: c.head_dim,
+        };
         let (mut h, mut scores) = (Vec::new(), Vec::new());
         let mut attn = vec![0f32; rows * q_dim];
         for (l, layer) in self.layers.iter().enumerate() {
@@ -331,22 +350,17 @@ impl Llama {
                     keys.extend_from_slice(&kv[..kv_dim]);
                     values.extend_from_slice(&kv[kv_dim..]);
                 }
-                for j in 0..input.tokens.len() {
-                    let q = &qkv[(row + j) * width..(row + j) * width + q_dim];
-                    let out = &mut attn[(row + j) * q_dim..(row + j + 1) * q_dim];
-                    let len = start + j + 1;
-                    let (n_head, n_kv) = (c.n_head, c.n_kv_head);
-                    attend(
-                        q,
-                        keys,
-                        values,
-                        len,
-                        n_head,
-                        n_kv,
-                        c.head_dim,
-                        &mut scores,
-                        out,
-                    );
+                let count = input.tokens.len();
+                let out = &mut attn[row * q_dim..(row + count) * q_dim];
+                if prefill || count >= BLOCK_MIN {
+                    let queries = &qkv[row * width..(row + count) * width];
+                    attend_block(heads, queries, width, start, count, keys, values, out)?;
+                } else {
+                    for j in 0..count {
+                        let q = &qkv[(row + j) * width..(row + j) * width + q_dim];
+                        let out = &mut out[j * q_dim..(j + 1) * q_dim];
+                        attend(heads, q, keys, values, start + j + 1, &mut scores, out);
+                    }
                 }
                 row += input.tokens.len();
             }
