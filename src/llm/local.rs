@@ -12,7 +12,8 @@ use tokenizers::Tokenizer;
 use super::LlmError;
 use super::decode::{Decoder, Step};
 use super::gguf_tokenizer::tokenizer_from_gguf;
-use super::llama::{Input, Kernels, Llama, requantised_gguf};
+use super::linear::{Kernels, requantised_gguf};
+use super::llama::{Input, Llama};
 use super::template::{ChatMessage, ChatTemplate};
 
 /// Tokens that end an assistant turn in common chat templates, besides the declared eos.
