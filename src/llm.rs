@@ -2,10 +2,12 @@
 //! candle (tokenizer and chat template from the GGUF metadata); the upstream provider relays any
 //! OpenAI-compatible server through async-openai.
 
+mod attention;
 mod decode;
 mod engine;
 mod gguf_tokenizer;
 mod kv;
+mod linear;
 mod llama;
 mod local;
 mod prefix;
@@ -17,7 +19,8 @@ mod upstream;
 pub use engine::EngineStats;
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use kv::KvCache;
-pub use llama::{Input, Kernels, Llama, LlamaConfig, requantised_gguf};
+pub use linear::{Kernels, requantised_gguf};
+pub use llama::{Input, Llama, LlamaConfig};
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
 pub use prefix::PrefixCache;
 pub use provider::{ChatError, ChatProvider, ChatStream};

@@ -161,3 +161,25 @@ async fn a_reader_that_goes_away_leaves_the_batch() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(chat.stats().steps.load(Ordering::SeqCst), steps);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_prompt_is_prefilled_in_chunks_and_answers_as_in_one_go() {
+    let chat = service(2);
+    let long = "The keeper climbed the stairs of the old lighthouse and watched the sea. "
+        .repeat(20)
+        + "What did the keeper watch?";
+    let messages = conversation(SYSTEM, &long);
+    let whole = chat
+        .model()
+        .generate(&messages, &greedy(24), |_| ControlFlow::Continue(()))
+        .unwrap();
+    let (streamed, chunked) = answer(&chat, messages, greedy(24)).await;
+    // More than one chunk of 256 tokens.
+    assert!(chunked.prompt_tokens > 300, "{}", chunked.prompt_tokens);
+    assert_eq!(
+        chat.stats().prefilled_tokens.load(Ordering::SeqCst) as usize,
+        chunked.prompt_tokens
+    );
+    assert_eq!(chunked.text, whole.text);
+    assert_eq!(streamed, chunked.text);
+}

@@ -4,6 +4,14 @@
 //! forward pass. On a CPU the weights' memory traffic dominates a decode step, so four sequences
 //! per pass cost little more than one. Each sequence samples on its own and streams to its own
 //! channel; a closed channel cancels that sequence before the next step.
+//!
+//! Compute threads: the matmuls run on candle's thread pool, sized by `CANDLE_NUM_THREADS`, else
+//! `RAYON_NUM_THREADS`, which `main` sets to 1 for the embedding workers. One thread is also what
+//! suits this engine on a shared 2-core machine: with two, the pool's spinning barrier waits on a
+//! core that another process holds, and decoding fell from ≈120 to ≈22 tokens/s while a build ran
+//! next to it (one lucky idle run gave 368 tok/s aggregate for 4 streams, against ≈300 with one
+//! thread). The other core serves HTTP, tokenisation and embeddings. `CANDLE_NUM_THREADS=2` is
+//! worth a try on a dedicated machine.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,6 +26,10 @@ use super::prefix::PrefixCache;
 use super::{
     ChatEvent, ChatMessage, FinishReason, GenerationParams, KvCache, LlmError, LocalModel,
 };
+
+/// Prompt tokens a pending prompt runs per engine step: at ≈2 ms per token on one core, a long
+/// prompt holds the running sequences back for about half a second at a time.
+const PREFILL_CHUNK: usize = 256;
 
 /// KV state kept for reuse by later prompts (≈1,400 SmolLM2 tokens; see [`PrefixCache`]).
 const PREFIX_CACHE_BYTES: usize = 64 << 20;
@@ -92,29 +104,50 @@ impl Engine {
     }
 }
 
+/// A request whose prompt is being prefilled, a chunk per engine step.
+struct Prefill {
+    job: Job,
+    prompt: Vec<u32>,
+    cache: KvCache,
+}
+
 impl Worker {
     fn run(&mut self, jobs: std_mpsc::Receiver<Job>) {
         let mut running: Vec<Sequence> = Vec::new();
+        let mut prefilling: Vec<Prefill> = Vec::new();
         let mut waiting: VecDeque<Job> = VecDeque::new();
         loop {
-            if running.is_empty() && waiting.is_empty() {
+            if running.is_empty() && prefilling.is_empty() && waiting.is_empty() {
                 match jobs.recv() {
                     Ok(job) => waiting.push_back(job),
                     Err(_) => return,
                 }
             }
             waiting.extend(jobs.try_iter());
-            let room = self.max_batch.saturating_sub(running.len());
+            let room = self
+                .max_batch
+                .saturating_sub(running.len() + prefilling.len());
             let joining: Vec<Job> = waiting.drain(..room.min(waiting.len())).collect();
-            if !joining.is_empty() {
-                running.extend(self.start(joining));
-            }
+            prefilling.extend(self.admit(joining));
             // A client that went away frees its place before the next step costs anything.
+            let (gone, kept): (Vec<_>, Vec<_>) = prefilling
+                .into_iter()
+                .partition(|p| p.job.events.is_closed());
+            prefilling = kept;
+            for p in gone {
+                drop(p.job.slot);
+                self.active.fetch_sub(1, Ordering::SeqCst);
+            }
             let (gone, kept): (Vec<_>, Vec<_>) =
                 running.into_iter().partition(|s| s.events.is_closed());
             running = kept;
             for seq in gone {
                 self.end(seq, FinishReason::Cancelled);
+            }
+            if !prefilling.is_empty() {
+                let (pending, started) = self.prefill(prefilling);
+                prefilling = pending;
+                running.extend(started);
             }
             if !running.is_empty() {
                 running = self.step(running);
@@ -122,72 +155,84 @@ impl Worker {
         }
     }
 
-    /// Prefills the new requests' prompts, each from its longest cached prefix, in one forward
-    /// pass (requests that arrive together share the weights' reads, as decode steps do), and
-    /// samples their first tokens. Returns those not already over.
-    fn start(&mut self, jobs: Vec<Job>) -> Vec<Sequence> {
-        let mut ready = Vec::with_capacity(jobs.len());
+    /// Tokenises the new requests and starts each from its longest cached prefix.
+    fn admit(&mut self, jobs: Vec<Job>) -> Vec<Prefill> {
+        let mut admitted = Vec::with_capacity(jobs.len());
         for job in jobs {
             self.active.fetch_add(1, Ordering::SeqCst);
             match self.model.prompt_ids(&job.messages, job.params.max_tokens) {
                 Ok(prompt) => {
-                    let (cache, reused) = match self.prefixes.lookup(&prompt) {
-                        Some(hit) => (hit.cache, hit.reused),
-                        None => (self.model.llama().new_cache(), 0),
+                    let cache = match self.prefixes.lookup(&prompt) {
+                        Some(hit) => {
+                            self.stats
+                                .reused_tokens
+                                .fetch_add(hit.reused as u64, Ordering::Relaxed);
+                            hit.cache
+                        }
+                        None => self.model.llama().new_cache(),
                     };
-                    ready.push((job, prompt, cache, reused));
+                    tracing::debug!(
+                        prompt = prompt.len(),
+                        reused = cache.len(),
+                        "chat sequence joins the batch"
+                    );
+                    admitted.push(Prefill { job, prompt, cache });
                 }
                 Err(e) => {
                     self.fail(job.events, job.slot, &e);
                 }
             }
         }
-        if ready.is_empty() {
-            return Vec::new();
-        }
-        let mut inputs: Vec<Input> = ready
+        admitted
+    }
+
+    /// Runs the next chunk of every pending prompt in one forward pass (prompts that arrive
+    /// together share the weights' reads, as decode steps do). A chunk is at most
+    /// [`PREFILL_CHUNK`] tokens, so a long prompt delays the running sequences' next tokens by one
+    /// chunk at a time rather than by its whole prefill. Prompts now complete sample their first
+    /// token and join the running sequences.
+    fn prefill(&mut self, mut pending: Vec<Prefill>) -> (Vec<Prefill>, Vec<Sequence>) {
+        let mut inputs: Vec<Input> = pending
             .iter_mut()
-            .map(|(_, prompt, cache, reused)| Input {
-                cache,
-                tokens: &prompt[*reused..],
+            .map(|p| {
+                let done = p.cache.len();
+                let end = p.prompt.len().min(done + PREFILL_CHUNK);
+                Input {
+                    cache: &mut p.cache,
+                    tokens: &p.prompt[done..end],
+                }
             })
             .collect();
-        let logits = match self.model.llama().forward(&mut inputs) {
+        let tokens: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        let logits = match self.model.llama().prefill(&mut inputs) {
             Ok(logits) => logits,
             Err(e) => {
-                for (job, ..) in ready {
-                    self.fail(job.events, job.slot, &e);
+                for p in pending {
+                    self.fail(p.job.events, p.job.slot, &e);
                 }
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         };
+        self.stats
+            .prefilled_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
         let vocab = self.model.llama().config().vocab;
-        let mut started = Vec::with_capacity(ready.len());
-        for ((job, prompt, cache, reused), logits) in
-            ready.into_iter().zip(logits.chunks_exact(vocab))
-        {
-            let stats = &self.stats;
-            stats
-                .prefilled_tokens
-                .fetch_add((prompt.len() - reused) as u64, Ordering::Relaxed);
-            stats
-                .reused_tokens
-                .fetch_add(reused as u64, Ordering::Relaxed);
-            tracing::debug!(
-                prompt = prompt.len(),
-                reused,
-                "chat sequence joins the batch"
-            );
+        let (mut still, mut started) = (Vec::new(), Vec::new());
+        for (p, logits) in pending.into_iter().zip(logits.chunks_exact(vocab)) {
+            if p.cache.len() < p.prompt.len() {
+                still.push(p);
+                continue;
+            }
             let seq = Sequence {
-                decoder: Decoder::new(job.params, &prompt),
-                cache,
+                decoder: Decoder::new(p.job.params, &p.prompt),
+                cache: p.cache,
                 next: 0,
-                events: job.events,
-                _slot: job.slot,
+                events: p.job.events,
+                _slot: p.job.slot,
             };
             started.extend(self.advance(seq, logits));
         }
-        started
+        (still, started)
     }
 
     /// One decode step for every running sequence, in one forward pass.

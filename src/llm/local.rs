@@ -12,7 +12,8 @@ use tokenizers::Tokenizer;
 use super::LlmError;
 use super::decode::{Decoder, Step};
 use super::gguf_tokenizer::tokenizer_from_gguf;
-use super::llama::{Input, Kernels, Llama, requantised_gguf};
+use super::linear::{Kernels, requantised_gguf};
+use super::llama::{Input, Llama};
 use super::template::{ChatMessage, ChatTemplate};
 
 /// Tokens that end an assistant turn in common chat templates, besides the declared eos.
@@ -184,7 +185,7 @@ impl LocalModel {
         let prompt = self.prompt_ids(messages, params.max_tokens)?;
         let mut decoder = Decoder::new(params.clone(), &prompt);
         let mut cache = self.llama.new_cache();
-        let mut logits = self.llama.forward(&mut [Input {
+        let mut logits = self.llama.prefill(&mut [Input {
             cache: &mut cache,
             tokens: &prompt,
         }])?;
