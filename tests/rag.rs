@@ -514,6 +514,18 @@ pub async fn bad_requests_are_refused_with_422(backend: Backend) {
             "value_error",
         ),
         (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "x", "metadata": {"a": {"b": 1}}}),
+            json!(["body", "metadata", "a"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "x", "metadata": {"a": "\u{0}"}}),
+            json!(["body", "metadata", "a"]),
+            "value_error",
+        ),
+        (
             "/api/rag/search",
             json!({"query": ""}),
             json!(["body", "query"]),
