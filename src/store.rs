@@ -289,10 +289,9 @@ impl Database {
                     *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     return Ok(());
                 }
-                Err(e @ StoreError::Unavailable(_)) => {
-                    tracing::warn!(url = %self.url(), error = %e, "database not available yet; retrying");
-                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(e.to_string());
+                Err(StoreError::Unavailable(why)) => {
+                    tracing::warn!(url = %self.url(), error = %why, "database not available yet; retrying");
+                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                     tokio::time::sleep(retry).await;
                 }
                 // A bad URL, a failed migration, a missing database: retrying will not help.

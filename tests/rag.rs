@@ -514,6 +514,18 @@ pub async fn bad_requests_are_refused_with_422(backend: Backend) {
             "value_error",
         ),
         (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "x", "metadata": {"a": {"b": 1}}}),
+            json!(["body", "metadata", "a"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "x", "metadata": {"a": "\u{0}"}}),
+            json!(["body", "metadata", "a"]),
+            "value_error",
+        ),
+        (
             "/api/rag/search",
             json!({"query": ""}),
             json!(["body", "query"]),
@@ -680,6 +692,51 @@ pub async fn an_ingest_that_fails_midway_leaves_nothing(backend: Backend) {
     );
 }
 
+pub async fn a_long_document_is_split_into_searchable_chunks(backend: Backend) {
+    let Some(server) = server(backend, &[]).await else {
+        return;
+    };
+    let name = collection("long");
+    // The whole corpus as one document: about 1,500 tokens, far beyond one chunk.
+    let content: String = corpus()
+        .into_iter()
+        .map(|(_, _, text)| text)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (status, doc) = server
+        .post(
+            "/api/rag/documents",
+            &json!({"collection": name, "title": "Handbook", "content": content}),
+        )
+        .await;
+    assert_eq!(status, 201, "{doc}");
+    let chunks = doc["chunks"].as_i64().unwrap();
+    assert!(chunks >= 6, "{doc}");
+    assert_eq!(collection_counts(&server, &name).await, Some((1, chunks)));
+    let results = search(
+        &server,
+        json!({"query": "descaling the kettle with vinegar", "collection": name, "top_k": 20}),
+    )
+    .await;
+    assert_eq!(results.len() as i64, chunks.min(20));
+    let mut ids: Vec<i64> = results
+        .iter()
+        .map(|r| r["chunk_id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), results.len(), "each chunk once");
+    assert!(
+        results[0]["excerpt"].as_str().unwrap().contains("vinegar"),
+        "{:#?}",
+        results[0]
+    );
+    assert!(
+        results.iter().all(|r| r["document_id"] == doc["id"]
+            && r["excerpt"].as_str().unwrap().chars().count() <= 500)
+    );
+}
+
 /// Each case as a test on each backend.
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
@@ -714,4 +771,5 @@ on_both_backends!(
     bad_requests_are_refused_with_422,
     a_collection_of_another_vector_length_is_refused,
     an_ingest_that_fails_midway_leaves_nothing,
+    a_long_document_is_split_into_searchable_chunks,
 );

@@ -20,6 +20,9 @@ fn pg(command: &str) {
     assert!(status.success(), "tests/pg {command} failed");
 }
 
+/// The tests here stop and start the one test PostgreSQL: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Starts the test PostgreSQL again even when an assertion fails, for the tests that follow.
 struct Restart;
 
@@ -38,6 +41,7 @@ async fn a_database_outage_is_503_and_the_server_recovers_by_itself() {
         );
         return;
     };
+    let _serial = SERIAL.lock().await;
     let server = common::spawn(&["--database-url", &url]).await;
     let collection = format!("outage-{}", uuid::Uuid::new_v4().simple());
     let doc = json!({"collection": collection, "title": "Opening hours", "content": "The shop opens at nine."});
@@ -103,4 +107,61 @@ async fn a_database_outage_is_503_and_the_server_recovers_by_itself() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test]
+async fn a_server_started_while_the_database_is_down_serves_rag_once_it_is_up() {
+    let Ok(url) = std::env::var("AITIER_TEST_DATABASE_URL") else {
+        eprintln!("\n*** SKIPPED: AITIER_TEST_DATABASE_URL is not set (see tests/pg). ***\n");
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let restart = Restart;
+    pg("stop");
+    let server = common::start(&["--database-url", &url]).await;
+    // The models load; the database does not answer: not ready, and says why.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = server
+            .client
+            .get(server.url("/health/ready"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 503);
+        let detail = ready.json::<Value>().await.unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(detail.contains("database"), "{detail}");
+        if !detail.contains("loading") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{detail}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = server
+        .post("/api/rag/search", &json!({"query": "anything"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("The database is unavailable: "),
+        "{body}"
+    );
+    server
+        .embed(&["embeddings do not wait for the database"])
+        .await;
+    drop(restart);
+    // It keeps trying, connects, migrates, and becomes ready by itself.
+    server.wait_ready().await;
+    let (status, body) = server
+        .post(
+            "/api/rag/search",
+            &json!({"query": "anything", "collection": "none-such"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
 }

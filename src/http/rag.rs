@@ -34,6 +34,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 const DEFAULT_COLLECTION: &str = "documents";
 const MAX_CONTENT: usize = 1_000_000;
+/// Most keys in a document's metadata.
+const MAX_METADATA_KEYS: usize = 64;
+
+fn metadata_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    scalar_map_schema(MAX_METADATA_KEYS)
+}
 
 fn default_collection() -> String {
     DEFAULT_COLLECTION.into()
@@ -57,13 +63,72 @@ fn check_nul(loc: Vec<LocItem>, text: &str) -> Option<ValidationError> {
     })
 }
 
-fn json_has_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(json_has_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)),
-        _ => false,
+/// The schema of a flat JSON object of scalars (metadata, and filters on it): at most `max` keys of
+/// letters, digits, `_`, `-` and `.`, each a string, number or boolean. Flat, so that every key can
+/// be filtered on; no U+0000, which PostgreSQL cannot store in JSON.
+fn scalar_map_schema(max: usize) -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+    let scalar = OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[^\u0000]*$")),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Number))
+        .item(ObjectBuilder::new().schema_type(Type::Boolean));
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::Object,
+            Type::Null,
+        ]))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[A-Za-z0-9_.-]{1,128}$")),
+        ))
+        .additional_properties(Some(AdditionalProperties::RefOr(scalar.into())))
+        .max_properties(Some(max))
+        .into()
+}
+
+/// Checks what [`scalar_map_schema`] promises, reporting at `body.<field>.<key>`.
+fn check_scalar_map(field: &str, map: &Map<String, Value>, max: usize) -> Vec<ValidationError> {
+    let mut problems = Vec::new();
+    if map.len() > max {
+        problems.push(ValidationError::new(
+            body(&[field]),
+            format!("Dictionary should have at most {max} items"),
+            "too_long",
+        ));
     }
+    for (key, value) in map {
+        let loc = body(&[field, key]);
+        let key_ok = !key.is_empty()
+            && key.len() <= 128
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !key_ok {
+            problems.push(ValidationError::new(
+                loc.clone(),
+                "Keys should be 1 to 128 letters, digits, '_', '-' or '.'",
+                "value_error",
+            ));
+        }
+        let value_ok = match value {
+            Value::String(s) => !s.contains('\0'),
+            Value::Number(_) | Value::Bool(_) => true,
+            _ => false,
+        };
+        if !value_ok {
+            problems.push(ValidationError::new(
+                loc,
+                "Input should be a string, a number or a boolean",
+                "value_error",
+            ));
+        }
+    }
+    problems
 }
 
 fn check_collection(loc: Vec<LocItem>, name: &str) -> Vec<ValidationError> {
@@ -105,8 +170,10 @@ pub struct IngestRequest {
     #[serde(default)]
     #[schema(max_length = 2000, pattern = r"^[^\u0000]*$")]
     pub source: Option<String>,
-    /// Any JSON object; searches can filter on its top-level keys.
+    /// A flat object of at most 64 keys (letters, digits, `_`, `-`, `.`) with string, number or
+    /// boolean values; searches can filter on any of them.
     #[serde(default)]
+    #[schema(schema_with = metadata_schema)]
     pub metadata: Option<Map<String, Value>>,
 }
 
@@ -126,14 +193,8 @@ impl Validate for IngestRequest {
             problems.extend(check_text(body(&["source"]), source, 0, 2000));
             problems.extend(check_nul(body(&["source"]), source));
         }
-        if let Some(metadata) = &self.metadata
-            && json_has_nul(&Value::Object(metadata.clone()))
-        {
-            problems.push(ValidationError::new(
-                body(&["metadata"]),
-                "Strings should not contain the NUL character (U+0000)",
-                "string_pattern_mismatch",
-            ));
+        if let Some(metadata) = &self.metadata {
+            problems.extend(check_scalar_map("metadata", metadata, MAX_METADATA_KEYS));
         }
         problems
     }

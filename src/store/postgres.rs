@@ -358,6 +358,13 @@ impl PgStore {
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
+        // An iterative index scan gives up after `hnsw.max_scan_tuples` (20,000) rows: a small
+        // collection, or a selective filter, in a large table can come back short. Then the exact
+        // plan answers; for a small or selective set it is cheap (the collection and metadata
+        // indexes find the rows).
+        if !exact && rows.len() < scope.limit {
+            return Box::pin(self.knn(scope, vector, true)).await;
+        }
         rows.iter()
             .map(|row| {
                 let distance: f64 = row.try_get("distance")?;

@@ -404,7 +404,27 @@ impl SqliteStore {
         for value in binds {
             query = query.bind(value);
         }
-        let rows = query.bind(scope.limit as i64).fetch_all(&self.pool).await?;
+        let mut rows = query.bind(scope.limit as i64).fetch_all(&self.pool).await?;
+        // A selective filter may leave fewer than `limit` of the MAX_KNN neighbours: then scan the
+        // filtered chunks themselves, looking each vector up by its chunk id (exact, and cheap
+        // because the filter is selective).
+        if !scope.filter.is_empty() && rows.len() < scope.limit {
+            let (filter, binds) = filter_sql(scope.filter);
+            let sql = format!(
+                "SELECT k.id AS chunk_id, k.document_id, d.title, k.text, \
+                   vec_distance_cosine(v.embedding, ?) AS distance \
+                 FROM chunks k JOIN documents d ON d.id = k.document_id \
+                 JOIN {table} v ON v.chunk_id = k.id \
+                 WHERE k.collection_id = ?{filter} ORDER BY distance LIMIT ?"
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql))
+                .bind(to_blob(vector))
+                .bind(collection_id);
+            for value in binds {
+                query = query.bind(value);
+            }
+            rows = query.bind(scope.limit as i64).fetch_all(&self.pool).await?;
+        }
         rows.iter()
             .map(|row| {
                 let distance: f64 = row.try_get("distance")?;

@@ -34,6 +34,13 @@ impl Drop for TestServer {
 
 /// Starts a server on port 0 with the real MiniLM and `extra` flags, and waits until it is ready.
 pub async fn spawn(extra: &[&str]) -> TestServer {
+    let server = start(extra).await;
+    server.wait_ready().await;
+    server
+}
+
+/// Starts a server like [`spawn`] without waiting for it to be ready.
+pub async fn start(extra: &[&str]) -> TestServer {
     assert!(
         std::path::Path::new(MINILM)
             .join("model.safetensors")
@@ -69,15 +76,13 @@ pub async fn spawn(extra: &[&str]) -> TestServer {
     tokio::spawn(bound.run(async {
         let _ = stopped.await;
     }));
-    let server = TestServer {
+    TestServer {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         state,
         _stop: stop,
         sqlite_file,
-    };
-    server.wait_ready().await;
-    server
+    }
 }
 
 impl TestServer {

@@ -14,11 +14,15 @@ use utoipa::ToSchema;
 use super::super::chat::{self, ChatStreamEvent};
 use super::super::error::{ApiError, HTTPValidationError, HttpError, ValidationError};
 use super::super::extract::{ApiJson, Validate, check_text, integral};
-use super::{api_error, body, check_collection, check_nul, default_collection, rag_of};
+use super::{
+    api_error, body, check_collection, check_nul, check_scalar_map, default_collection, rag_of,
+    scalar_map_schema,
+};
 use crate::llm::GenerationParams;
 use crate::rag::{self, Mode, SearchParams};
 use crate::state::AppState;
 
+/// Most keys in a search filter.
 const MAX_FILTER_KEYS: usize = 16;
 /// The cosine similarity the nearest chunk needs for a question to count as covered by the
 /// collection. MiniLM puts unrelated sentences below about 0.15 and paraphrases above 0.4.
@@ -33,68 +37,7 @@ fn default_max_tokens() -> u32 {
 }
 
 fn filter_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
-    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
-    let scalar = OneOfBuilder::new()
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .pattern(Some(r"^[^\u0000]*$")),
-        )
-        .item(ObjectBuilder::new().schema_type(Type::Number))
-        .item(ObjectBuilder::new().schema_type(Type::Boolean));
-    ObjectBuilder::new()
-        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
-            Type::Object,
-            Type::Null,
-        ]))
-        .property_names(Some(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .pattern(Some(r"^[A-Za-z0-9_.-]{1,128}$")),
-        ))
-        .additional_properties(Some(AdditionalProperties::RefOr(scalar.into())))
-        .max_properties(Some(MAX_FILTER_KEYS))
-        .into()
-}
-
-/// Scalar metadata values a filter can require.
-fn check_filter(filter: &Map<String, Value>) -> Vec<ValidationError> {
-    let mut problems = Vec::new();
-    if filter.len() > MAX_FILTER_KEYS {
-        problems.push(ValidationError::new(
-            body(&["filter"]),
-            format!("Dictionary should have at most {MAX_FILTER_KEYS} items"),
-            "too_long",
-        ));
-    }
-    for (key, value) in filter {
-        let loc = body(&["filter", key]);
-        let key_ok = !key.is_empty()
-            && key.len() <= 128
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if !key_ok {
-            problems.push(ValidationError::new(
-                loc.clone(),
-                "Keys should be 1 to 128 letters, digits, '_', '-' or '.'",
-                "value_error",
-            ));
-        }
-        let value_ok = match value {
-            Value::String(s) => !s.contains('\0'),
-            Value::Number(_) | Value::Bool(_) => true,
-            _ => false,
-        };
-        if !value_ok {
-            problems.push(ValidationError::new(
-                loc,
-                "Input should be a string, a number or a boolean",
-                "value_error",
-            ));
-        }
-    }
-    problems
+    scalar_map_schema(MAX_FILTER_KEYS)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -141,7 +84,7 @@ impl Validate for SearchRequest {
             ));
         }
         if let Some(filter) = &self.filter {
-            problems.extend(check_filter(filter));
+            problems.extend(check_scalar_map("filter", filter, MAX_FILTER_KEYS));
         }
         problems
     }
