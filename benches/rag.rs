@@ -281,6 +281,12 @@ async fn fresh_pg_database(url: &str) -> anyhow::Result<String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `cargo test --all-targets` runs each benchmark once as a test, without `--bench`: minutes of
+    // 100k-chunk loads have no place there. `cargo bench --bench rag` passes `--bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("benches/rag: run it with `cargo bench --bench rag`");
+        return Ok(());
+    }
     // As the server does: one compute thread per embedding worker (set before any thread starts).
     aitier::inference::use_one_compute_thread_per_worker();
     tokio::runtime::Builder::new_multi_thread()
