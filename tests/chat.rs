@@ -3,28 +3,17 @@
 
 mod common;
 
+use common::{GGUF, events};
+
 use std::time::{Duration, Instant};
 
 use common::{TestServer, spawn};
-use serde_json::{Value, json};
-
-const GGUF: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
+use serde_json::json;
 
 async fn chat_server(extra: &[&str]) -> TestServer {
     let mut args = vec!["--chat-model", GGUF];
     args.extend_from_slice(extra);
     spawn(&args).await
-}
-
-/// The `data:` events of an SSE body.
-fn events(body: &str) -> Vec<Value> {
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
 }
 
 #[tokio::test]

@@ -2,16 +2,15 @@
 //! not prefilled twice, concurrent requests share decode steps yet answer exactly as they would
 //! alone, and a reader that goes away cancels its sequence.
 
+mod common;
+
+use common::GGUF;
+
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use aitier::llm::{ChatEvent, ChatMessage, ChatService, Generation, GenerationParams, LocalModel};
-
-const GGUF: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 
 fn load() -> LocalModel {
     let path = std::path::Path::new(GGUF);

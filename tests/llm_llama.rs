@@ -3,16 +3,15 @@
 //! whether a sequence runs alone, in a batch with others at other positions, or from a cached
 //! prefix.
 
+mod common;
+
+use common::GGUF;
+
 use std::sync::OnceLock;
 
 use aitier::llm::{Input, Kernels, KvCache, Llama, LocalModel, requantised_gguf};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-
-const GGUF: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 
 const PROMPTS: [&str; 3] = [
     "What is the capital of France? Answer in one sentence.",

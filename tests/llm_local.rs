@@ -1,15 +1,14 @@
 //! The local GGUF chat model (SmolLM2-135M-Instruct from models/fetch): tokenizer, template and
 //! generation on the real weights.
 
+mod common;
+
+use common::GGUF;
+
 use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
 use aitier::llm::{ChatMessage, FinishReason, GenerationParams, LocalModel};
-
-const GGUF: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 
 fn model() -> &'static LocalModel {
     static MODEL: OnceLock<LocalModel> = OnceLock::new();

@@ -3,13 +3,11 @@
 
 mod common;
 
+use common::GGUF;
+
 use common::{TestServer, spawn};
 use serde_json::{Value, json};
 
-const GGUF: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
 async fn server() -> TestServer {

@@ -4,15 +4,13 @@
 
 mod common;
 
+use common::{GGUF, events};
+
 use std::collections::HashMap;
 
 use common::{TestServer, assert_validation, spawn};
 use serde_json::{Value, json};
 
-const GGUF: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rag");
 
 #[derive(Debug, Clone, Copy)]
@@ -391,14 +389,6 @@ pub async fn collections_and_pages_of_documents_are_listed(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(bad.status(), 422);
-}
-
-/// The `data:` events of an SSE body.
-fn events(body: &str) -> Vec<Value> {
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
 }
 
 pub async fn an_answer_streams_its_sources_first(backend: Backend) {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{GGUF, events};
+
 use std::time::{Duration, Instant};
 
 use common::{TestServer, spawn};
@@ -11,19 +13,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const GGUF: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
 const MODEL: &str = "SmolLM2-135M-Instruct";
-
-/// The `data:` events of an SSE body.
-fn events(body: &str) -> Vec<Value> {
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
-}
 
 fn text(events: &[Value]) -> String {
     events

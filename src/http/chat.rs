@@ -16,7 +16,9 @@ use utoipa::openapi::{Ref, RefOr, Schema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, HTTPValidationError, HttpError, LocItem, ValidationError};
-use super::extract::{ApiJson, Validate, check_list, check_text, integral, integral_opt};
+use super::extract::{
+    ApiJson, Validate, body, check_list, check_range, check_text, integral, integral_opt,
+};
 use crate::llm::{
     ChatError, ChatEvent, ChatMessage, ChatProvider, ChatStream, FinishReason, GenerationParams,
 };
@@ -118,13 +120,6 @@ pub struct ChatRequest {
     pub stop: Option<Stop>,
 }
 
-/// `["body", ..rest]`.
-fn body(rest: &[LocItem]) -> Vec<LocItem> {
-    std::iter::once(LocItem::from("body"))
-        .chain(rest.iter().cloned())
-        .collect()
-}
-
 /// The checks both chat surfaces make: at least one message, and the sampling settings' ranges.
 /// `max_tokens` are the (field, value) pairs a surface accepts.
 pub fn check_generation(
@@ -135,25 +130,17 @@ pub fn check_generation(
     stops: &[String],
 ) -> Vec<ValidationError> {
     let mut problems: Vec<ValidationError> =
-        check_list(&body(&["messages".into()]), messages, 1, usize::MAX)
+        check_list(&body(&["messages"]), messages, 1, usize::MAX)
             .into_iter()
+            .chain(max_tokens.iter().filter_map(|(name, value)| {
+                check_range(body(&[*name]), u64::from((*value)?), 1, 4096)
+            }))
             .collect();
     let mut range = |name: &str, ok: bool, msg: String| {
         if !ok {
-            problems.push(ValidationError::new(
-                body(&[name.into()]),
-                msg,
-                "value_error",
-            ));
+            problems.push(ValidationError::new(body(&[name]), msg, "value_error"));
         }
     };
-    for (name, value) in max_tokens {
-        range(
-            name,
-            value.is_none_or(|n| (1..=4096).contains(&n)),
-            format!("{name} should be between 1 and 4096"),
-        );
-    }
     range(
         "temperature",
         temperature.is_none_or(|t| (0.0..=2.0).contains(&t)),
@@ -164,14 +151,14 @@ pub fn check_generation(
         top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
         "top_p should be above 0 and at most 1".into(),
     );
-    problems.extend(check_list(
-        &body(&["stop".into()]),
-        stops.len(),
-        0,
-        MAX_STOPS,
-    ));
+    problems.extend(check_list(&body(&["stop"]), stops.len(), 0, MAX_STOPS));
     for (i, s) in stops.iter().enumerate() {
-        problems.extend(check_text(body(&["stop".into(), i.into()]), s, 1, 64));
+        problems.extend(check_text(
+            body::<LocItem>(&["stop".into(), i.into()]),
+            s,
+            1,
+            64,
+        ));
     }
     problems
 }
@@ -198,7 +185,7 @@ impl Validate for ChatRequest {
         );
         for (i, m) in self.messages.iter().enumerate() {
             problems.extend(check_text(
-                body(&["messages".into(), i.into(), "content".into()]),
+                body::<LocItem>(&["messages".into(), i.into(), "content".into()]),
                 &m.content,
                 0,
                 MAX_CONTENT,
@@ -344,7 +331,7 @@ pub async fn start(
             Some(m) => (up.clone(), m.to_string()),
             None => {
                 return Err(ApiError::validation(
-                    vec!["body".into(), "model".into()],
+                    body(&["model"]),
                     "Field required: this server has no local chat model, name an upstream model",
                     "missing",
                 ));
@@ -367,11 +354,9 @@ pub async fn start(
         .start(name.clone(), messages, params)
         .await
         .map_err(|e| match e {
-            ChatError::Invalid(e) => ApiError::validation(
-                vec!["body".into(), "messages".into()],
-                e.to_string(),
-                "value_error",
-            ),
+            ChatError::Invalid(e) => {
+                ApiError::validation(body(&["messages"]), e.to_string(), "value_error")
+            }
             e @ ChatError::Busy(_) => ApiError::Unavailable(e.to_string()),
             ChatError::Upstream(detail) => ApiError::BadGateway(detail),
             ChatError::UpstreamTimeout(detail) => ApiError::GatewayTimeout(detail),

@@ -208,6 +208,30 @@ where
         .transpose()
 }
 
+/// `["body", ..rest]`: where a field of the JSON body is.
+pub fn body<I: Clone + Into<LocItem>>(rest: &[I]) -> Vec<LocItem> {
+    std::iter::once(LocItem::from("body"))
+        .chain(rest.iter().cloned().map(Into::into))
+        .collect()
+}
+
+/// A whole number that must lie in `min..=max`; the message names the field (the last key of
+/// `loc`).
+pub fn check_range(loc: Vec<LocItem>, value: u64, min: u64, max: u64) -> Option<ValidationError> {
+    if (min..=max).contains(&value) {
+        return None;
+    }
+    let name = match loc.last() {
+        Some(LocItem::Key(key)) => key.clone(),
+        _ => "value".into(),
+    };
+    Some(ValidationError::new(
+        loc,
+        format!("{name} should be between {min} and {max}"),
+        "value_error",
+    ))
+}
+
 /// Pydantic's `min_length`/`max_length` on a list.
 pub fn check_list(loc: &[LocItem], len: usize, min: usize, max: usize) -> Option<ValidationError> {
     let plural = |n: usize| if n == 1 { "item" } else { "items" };

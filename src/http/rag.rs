@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, HTTPValidationError, HttpError, LocItem, ValidationError};
-use super::extract::{ApiJson, Validate, check_text};
+use super::extract::{ApiJson, Validate, body, check_range, check_text};
 use crate::rag::{NewText, Rag, RagError};
 use crate::state::AppState;
 use crate::store::{self, Inserted, StoreError};
@@ -43,13 +43,6 @@ fn metadata_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
 
 fn default_collection() -> String {
     DEFAULT_COLLECTION.into()
-}
-
-fn body(rest: &[&str]) -> Vec<LocItem> {
-    std::iter::once("body")
-        .chain(rest.iter().copied())
-        .map(LocItem::from)
-        .collect()
 }
 
 /// PostgreSQL cannot store U+0000 in text or JSON; it is refused up front, for both backends.
@@ -368,13 +361,12 @@ pub async fn list_documents(
         &params.collection,
     );
     let limit = params.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        problems.push(ValidationError::new(
-            vec!["query".into(), "limit".into()],
-            "limit should be between 1 and 100",
-            "value_error",
-        ));
-    }
+    problems.extend(check_range(
+        vec!["query".into(), "limit".into()],
+        limit.into(),
+        1,
+        100,
+    ));
     let offset = params.offset.unwrap_or(0);
     if offset > i64::MAX as u64 {
         problems.push(ValidationError::new(

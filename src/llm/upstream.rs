@@ -114,7 +114,7 @@ impl Upstream {
             .filter(|m| !m.ends_with('*'))
             .cloned()
             .collect();
-        if names.len() < self.models.len() || self.models.is_empty() {
+        if self.models.is_empty() || self.models.iter().any(|m| m.ends_with('*')) {
             match timeout(self.timeout, self.client.models().list()).await {
                 Ok(Ok(list)) => names.extend(
                     list.data

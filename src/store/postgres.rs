@@ -90,14 +90,13 @@ fn document(row: &PgRow) -> StoreResult<Document> {
     })
 }
 
-fn hit(row: &PgRow) -> StoreResult<Hit> {
-    let score: f64 = row.try_get("score")?;
+fn hit(row: &PgRow, score: f32) -> StoreResult<Hit> {
     Ok(Hit {
         chunk_id: row.try_get("chunk_id")?,
         document_id: row.try_get("document_id")?,
         title: row.try_get("title")?,
         text: row.try_get("text")?,
-        score: score as f32,
+        score,
     })
 }
 
@@ -368,9 +367,7 @@ impl PgStore {
         rows.iter()
             .map(|row| {
                 let distance: f64 = row.try_get("distance")?;
-                let mut hit = hit_without_score(row)?;
-                hit.score = 1.0 - distance as f32;
-                Ok(hit)
+                hit(row, 1.0 - distance as f32)
             })
             .collect()
     }
@@ -397,18 +394,13 @@ impl PgStore {
         .bind(scope.limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(hit).collect()
+        rows.iter()
+            .map(|row| {
+                let score: f64 = row.try_get("score")?;
+                hit(row, score as f32)
+            })
+            .collect()
     }
-}
-
-fn hit_without_score(row: &PgRow) -> StoreResult<Hit> {
-    Ok(Hit {
-        chunk_id: row.try_get("chunk_id")?,
-        document_id: row.try_get("document_id")?,
-        title: row.try_get("title")?,
-        text: row.try_get("text")?,
-        score: 0.0,
-    })
 }
 
 impl Store for PgStore {

@@ -9,6 +9,11 @@ use clap::Parser;
 use serde_json::Value;
 
 pub const MINILM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2");
+/// The default local chat model (models/fetch).
+pub const GGUF: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+);
 
 pub struct TestServer {
     pub base: String,
@@ -164,4 +169,12 @@ pub fn assert_validation(status: u16, body: &Value, loc: Value, kind: &str) {
         first["msg"].as_str().is_some_and(|m| !m.is_empty()),
         "{body}"
     );
+}
+
+/// The `data:` events of an SSE body.
+pub fn events(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }

@@ -13,9 +13,9 @@ use utoipa::ToSchema;
 
 use super::super::chat::{self, ChatStreamEvent};
 use super::super::error::{ApiError, HTTPValidationError, HttpError, ValidationError};
-use super::super::extract::{ApiJson, Validate, check_text, integral};
+use super::super::extract::{ApiJson, Validate, body, check_range, check_text, integral};
 use super::{
-    api_error, body, check_collection, check_nul, check_scalar_map, default_collection, rag_of,
+    api_error, check_collection, check_nul, check_scalar_map, default_collection, rag_of,
     scalar_map_schema,
 };
 use crate::llm::GenerationParams;
@@ -76,13 +76,7 @@ impl Validate for SearchRequest {
             .chain(check_nul(body(&["query"]), &self.query))
             .collect();
         problems.extend(check_collection(body(&["collection"]), &self.collection));
-        if !(1..=20).contains(&self.top_k) {
-            problems.push(ValidationError::new(
-                body(&["top_k"]),
-                "top_k should be between 1 and 20",
-                "value_error",
-            ));
-        }
+        problems.extend(check_range(body(&["top_k"]), self.top_k as u64, 1, 20));
         if let Some(filter) = &self.filter {
             problems.extend(check_scalar_map("filter", filter, MAX_FILTER_KEYS));
         }
@@ -182,20 +176,13 @@ impl Validate for QueryRequest {
                 .chain(check_nul(body(&["question"]), &self.question))
                 .collect();
         problems.extend(check_collection(body(&["collection"]), &self.collection));
-        if !(1..=20).contains(&self.top_k) {
-            problems.push(ValidationError::new(
-                body(&["top_k"]),
-                "top_k should be between 1 and 20",
-                "value_error",
-            ));
-        }
-        if !(1..=2048).contains(&self.max_tokens) {
-            problems.push(ValidationError::new(
-                body(&["max_tokens"]),
-                "max_tokens should be between 1 and 2048",
-                "value_error",
-            ));
-        }
+        problems.extend(check_range(body(&["top_k"]), self.top_k as u64, 1, 20));
+        problems.extend(check_range(
+            body(&["max_tokens"]),
+            self.max_tokens.into(),
+            1,
+            2048,
+        ));
         problems
     }
 }
