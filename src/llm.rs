@@ -6,6 +6,7 @@ mod attention;
 mod decode;
 mod engine;
 mod gguf_tokenizer;
+mod kernels;
 mod kv;
 mod linear;
 mod llama;
@@ -18,8 +19,8 @@ mod upstream;
 
 pub use engine::EngineStats;
 pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use kernels::{Format, Isa, QActs, QMatrix};
 pub use kv::KvCache;
-pub use linear::{Kernels, requantised_gguf};
 pub use llama::{Input, Llama, LlamaConfig};
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
 pub use prefix::PrefixCache;

@@ -1,7 +1,7 @@
 //! Our llama forward pass against candle's `quantized_llama::ModelWeights` on the real SmolLM2
-//! weights: the same logits within a small tolerance, the same greedy text, and the same logits
-//! whether a sequence runs alone, in a batch with others at other positions, or from a cached
-//! prefix.
+//! weights: the same logits within a small tolerance and the same greedy text; and the same logits,
+//! bit for bit, whether a sequence runs alone, in a batch with others at other positions, from a
+//! cached prefix, or a token at a time.
 
 mod common;
 
@@ -9,7 +9,8 @@ use common::GGUF;
 
 use std::sync::OnceLock;
 
-use aitier::llm::{Input, Kernels, KvCache, Llama, LocalModel, requantised_gguf};
+use aitier::llm::{Input, Isa, KvCache, Llama, LocalModel};
+use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 
@@ -20,10 +21,10 @@ const PROMPTS: [&str; 3] = [
 ];
 
 struct Models {
-    /// Our forward pass on the kernels candle's model uses.
+    /// Our forward pass as served: on the fastest kernels this CPU has.
     ours: Llama,
-    /// Our forward pass as served: on the fast tiled kernels.
-    fast: Llama,
+    /// The same on the portable scalar kernels.
+    scalar: Llama,
     candle: ModelWeights,
     chat: LocalModel,
 }
@@ -33,14 +34,16 @@ fn models() -> &'static Models {
     MODELS.get_or_init(|| {
         let path = std::path::Path::new(GGUF);
         assert!(path.is_file(), "{GGUF} is missing: run models/fetch");
-        let (content, mut reader) = requantised_gguf(path).unwrap();
-        let ours = Llama::from_gguf(&content, &mut reader, Kernels::Reference).unwrap();
-        let fast = Llama::from_gguf(&content, &mut reader, Kernels::Fast).unwrap();
+        let mut reader = std::fs::File::open(path).unwrap();
+        let content = Content::read(&mut reader).unwrap();
+        let ours = Llama::from_gguf(&content, &mut reader, Isa::detect()).unwrap();
+        let scalar = Llama::from_gguf(&content, &mut reader, Isa::Scalar).unwrap();
         let candle = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
         let chat = LocalModel::load(path).unwrap();
+        eprintln!("kernels: {:?}", Isa::detect());
         Models {
             ours,
-            fast,
+            scalar,
             candle,
             chat,
         }
@@ -187,10 +190,9 @@ fn our_forward_matches_candles_logits_and_greedy_text() {
         let ours = our_logits(&models().ours, &prompt, &tokens);
         for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             let diff = max_abs_diff(&softmax(a), &softmax(b));
-            // Bit-identical on short prompts; on longer ones the attention sums round
-            // differently, and as activations are requantised to 8 bits before every matmul a
-            // one-ulp difference can flip a rounding and grow through 30 layers.
-            assert!(diff < 0.08, "{question}, step {step}: max |Δp| = {diff}");
+            // Both quantise activations to 8 bits before every matmul but sum in different
+            // orders: a one-ulp difference can flip a rounding and grow through 30 layers.
+            assert!(diff < 0.15, "{question}, step {step}: max |Δp| = {diff}");
             assert!(
                 regret(a, b) < 0.5,
                 "{question}, step {step}: top token {} vs {} ({} below)",
@@ -204,7 +206,7 @@ fn our_forward_matches_candles_logits_and_greedy_text() {
 
 #[test]
 fn a_batched_step_gives_each_sequence_its_own_logits() {
-    let ours = &models().fast;
+    let ours = &models().ours;
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|q| prompt_ids(q)).collect();
     // Each sequence alone: its prompt, then two greedy tokens.
     let alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> =
@@ -229,8 +231,7 @@ fn a_batched_step_gives_each_sequence_its_own_logits() {
         let logits = ours.forward(&mut inputs).unwrap();
         let vocab = ours.config().vocab;
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
-            let diff = max_abs_diff(row, &alone[i].1[step]);
-            assert!(diff < 1e-3, "sequence {i}, step {step}: {diff}");
+            assert_eq!(row, &alone[i].1[step][..], "sequence {i}, step {step}");
             next[i] = argmax(row);
             assert_eq!(next[i], alone[i].0[step]);
         }
@@ -239,7 +240,7 @@ fn a_batched_step_gives_each_sequence_its_own_logits() {
 
 #[test]
 fn a_cached_prefix_gives_the_logits_of_a_cold_prefill() {
-    let ours = &models().fast;
+    let ours = &models().ours;
     let first = prompt_ids(PROMPTS[0]);
     let second = prompt_ids(PROMPTS[1]);
     let shared = first
@@ -270,47 +271,35 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill() {
         }])
         .unwrap();
     // Each prompt token is computed the same way with or without the cached prefix.
-    let diff = max_abs_diff(&reused, &fresh);
-    assert!(diff < 1e-3, "max |Δlogit| = {diff}");
-    assert_eq!(argmax(&reused), argmax(&fresh));
+    assert_eq!(reused, fresh);
     assert_eq!(copy.len(), second.len());
 }
 
-/// The fast kernels quantise activations per 256 values instead of per 32: fed the same tokens, the
-/// fast model's next-token distribution stays close to the reference's.
+/// The portable kernels sum in another order than the SIMD ones: fed the same tokens, their
+/// next-token distributions stay within rounding of each other on the real model.
 #[test]
-fn the_fast_kernels_stay_close_to_the_reference() {
-    let (ours, fast) = (&models().ours, &models().fast);
+fn the_scalar_kernels_agree_with_the_simd_ones_on_the_real_model() {
+    let (ours, scalar) = (&models().ours, &models().scalar);
     let (mut agree, mut steps, mut worst) = (0, 0, 0f32);
     for question in PROMPTS {
         let prompt = prompt_ids(question);
-        let (tokens, reference) = our_greedy(ours, &prompt, 24);
-        let mut cache = fast.new_cache();
-        let mut logits = fast
-            .forward(&mut [Input {
-                cache: &mut cache,
-                tokens: &prompt,
-            }])
-            .unwrap();
-        for (token, expected) in tokens.iter().zip(&reference) {
-            worst = worst.max(max_abs_diff(&softmax(&logits), &softmax(expected)));
-            agree += usize::from(argmax(&logits) == *token);
+        let (tokens, reference) = our_greedy(ours, &prompt, 12);
+        let got = our_logits(scalar, &prompt, &tokens);
+        for ((token, expected), logits) in tokens.iter().zip(&reference).zip(&got) {
+            worst = worst.max(max_abs_diff(&softmax(logits), &softmax(expected)));
+            agree += usize::from(argmax(logits) == *token);
             steps += 1;
-            logits = fast
-                .forward(&mut [Input {
-                    cache: &mut cache,
-                    tokens: &[*token],
-                }])
-                .unwrap();
         }
     }
-    eprintln!("fast vs reference: top-1 {agree}/{steps}, max |Δp| {worst}");
+    eprintln!(
+        "scalar vs {:?}: top-1 {agree}/{steps}, max |Δp| {worst}",
+        Isa::detect()
+    );
     assert!(agree * 10 >= steps * 9, "top-1 agreement {agree}/{steps}");
-    assert!(worst < 0.25, "max |Δp| = {worst}");
+    assert!(worst < 0.15, "max |Δp| = {worst}");
 }
 
-/// A long prompt's attention runs as blocks of matmuls; a token at a time it runs as loops over
-/// the cache. Both give the same logits, including across block boundaries and after a prefix.
+/// A long prompt prefilled in two pieces gives the same bits as the same tokens one at a time.
 #[test]
 fn a_long_prompt_prefilled_at_once_matches_one_token_at_a_time() {
     let ours = &models().ours;
@@ -341,7 +330,5 @@ fn a_long_prompt_prefilled_at_once_matches_one_token_at_a_time() {
             }])
             .unwrap();
     }
-    let diff = max_abs_diff(&softmax(&at_once), &softmax(&one_by_one));
-    assert!(diff < 0.05, "max |Δp| = {diff}");
-    assert_eq!(argmax(&at_once), argmax(&one_by_one));
+    assert_eq!(at_once, one_by_one);
 }

@@ -34,7 +34,13 @@ pub(crate) struct Decoder {
 
 impl Decoder {
     pub fn new(params: GenerationParams, prompt: &[u32]) -> Self {
-        let sampling = match (params.temperature.filter(|t| *t > 0.0), params.top_p) {
+        // Below this a temperature is greedy decoding (as vLLM's sampling epsilon): dividing the
+        // logits by a denormal such as 5e-324 overflows them to infinities.
+        const GREEDY_BELOW: f64 = 1e-5;
+        let sampling = match (
+            params.temperature.filter(|t| *t >= GREEDY_BELOW),
+            params.top_p,
+        ) {
             (None, _) => Sampling::ArgMax,
             (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
             (Some(temperature), _) => Sampling::All { temperature },
@@ -89,7 +95,15 @@ impl Decoder {
                 recent,
             )?
         };
-        let next = self.sampler.sample(&scored)?;
+        // Sampling fails only on logits it cannot weigh (non-finite after scaling): the most
+        // likely token is then the answer, never an error for the client.
+        let next = match self.sampler.sample(&scored) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::warn!(error = %e, "sampling failed; taking the most likely token");
+                scored.argmax(0)?.to_scalar::<u32>()?
+            }
+        };
         if end_of_turn.contains(&next) {
             return Ok(Step::Finished(FinishReason::Stop));
         }

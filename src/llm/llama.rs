@@ -1,23 +1,23 @@
-//! Our own forward pass of a quantised llama-architecture model, on candle's quantised matmuls.
+//! Our own forward pass of a quantised llama-architecture model, on our own int8 kernels.
 //! candle's `quantized_llama::ModelWeights` keeps its KV cache in private fields and takes one
 //! position for a whole batch; this one takes caches we own, so it can (a) start a prompt from the
 //! cache of a shared prefix and (b) advance several sequences, each at its own position, in one
 //! pass. The matmuls then run on the stacked `[tokens, dim]` activations of every sequence: the
-//! weights (≈140 MB in Q8_0, more than any cache) are read once per step instead of once per
+//! weights (≈95 MB for SmolLM2, more than any cache) are read once per step instead of once per
 //! sequence, which is where batching gets its throughput. Attention and RoPE run per sequence.
 
-use std::borrow::Cow;
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::Device;
+use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QStorage, QTensor};
 
 use super::LlmError;
-use super::attention::{BLOCK_MIN, Heads, attend, attend_block};
+use super::attention::{Heads, attend};
+use super::kernels::{Isa, QMatrix};
 use super::kv::{KvCache, Rope, rms_norm};
-use super::linear::{Kernels, Linear};
+use super::linear::{Linear, load_matrix};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -56,7 +56,8 @@ pub struct Input<'a> {
 /// The weights: immutable once loaded, shared by every sequence.
 pub struct Llama {
     config: LlamaConfig,
-    embeddings: Arc<QTensor>,
+    /// The token embeddings; also the output projection when the model ties them (one copy).
+    embeddings: Arc<QMatrix>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
@@ -68,11 +69,8 @@ fn f32_vec(t: QTensor) -> Result<Vec<f32>, LlmError> {
 }
 
 impl Llama {
-    pub fn from_gguf<R: Read + Seek>(
-        ct: &Content,
-        r: &mut R,
-        kernels: Kernels,
-    ) -> Result<Self, LlmError> {
+    /// Loads the weights for the kernels of `isa` ([`Isa::detect`] for the fastest here).
+    pub fn from_gguf<R: Read + Seek>(ct: &Content, r: &mut R, isa: Isa) -> Result<Self, LlmError> {
         let dev = Device::Cpu;
         let meta = |key: &str| {
             ct.metadata
@@ -93,35 +91,41 @@ impl Llama {
             ct.tensor(r, name, &dev)
                 .map_err(|e| LlmError::Load(format!("{name}: {e}")))
         };
-        let embeddings = Arc::new(tensor("token_embd.weight")?);
-        let (vocab, _) = embeddings.shape().dims2()?;
-        let output = match tensor("output.weight") {
-            Ok(t) => Linear::stacked(vec![t], kernels)?,
-            Err(_) => Linear::stacked(
-                vec![QTensor::new(
-                    QStorage::from_data(embeddings.data()?, &dev, embeddings.dtype())?,
-                    (vocab, dim),
-                )?],
-                kernels,
-            )?,
-        };
         let norm = f32_vec(tensor("output_norm.weight")?)?;
+        let embeddings = Arc::new(load_matrix(ct, r, "token_embd.weight")?);
+        let vocab = embeddings.rows();
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            Linear::stacked(vec![load_matrix(ct, r, "output.weight")?], isa)?
+        } else {
+            Linear::new(embeddings.clone(), isa)
+        };
         let mut layers = Vec::with_capacity(n_layer);
         let mut ffn_dim = 0;
         for i in 0..n_layer {
-            let mut t = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
-            let (q, k, v) = (t("attn_q")?, t("attn_k")?, t("attn_v")?);
-            let (gate, up) = (t("ffn_gate")?, t("ffn_up")?);
-            ffn_dim = gate.shape().dims2()?.0;
+            let mut m = |n: &str| load_matrix(ct, r, &format!("blk.{i}.{n}.weight"));
+            let (q, k, v) = (m("attn_q")?, m("attn_k")?, m("attn_v")?);
+            let (gate, up) = (m("ffn_gate")?, m("ffn_up")?);
+            let (wo, down) = (m("attn_output")?, m("ffn_down")?);
+            ffn_dim = gate.rows();
+            let mut norm = |n: &str| f32_vec(ct.tensor(r, &format!("blk.{i}.{n}.weight"), &dev)?);
             layers.push(Layer {
-                attn_norm: f32_vec(t("attn_norm")?)?,
-                qkv: Linear::stacked(vec![q, k, v], kernels)?,
-                wo: Linear::stacked(vec![t("attn_output")?], kernels)?,
-                ffn_norm: f32_vec(t("ffn_norm")?)?,
-                gate_up: Linear::stacked(vec![gate, up], kernels)?,
-                down: Linear::stacked(vec![t("ffn_down")?], kernels)?,
+                attn_norm: norm("attn_norm")?,
+                qkv: Linear::stacked(vec![q, k, v], isa)?,
+                wo: Linear::stacked(vec![wo], isa)?,
+                ffn_norm: norm("ffn_norm")?,
+                gate_up: Linear::stacked(vec![gate, up], isa)?,
+                down: Linear::stacked(vec![down], isa)?,
             });
         }
+        tracing::debug!(
+            bytes = layers
+                .iter()
+                .map(|l| l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes())
+                .sum::<usize>()
+                + output.bytes(),
+            ?isa,
+            "llama weights loaded"
+        );
         let head_dim = dim / n_head;
         let rope_dim = get("rope.dimension_count").unwrap_or(head_dim);
         Ok(Self {
@@ -155,39 +159,38 @@ impl Llama {
     /// The embedding rows of `tokens`, dequantised one row at a time (the table stays quantised:
     /// as f32 it would be another 110 MB for SmolLM2).
     fn embed(&self, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), LlmError> {
-        let dtype = self.embeddings.dtype();
-        let row = self.config.dim / dtype.block_size() * dtype.type_size();
-        let data = self.embeddings.data()?;
+        let dim = self.config.dim;
         for &t in tokens {
             let t = t as usize;
             if t >= self.config.vocab {
                 return Err(LlmError::Tokenizer(format!("token id {t} out of range")));
             }
-            let bytes = Cow::Borrowed(&data[t * row..(t + 1) * row]);
-            let storage = QStorage::from_data(bytes, &Device::Cpu, dtype)?;
-            let q = QTensor::new(storage, (self.config.dim,))?;
-            out.extend(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
+            let at = out.len();
+            out.resize(at + dim, 0.0);
+            self.embeddings.dequantize_row(t, &mut out[at..]);
         }
         Ok(())
     }
 
     /// Runs every input's tokens through the model in one pass, appending them to its cache, and
     /// returns the logits after each input's last token: `[inputs, vocab]`, row-major. A prompt is
-    /// one input with many tokens; a decode step is many inputs with one token each. Attention runs
-    /// as loops for single tokens and as matmuls for several (see [`Self::prefill`]).
+    /// one input with many tokens; a decode step is many inputs with one token each.
+    ///
+    /// Every token goes through the same operations in the same order whatever else is in the
+    /// pass: the matmul kernels compute each row on its own (see [`super::kernels`]) and attention
+    /// runs token by token. So a token's logits are the same bits whether its prompt was prefilled
+    /// cold, after a cached prefix, in chunks, or next to other sequences, and greedy decoding
+    /// gives the same text whatever ran before.
     pub fn forward(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
-        self.run(inputs, false)
+        self.run(inputs)
     }
 
-    /// [`Self::forward`] for prompts: attention always as matmuls, even for a one-token rest after
-    /// a cached prefix. A prompt's tokens are then computed the same way whether or not part of it
-    /// came from the prefix cache (the two attention paths round differently, and on a near-tie
-    /// that difference alone could change a greedy answer).
+    /// [`Self::forward`] for prompts (the same computation; kept as its own name for callers).
     pub fn prefill(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
-        self.run(inputs, true)
+        self.run(inputs)
     }
 
-    fn run(&self, inputs: &mut [Input<'_>], prefill: bool) -> Result<Vec<f32>, LlmError> {
+    fn run(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
         let c = self.config;
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         if inputs.iter().any(|i| i.tokens.is_empty()) {
@@ -217,7 +220,7 @@ impl Llama {
         let mut attn = vec![0f32; rows * q_dim];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.eps, &mut h);
-            let mut qkv = layer.qkv.forward(&h, rows)?;
+            let mut qkv = layer.qkv.forward(&h, rows);
             let width = q_dim + 2 * kv_dim;
             let mut row = 0;
             for input in inputs.iter_mut() {
@@ -231,24 +234,17 @@ impl Llama {
                     keys.extend_from_slice(&kv[..kv_dim]);
                     values.extend_from_slice(&kv[kv_dim..]);
                 }
-                let count = input.tokens.len();
-                let out = &mut attn[row * q_dim..(row + count) * q_dim];
-                if prefill || count >= BLOCK_MIN {
-                    let queries = &qkv[row * width..(row + count) * width];
-                    attend_block(heads, queries, width, start, count, keys, values, out)?;
-                } else {
-                    for j in 0..count {
-                        let q = &qkv[(row + j) * width..(row + j) * width + q_dim];
-                        let out = &mut out[j * q_dim..(j + 1) * q_dim];
-                        attend(heads, q, keys, values, start + j + 1, &mut scores, out);
-                    }
+                for j in 0..input.tokens.len() {
+                    let q = &qkv[(row + j) * width..(row + j) * width + q_dim];
+                    let out = &mut attn[(row + j) * q_dim..(row + j + 1) * q_dim];
+                    attend(heads, q, keys, values, start + j + 1, &mut scores, out);
                 }
                 row += input.tokens.len();
             }
-            let o = layer.wo.forward(&attn, rows)?;
+            let o = layer.wo.forward(&attn, rows);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             rms_norm(&x, &layer.ffn_norm, c.eps, &mut h);
-            let gu = layer.gate_up.forward(&h, rows)?;
+            let gu = layer.gate_up.forward(&h, rows);
             let act: Vec<f32> = gu
                 .chunks_exact(2 * c.ffn_dim)
                 .flat_map(|r| {
@@ -256,7 +252,7 @@ impl Llama {
                     g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 })
                 .collect();
-            let d = layer.down.forward(&act, rows)?;
+            let d = layer.down.forward(&act, rows);
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         let mut last = Vec::with_capacity(inputs.len() * c.dim);
@@ -267,6 +263,6 @@ impl Llama {
             input.cache.advance(input.tokens.len());
         }
         rms_norm(&last, &self.norm, c.eps, &mut h);
-        self.output.forward(&h, inputs.len())
+        Ok(self.output.forward(&h, inputs.len()))
     }
 }

@@ -1,7 +1,5 @@
-//! The local chat model: a GGUF llama-architecture model run by candle's quantized kernels.
-//! Tensors in a quantisation without a fast candle kernel (Q4_1, Q5_0, Q5_1) are requantised to
-//! Q8_0 at load: on SmolLM2 that took decoding from ≈25 to ≈73 tokens/s with the same greedy output
-//! (../shared/FINDINGS.md).
+//! The local chat model: a GGUF llama-architecture model run by our own int8 kernels on its stored
+//! Q4_0 / Q4_1 / Q8_0 weights (other types are converted to Q8_0 at load).
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -12,7 +10,7 @@ use tokenizers::Tokenizer;
 use super::LlmError;
 use super::decode::{Decoder, Step};
 use super::gguf_tokenizer::tokenizer_from_gguf;
-use super::linear::{Kernels, requantised_gguf};
+use super::kernels::Isa;
 use super::llama::{Input, Llama};
 use super::template::{ChatMessage, ChatTemplate};
 
@@ -27,7 +25,10 @@ pub struct GenerationParams {
     pub top_p: Option<f64>,
     /// The same seed gives the same text; `None` draws one.
     pub seed: Option<u64>,
-    /// 1.0 turns it off; greedy decoding of small models loops without one.
+    /// Divides the logits of tokens seen in the last `repeat_last_n` (prompt included); 1.0
+    /// turns it off, the default as in llama.cpp's server and OpenAI's API. On by default it
+    /// penalised the words of the question itself: "What is the capital of France?" was answered
+    /// "L'Étoile: Paris, la Ciampère..." instead of "The capital of France is Paris."
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
     /// Generation stops before any of these; they are not part of the answer.
@@ -41,7 +42,7 @@ impl Default for GenerationParams {
             temperature: None,
             top_p: None,
             seed: None,
-            repeat_penalty: 1.1,
+            repeat_penalty: 1.0,
             repeat_last_n: 64,
             stop: Vec::new(),
         }
@@ -81,7 +82,9 @@ fn metadata_u32(content: &Content, key: &str) -> Option<u32> {
 
 impl LocalModel {
     pub fn load(path: &Path) -> Result<Self, LlmError> {
-        let (content, mut reader) = requantised_gguf(path)?;
+        let load = |e: &dyn std::fmt::Display| LlmError::Load(format!("{}: {e}", path.display()));
+        let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| load(&e))?);
+        let content = Content::read(&mut reader).map_err(|e| load(&e))?;
         let tokenizer = tokenizer_from_gguf(&content)?;
         let token =
             |key: &str| metadata_u32(&content, key).and_then(|id| tokenizer.id_to_token(id));
@@ -108,11 +111,13 @@ impl LocalModel {
             .find(|(k, _)| k.ends_with(".context_length"))
             .and_then(|(_, v)| v.to_u32().ok())
             .unwrap_or(2048) as usize;
-        let llama = Llama::from_gguf(&content, &mut reader, Kernels::Fast)?;
+        let isa = Isa::detect();
+        let llama = Llama::from_gguf(&content, &mut reader, isa)?;
         tracing::info!(
             model = %path.display(),
             layers = llama.config().n_layer,
-            "chat model loaded (Q4_1/Q5_x tensors requantised to Q8_0: candle has no fast kernel for them)"
+            kernels = ?isa,
+            "chat model loaded"
         );
         Ok(Self {
             llama,
