@@ -72,7 +72,13 @@ fn main() {
         }
         let mut reader = std::fs::File::open(GGUF).unwrap();
         let content = Content::read(&mut reader).unwrap();
-        let model = Llama::from_gguf(&content, &mut reader, isa).unwrap();
+        let mut model = Llama::from_gguf(&content, &mut reader, isa).unwrap();
+        let threads: usize = std::env::var("AITIER_CHAT_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1);
+        model.set_threads(threads);
+        println!("{isa:?}: {threads} thread(s) (AITIER_CHAT_THREADS)");
         for batch in [1usize, 4] {
             let mut caches: Vec<KvCache> = (0..batch).map(|_| context(&model, 64)).collect();
             let mut times = Vec::new();

@@ -275,6 +275,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_MAX_CONCURRENT_GENERATIONS", default_value_t = 4)]
     pub max_concurrent_generations: usize,
 
+    /// Threads the chat engine splits each matmul over (default: one per core). A decode step
+    /// is a few milliseconds of work handed out ≈120 times, so the threads must be free when it
+    /// comes: on a machine shared with other busy processes, 1 is steadier.
+    #[arg(long, env = "AITIER_CHAT_THREADS")]
+    pub chat_threads: Option<usize>,
+
     /// Generations that may wait for a slot; beyond them a chat request gets 503 + Retry-After
     /// before its stream starts. A waiting client gets its headers and a `queued` comment at once.
     #[arg(long, env = "AITIER_GENERATION_QUEUE", default_value_t = 8)]

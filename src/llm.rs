@@ -19,7 +19,7 @@ mod upstream;
 
 pub use engine::EngineStats;
 pub use gguf_tokenizer::tokenizer_from_gguf;
-pub use kernels::{Format, Isa, QActs, QMatrix};
+pub use kernels::{Format, Isa, QActs, QMatrix, matmul};
 pub use kv::KvCache;
 pub use llama::{Input, Llama, LlamaConfig};
 pub use local::{FinishReason, Generation, GenerationParams, LocalModel};

@@ -77,6 +77,9 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
                 path: path.into(),
                 concurrent: args.max_concurrent_generations,
                 queue: args.generation_queue,
+                threads: args
+                    .chat_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             })
         }
         None => None,
@@ -113,6 +116,7 @@ struct ChatConfig {
     path: std::path::PathBuf,
     concurrent: usize,
     queue: usize,
+    threads: usize,
 }
 
 async fn load_models(
@@ -155,10 +159,16 @@ async fn load_models(
     if let (Some(slot), Some(chat)) = (&state.chat, chat) {
         let started = std::time::Instant::now();
         let path = chat.path.clone();
-        let model = tokio::task::spawn_blocking(move || LocalModel::load(&path))
-            .await
-            .context("chat model loader task")?
-            .with_context(|| format!("chat model {}", chat.path.display()))?;
+        let threads = chat.threads;
+        let model = tokio::task::spawn_blocking(move || {
+            LocalModel::load(&path).map(|mut m| {
+                m.set_threads(threads);
+                m
+            })
+        })
+        .await
+        .context("chat model loader task")?
+        .with_context(|| format!("chat model {}", chat.path.display()))?;
         tracing::info!(
             model = %slot.name(),
             context = model.context_length(),

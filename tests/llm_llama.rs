@@ -332,3 +332,20 @@ fn a_long_prompt_prefilled_at_once_matches_one_token_at_a_time() {
     }
     assert_eq!(at_once, one_by_one);
 }
+
+/// The matmuls split their columns over the compute threads; each column is computed the same way
+/// on any thread, so the logits are the same bits with one thread or two.
+#[test]
+fn two_compute_threads_give_the_same_logits_as_one() {
+    let path = std::path::Path::new(GGUF);
+    let mut reader = std::fs::File::open(path).unwrap();
+    let content = Content::read(&mut reader).unwrap();
+    let mut two = Llama::from_gguf(&content, &mut reader, Isa::detect()).unwrap();
+    two.set_threads(2);
+    assert_eq!(two.threads(), 2);
+    let prompt = prompt_ids(PROMPTS[2]);
+    let (tokens, one_thread) = our_greedy(&models().ours, &prompt, 6);
+    let (again, two_threads) = our_greedy(&two, &prompt, 6);
+    assert_eq!(tokens, again);
+    assert_eq!(one_thread, two_threads);
+}

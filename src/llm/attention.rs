@@ -30,6 +30,7 @@ impl Heads {
 }
 
 /// Softmax of `row[..visible] × scale` in place; the positions after `visible` get weight 0.
+#[inline(always)]
 fn softmax_visible(row: &mut [f32], visible: usize, scale: f32) {
     let max = row[..visible]
         .iter()
@@ -46,6 +47,7 @@ fn softmax_visible(row: &mut [f32], visible: usize, scale: f32) {
 }
 
 /// One query token (all its heads in `q`) over the first `len` cached positions.
+#[inline(always)]
 pub(crate) fn attend(
     heads: Heads,
     q: &[f32],
@@ -59,8 +61,12 @@ pub(crate) fn attend(
     for h in 0..heads.n_head {
         let qh = &q[h * hd..(h + 1) * hd];
         let off = (h / heads.group()) * hd;
-        scores.clear();
-        scores.extend((0..len).map(|t| dot(qh, &keys[t * kv_dim + off..t * kv_dim + off + hd])));
+        // Plain loops (no iterator adapters): everything here inlines into the caller's
+        // vectorised code.
+        scores.resize(len, 0.0);
+        for (t, score) in scores.iter_mut().enumerate() {
+            *score = dot(qh, &keys[t * kv_dim + off..t * kv_dim + off + hd]);
+        }
         softmax_visible(scores, len, heads.scale());
         let oh = &mut out[h * hd..(h + 1) * hd];
         oh.fill(0.0);
@@ -70,5 +76,41 @@ pub(crate) fn attend(
                 *o += w * v;
             }
         }
+    }
+}
+
+/// One input's new tokens: token `j`'s heads at `qkv[j * width..]`, at position `start + j`.
+pub(crate) struct Queries<'a> {
+    pub qkv: &'a [f32],
+    pub width: usize,
+    pub start: usize,
+    pub count: usize,
+}
+
+/// Every token of `queries` over the cache that holds it and the ones before, writing `count`
+/// rows of `n_head × head_dim` to `out`. Inlined into `kernels::attend_tokens`, which runs it
+/// compiled for the CPU's widest vectors (the same operations, so the same bits, only faster).
+#[inline(always)]
+pub(crate) fn attend_tokens(
+    heads: Heads,
+    queries: &Queries<'_>,
+    keys: &[f32],
+    values: &[f32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let q_dim = heads.n_head * heads.head_dim;
+    for j in 0..queries.count {
+        let q = &queries.qkv[j * queries.width..j * queries.width + q_dim];
+        let len = queries.start + j + 1;
+        attend(
+            heads,
+            q,
+            keys,
+            values,
+            len,
+            scores,
+            &mut out[j * q_dim..(j + 1) * q_dim],
+        );
     }
 }

@@ -18,6 +18,9 @@
 mod x86;
 
 use super::LlmError;
+#[cfg(not(target_arch = "x86_64"))]
+use super::attention;
+use super::attention::{Heads, Queries};
 
 /// Values per quantisation block, for every format here.
 pub const BLOCK: usize = 32;
@@ -73,16 +76,42 @@ impl Format {
     }
 }
 
-/// An `[n, k]` weight matrix in GGUF blocks, row after row.
+/// Blocks whose scales are loaded together: the x86 kernels reduce eight blocks' integer sums into
+/// one vector and scale them with one multiply. Scale rows are zero-padded to a multiple of it.
+pub const GROUP: usize = 8;
+
+/// An `[n, k]` weight matrix, repacked at load from its GGUF blocks (same size: quant bytes and
+/// f16 scales, only apart): per row, the blocks' quant bytes back to back, and the scales (and
+/// the 4-bit formats' offsets) as contiguous f16 arrays, so that eight blocks' scales are one load.
 pub struct QMatrix {
     format: Format,
     n: usize,
     k: usize,
-    data: Vec<u8>,
+    /// 16 bytes a block for 4-bit formats (low nibbles weights 0–15, high ones 16–31, as GGUF),
+    /// 32 signed bytes for Q8_0.
+    qs: Vec<u8>,
+    /// f16 bits, `padded_blocks` per row: the block scales, then zeros.
+    d: Vec<u16>,
+    /// The same for the offsets (Q4_1's `m`, Q4_0's `−8d`); empty for Q8_0.
+    m: Vec<u16>,
 }
 
 fn f16(bytes: &[u8]) -> f32 {
     half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32()
+}
+
+fn f32_of(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+impl Format {
+    /// Quant bytes of one block in [`QMatrix`]'s layout.
+    fn quant_bytes(self) -> usize {
+        match self {
+            Format::Q8_0 => 32,
+            Format::Q4_0 | Format::Q4_1 => 16,
+        }
+    }
 }
 
 impl QMatrix {
@@ -94,7 +123,37 @@ impl QMatrix {
                 data.len()
             )));
         }
-        Ok(Self { format, n, k, data })
+        let (kb, kp) = (k / BLOCK, (k / BLOCK).next_multiple_of(GROUP));
+        let mut m = Self {
+            format,
+            n,
+            k,
+            qs: Vec::with_capacity(n * kb * format.quant_bytes()),
+            d: vec![0; n * kp],
+            m: if format == Format::Q8_0 {
+                Vec::new()
+            } else {
+                vec![0; n * kp]
+            },
+        };
+        for (i, block) in data.chunks_exact(format.block_bytes()).enumerate() {
+            let at = i / kb * kp + i % kb;
+            m.d[at] = u16::from_le_bytes([block[0], block[1]]);
+            let quants = match format {
+                Format::Q8_0 => &block[2..],
+                Format::Q4_1 => {
+                    m.m[at] = u16::from_le_bytes([block[2], block[3]]);
+                    &block[4..]
+                }
+                Format::Q4_0 => {
+                    // −8d is exact in f16 (a power-of-two multiple).
+                    m.m[at] = half::f16::from_f32(-8.0 * f16(block)).to_bits();
+                    &block[2..]
+                }
+            };
+            m.qs.extend_from_slice(quants);
+        }
+        Ok(m)
     }
 
     /// Quantises `[n, k]` values to Q8_0, as llama.cpp does (round to nearest, scale max/127).
@@ -130,6 +189,14 @@ impl QMatrix {
         self.k
     }
 
+    fn blocks(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    fn padded_blocks(&self) -> usize {
+        self.blocks().next_multiple_of(GROUP)
+    }
+
     /// Stacks matrices of the same format and width, rows of the first first.
     pub fn stack(parts: Vec<QMatrix>) -> Result<Self, LlmError> {
         let (format, k) = (parts[0].format, parts[0].k);
@@ -137,42 +204,61 @@ impl QMatrix {
             return Err(LlmError::Load("projections of mixed types".into()));
         }
         let n = parts.iter().map(|p| p.n).sum();
-        let data = parts.into_iter().flat_map(|p| p.data).collect();
-        Self::new(format, n, k, data)
+        let mut out = Self {
+            format,
+            n,
+            k,
+            qs: Vec::new(),
+            d: Vec::new(),
+            m: Vec::new(),
+        };
+        for p in parts {
+            out.qs.extend(p.qs);
+            out.d.extend(p.d);
+            out.m.extend(p.m);
+        }
+        Ok(out)
     }
 
-    fn row_bytes(&self) -> usize {
-        self.k / BLOCK * self.format.block_bytes()
-    }
-
-    fn row(&self, j: usize) -> &[u8] {
-        let w = self.row_bytes();
-        &self.data[j * w..(j + 1) * w]
+    /// Row `j`: its quant bytes, scales and offsets.
+    fn row(&self, j: usize) -> (&[u8], &[u16], &[u16]) {
+        let (qb, kp) = (
+            self.blocks() * self.format.quant_bytes(),
+            self.padded_blocks(),
+        );
+        let m = if self.m.is_empty() {
+            &[][..]
+        } else {
+            &self.m[j * kp..(j + 1) * kp]
+        };
+        (
+            &self.qs[j * qb..(j + 1) * qb],
+            &self.d[j * kp..(j + 1) * kp],
+            m,
+        )
     }
 
     /// Writes row `j` as floats into `out` (`k` values): an embedding lookup.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        let bb = self.format.block_bytes();
-        for (block, out) in self
-            .row(j)
-            .chunks_exact(bb)
+        let (qs, d, m) = self.row(j);
+        let qb = self.format.quant_bytes();
+        for (b, (quants, out)) in qs
+            .chunks_exact(qb)
             .zip(out.chunks_exact_mut(BLOCK))
+            .enumerate()
         {
-            let d = f16(block);
+            let scale = f32_of(d[b]);
             match self.format {
                 Format::Q8_0 => {
-                    for (o, q) in out.iter_mut().zip(&block[2..]) {
-                        *o = d * (*q as i8) as f32;
+                    for (o, q) in out.iter_mut().zip(quants) {
+                        *o = scale * (*q as i8) as f32;
                     }
                 }
                 Format::Q4_0 | Format::Q4_1 => {
-                    let (m, qs) = match self.format {
-                        Format::Q4_1 => (f16(&block[2..]), &block[4..]),
-                        _ => (-8.0 * d, &block[2..]),
-                    };
-                    for (i, q) in qs.iter().enumerate() {
-                        out[i] = d * (q & 0x0f) as f32 + m;
-                        out[i + 16] = d * (q >> 4) as f32 + m;
+                    let offset = f32_of(m[b]);
+                    for (i, q) in quants.iter().enumerate() {
+                        out[i] = scale * (q & 0x0f) as f32 + offset;
+                        out[i + 16] = scale * (q >> 4) as f32 + offset;
                     }
                 }
             }
@@ -181,12 +267,13 @@ impl QMatrix {
 
     /// Bytes of weights, for logs and memory budgets.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.qs.len() + 2 * (self.d.len() + self.m.len())
     }
 }
 
 /// `rows` activation rows quantised to 8 bits per block of 32: values `qs`, one scale `d` per
-/// block, and `s = d × Σ qs` per block (what the 4-bit formats' offsets multiply).
+/// block, and `s = d × Σ qs` per block (what the 4-bit formats' offsets multiply); `d` and `s`
+/// are zero-padded per row to a multiple of [`GROUP`] blocks, as the weights' scales are.
 pub struct QActs {
     rows: usize,
     k: usize,
@@ -199,15 +286,19 @@ impl QActs {
     /// Quantises `[rows, k]` values, each block on its own (llama.cpp's `quantize_row_q8_1`).
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
         assert!(k.is_multiple_of(BLOCK) && x.len() == rows * k);
-        let blocks = x.len() / BLOCK;
+        let (kb, kp) = (k / BLOCK, (k / BLOCK).next_multiple_of(GROUP));
         let mut acts = Self {
             rows,
             k,
             qs: vec![0; x.len()],
-            d: Vec::with_capacity(blocks),
-            s: Vec::with_capacity(blocks),
+            d: vec![0.0; rows * kp],
+            s: vec![0.0; rows * kp],
         };
-        for (block, qs) in x.chunks_exact(BLOCK).zip(acts.qs.chunks_exact_mut(BLOCK)) {
+        for (i, (block, qs)) in x
+            .chunks_exact(BLOCK)
+            .zip(acts.qs.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -216,8 +307,9 @@ impl QActs {
                 *q = (v * id).round() as i8;
                 sum += *q as i32;
             }
-            acts.d.push(d);
-            acts.s.push(d * sum as f32);
+            let at = i / kb * kp + i % kb;
+            acts.d[at] = d;
+            acts.s[at] = d * sum as f32;
         }
         acts
     }
@@ -228,13 +320,29 @@ impl QActs {
 
     /// Row `r`'s values, scales and scaled sums.
     fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
-        let kb = self.k / BLOCK;
+        let kp = (self.k / BLOCK).next_multiple_of(GROUP);
         (
             &self.qs[r * self.k..(r + 1) * self.k],
-            &self.d[r * kb..(r + 1) * kb],
-            &self.s[r * kb..(r + 1) * kb],
+            &self.d[r * kp..(r + 1) * kp],
+            &self.s[r * kp..(r + 1) * kp],
         )
     }
+}
+
+/// Attention of one input's new tokens (see [`attention::attend_tokens`]), on the widest
+/// vectors the CPU has: the same bits on every path.
+pub(crate) fn attend_tokens(
+    heads: Heads,
+    queries: &Queries<'_>,
+    keys: &[f32],
+    values: &[f32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    x86::attend_tokens(heads, queries, keys, values, scores, out);
+    #[cfg(not(target_arch = "x86_64"))]
+    attention::attend_tokens(heads, queries, keys, values, scores, out);
 }
 
 /// `out[r][j] = Σ w[j] · x[r]` for the columns `cols` of `w`: `out` holds `rows × cols.len()`
@@ -250,33 +358,35 @@ pub fn matmul_cols(
     assert_eq!(w.k, x.k);
     assert!(cols.end <= w.n && out.len() == x.rows * cols.len());
     let width = cols.len();
-    let rb = w.row_bytes();
-    let rows = &w.data[cols.start * rb..cols.end * rb];
     match isa {
         Isa::Scalar => {
-            for (c, row) in rows.chunks_exact(rb).enumerate() {
+            for (c, j) in cols.enumerate() {
                 for r in 0..x.rows {
-                    out[r * width + c] = dot_scalar(w.format, row, x.row(r));
+                    out[r * width + c] = dot_scalar(w.format, w.row(j), x.row(r));
                 }
             }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
+            let (qb, kp) = (w.blocks() * w.format.quant_bytes(), w.padded_blocks());
+            let weights = x86::Weights {
+                format: w.format,
+                qs: &w.qs[cols.start * qb..cols.end * qb],
+                d: &w.d[cols.start * kp..cols.end * kp],
+                m: if w.m.is_empty() {
+                    &[]
+                } else {
+                    &w.m[cols.start * kp..cols.end * kp]
+                },
+                blocks: w.blocks(),
+            };
             let acts = x86::Acts {
                 qs: &x.qs,
                 d: &x.d,
                 s: &x.s,
                 rows: x.rows,
             };
-            x86::matmul(
-                isa == Isa::Avx512Vnni,
-                w.format,
-                rows,
-                w.k / BLOCK,
-                &acts,
-                out,
-                width,
-            );
+            x86::matmul(isa == Isa::Avx512Vnni, &weights, &acts, out, width);
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only scalar kernels off x86"),
@@ -291,25 +401,24 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs) -> Vec<f32> {
 }
 
 /// The reference: one weight row against one activation row, block by block.
-fn dot_scalar(format: Format, w: &[u8], (qs, d, s): (&[i8], &[f32], &[f32])) -> f32 {
-    let bb = format.block_bytes();
+fn dot_scalar(
+    format: Format,
+    (wq, wd, wm): (&[u8], &[u16], &[u16]),
+    (qs, d, s): (&[i8], &[f32], &[f32]),
+) -> f32 {
+    let qb = format.quant_bytes();
     let (mut acc, mut offsets) = (0f32, 0f32);
-    for (b, block) in w.chunks_exact(bb).enumerate() {
+    for (b, quants) in wq.chunks_exact(qb).enumerate() {
         let a = &qs[b * BLOCK..(b + 1) * BLOCK];
-        let dw = f16(block);
         let isum: i32 = match format {
-            Format::Q8_0 => block[2..]
+            Format::Q8_0 => quants
                 .iter()
                 .zip(a)
                 .map(|(w, a)| (*w as i8) as i32 * *a as i32)
                 .sum(),
             Format::Q4_0 | Format::Q4_1 => {
-                let (m, nibbles) = match format {
-                    Format::Q4_1 => (f16(&block[2..]), &block[4..]),
-                    _ => (-8.0 * dw, &block[2..]),
-                };
-                offsets += m * s[b];
-                nibbles
+                offsets += f32_of(wm[b]) * s[b];
+                quants
                     .iter()
                     .enumerate()
                     .map(|(i, q)| {
@@ -318,7 +427,7 @@ fn dot_scalar(format: Format, w: &[u8], (qs, d, s): (&[i8], &[f32], &[f32])) -> 
                     .sum()
             }
         };
-        acc += dw * d[b] * isum as f32;
+        acc += f32_of(wd[b]) * d[b] * isum as f32;
     }
     acc + offsets
 }

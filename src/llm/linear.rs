@@ -9,7 +9,31 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Content;
 
 use super::LlmError;
-use super::kernels::{Format, Isa, QActs, QMatrix, matmul};
+use super::kernels::{Format, Isa, QActs, QMatrix, matmul_cols};
+
+/// How projections run: the kernels' instruction set, and the threads the columns are split over.
+pub(crate) struct Compute {
+    pub isa: Isa,
+    /// `None`: on the calling thread alone.
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl Compute {
+    pub(crate) fn new(isa: Isa, threads: usize) -> Self {
+        let pool = (threads > 1).then(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("chat-compute-{i}"))
+                .build()
+                .expect("start the chat compute threads")
+        });
+        Self { isa, pool }
+    }
+
+    pub(crate) fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+    }
+}
 
 /// The tensor `name` of the GGUF as a matrix our kernels take.
 pub(crate) fn load_matrix<R: Read + Seek>(
@@ -43,22 +67,59 @@ pub(crate) fn load_matrix<R: Read + Seek>(
 /// gate|up): one call quantises the activations once for all of them.
 pub(crate) struct Linear {
     weights: Arc<QMatrix>,
-    isa: Isa,
 }
 
+/// Columns below which a projection is not split between threads: the hand-off (a few µs) would
+/// cost more than the work.
+const MIN_SPLIT_COLUMNS: usize = 256;
+
 impl Linear {
-    pub(crate) fn new(weights: Arc<QMatrix>, isa: Isa) -> Self {
-        Self { weights, isa }
+    pub(crate) fn new(weights: Arc<QMatrix>) -> Self {
+        Self { weights }
     }
 
-    pub(crate) fn stacked(parts: Vec<QMatrix>, isa: Isa) -> Result<Self, LlmError> {
-        Ok(Self::new(Arc::new(QMatrix::stack(parts)?), isa))
+    pub(crate) fn stacked(parts: Vec<QMatrix>) -> Result<Self, LlmError> {
+        Ok(Self::new(Arc::new(QMatrix::stack(parts)?)))
     }
 
-    /// `[rows, k]` → `[rows, out]`, row-major.
-    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let acts = QActs::quantize(x, rows, self.weights.cols());
-        matmul(self.isa, &self.weights, &acts)
+    /// `[rows, k]` → `[rows, out]`, row-major. The columns are split between the compute threads;
+    /// each element is computed the same way whatever the split (see [`super::kernels`]).
+    pub(crate) fn forward(&self, compute: &Compute, x: &[f32], rows: usize) -> Vec<f32> {
+        let w = &self.weights;
+        let acts = QActs::quantize(x, rows, w.cols());
+        let n = w.rows();
+        let mut out = vec![0f32; rows * n];
+        let threads = compute.threads();
+        match &compute.pool {
+            Some(pool) if n >= MIN_SPLIT_COLUMNS * 2 => {
+                // Contiguous column ranges, a multiple of 16 wide, one per thread.
+                let per = n.div_ceil(threads).next_multiple_of(16);
+                let ranges: Vec<std::ops::Range<usize>> = (0..n)
+                    .step_by(per)
+                    .map(|start| start..(start + per).min(n))
+                    .collect();
+                let parts: Vec<Vec<f32>> = pool.install(|| {
+                    use rayon::prelude::*;
+                    ranges
+                        .par_iter()
+                        .map(|cols| {
+                            let mut part = vec![0f32; rows * cols.len()];
+                            matmul_cols(compute.isa, w, &acts, cols.clone(), &mut part);
+                            part
+                        })
+                        .collect()
+                });
+                for (cols, part) in ranges.iter().zip(&parts) {
+                    let width = cols.len();
+                    for r in 0..rows {
+                        out[r * n + cols.start..r * n + cols.end]
+                            .copy_from_slice(&part[r * width..(r + 1) * width]);
+                    }
+                }
+            }
+            _ => matmul_cols(compute.isa, w, &acts, 0..n, &mut out),
+        }
+        out
     }
 
     pub(crate) fn bytes(&self) -> usize {

@@ -14,10 +14,10 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Content;
 
 use super::LlmError;
-use super::attention::{Heads, attend};
-use super::kernels::{Isa, QMatrix};
+use super::attention::{Heads, Queries};
+use super::kernels::{Isa, QMatrix, attend_tokens};
 use super::kv::{KvCache, Rope, rms_norm};
-use super::linear::{Linear, load_matrix};
+use super::linear::{Compute, Linear, load_matrix};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -62,6 +62,7 @@ pub struct Llama {
     norm: Vec<f32>,
     output: Linear,
     rope: Rope,
+    compute: Compute,
 }
 
 fn f32_vec(t: QTensor) -> Result<Vec<f32>, LlmError> {
@@ -69,7 +70,8 @@ fn f32_vec(t: QTensor) -> Result<Vec<f32>, LlmError> {
 }
 
 impl Llama {
-    /// Loads the weights for the kernels of `isa` ([`Isa::detect`] for the fastest here).
+    /// Loads the weights for the kernels of `isa` ([`Isa::detect`] for the fastest here), run on
+    /// the calling thread ([`Self::set_threads`] to split them).
     pub fn from_gguf<R: Read + Seek>(ct: &Content, r: &mut R, isa: Isa) -> Result<Self, LlmError> {
         let dev = Device::Cpu;
         let meta = |key: &str| {
@@ -95,9 +97,9 @@ impl Llama {
         let embeddings = Arc::new(load_matrix(ct, r, "token_embd.weight")?);
         let vocab = embeddings.rows();
         let output = if ct.tensor_infos.contains_key("output.weight") {
-            Linear::stacked(vec![load_matrix(ct, r, "output.weight")?], isa)?
+            Linear::stacked(vec![load_matrix(ct, r, "output.weight")?])?
         } else {
-            Linear::new(embeddings.clone(), isa)
+            Linear::new(embeddings.clone())
         };
         let mut layers = Vec::with_capacity(n_layer);
         let mut ffn_dim = 0;
@@ -110,11 +112,11 @@ impl Llama {
             let mut norm = |n: &str| f32_vec(ct.tensor(r, &format!("blk.{i}.{n}.weight"), &dev)?);
             layers.push(Layer {
                 attn_norm: norm("attn_norm")?,
-                qkv: Linear::stacked(vec![q, k, v], isa)?,
-                wo: Linear::stacked(vec![wo], isa)?,
+                qkv: Linear::stacked(vec![q, k, v])?,
+                wo: Linear::stacked(vec![wo])?,
                 ffn_norm: norm("ffn_norm")?,
-                gate_up: Linear::stacked(vec![gate, up], isa)?,
-                down: Linear::stacked(vec![down], isa)?,
+                gate_up: Linear::stacked(vec![gate, up])?,
+                down: Linear::stacked(vec![down])?,
             });
         }
         tracing::debug!(
@@ -144,7 +146,18 @@ impl Llama {
             norm,
             output,
             rope: Rope::new(rope_dim, base.unwrap_or(10_000.0), context),
+            compute: Compute::new(isa, 1),
         })
+    }
+
+    /// Splits every projection's columns over `threads` threads (1: the calling thread only). The
+    /// logits do not change: each column is computed the same way on any thread.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.compute = Compute::new(self.compute.isa, threads.max(1));
+    }
+
+    pub fn threads(&self) -> usize {
+        self.compute.threads()
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -220,7 +233,7 @@ impl Llama {
         let mut attn = vec![0f32; rows * q_dim];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.eps, &mut h);
-            let mut qkv = layer.qkv.forward(&h, rows);
+            let mut qkv = layer.qkv.forward(&self.compute, &h, rows);
             let width = q_dim + 2 * kv_dim;
             let mut row = 0;
             for input in inputs.iter_mut() {
@@ -234,17 +247,21 @@ impl Llama {
                     keys.extend_from_slice(&kv[..kv_dim]);
                     values.extend_from_slice(&kv[kv_dim..]);
                 }
-                for j in 0..input.tokens.len() {
-                    let q = &qkv[(row + j) * width..(row + j) * width + q_dim];
-                    let out = &mut attn[(row + j) * q_dim..(row + j + 1) * q_dim];
-                    attend(heads, q, keys, values, start + j + 1, &mut scores, out);
-                }
+                let count = input.tokens.len();
+                let queries = Queries {
+                    qkv: &qkv[row * width..(row + count) * width],
+                    width,
+                    start,
+                    count,
+                };
+                let out = &mut attn[row * q_dim..(row + count) * q_dim];
+                attend_tokens(heads, &queries, keys, values, &mut scores, out);
                 row += input.tokens.len();
             }
-            let o = layer.wo.forward(&attn, rows);
+            let o = layer.wo.forward(&self.compute, &attn, rows);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             rms_norm(&x, &layer.ffn_norm, c.eps, &mut h);
-            let gu = layer.gate_up.forward(&h, rows);
+            let gu = layer.gate_up.forward(&self.compute, &h, rows);
             let act: Vec<f32> = gu
                 .chunks_exact(2 * c.ffn_dim)
                 .flat_map(|r| {
@@ -252,7 +269,7 @@ impl Llama {
                     g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 })
                 .collect();
-            let d = layer.down.forward(&act, rows);
+            let d = layer.down.forward(&self.compute, &act, rows);
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         let mut last = Vec::with_capacity(inputs.len() * c.dim);
@@ -263,6 +280,6 @@ impl Llama {
             input.cache.advance(input.tokens.len());
         }
         rms_norm(&last, &self.norm, c.eps, &mut h);
-        Ok(self.output.forward(&h, inputs.len()))
+        Ok(self.output.forward(&self.compute, &h, inputs.len()))
     }
 }

@@ -128,6 +128,11 @@ impl LocalModel {
         })
     }
 
+    /// Threads the forward pass splits its matmuls over (default 1).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.llama.set_threads(threads);
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -1,19 +1,22 @@
 //! The x86 SIMD kernels behind [`super::dot_rows`]: the only unsafe code of the engine.
 //!
-//! One weight row against up to four activation rows. Per block of 32: the weights are loaded (and
-//! for 4-bit formats unpacked) once, then for each activation row an exact integer sum in eight
-//! `i32` lanes (lane `i` sums products `4i..4i + 4`), converted to `f32` and multiplied into an
-//! eight-lane accumulator by the two scales. AVX2 forms the lanes with `vpmaddubsw` + `vpmaddwd`
-//! (no overflow: |w| ≤ 128, |a| ≤ 127 gives at most 32,512 per pair), AVX-512 VNNI with one
-//! `vpdpbusd`; the lanes hold the same integers either way, so both paths give the same bits. The
-//! 4-bit formats' offsets (`m × s`) are added in a scalar sum, block by block.
+//! One weight row against up to four activation rows, eight blocks of 32 at a time. Per block the
+//! weights are loaded (4-bit ones unpacked) once; for each activation row the products form an
+//! exact integer sum in eight `i32` lanes: AVX2 with `vpmaddubsw` + `vpmaddwd` (no overflow: |w| ≤
+//! 128, |a| ≤ 127 gives at most 32,512 per pair), AVX-512 VNNI with one `vpdpbusd`. The lanes hold
+//! the same integers either way, so both paths give the same bits. Horizontal adds fold eight
+//! blocks' lanes into one vector of eight block sums, converted to `f32` and multiplied by the
+//! eight weight × activation scales in one fused multiply-add; the 4-bit formats' offsets
+//! (`m × s`) take one more. Per row and block that is about a third of the instructions of
+//! scaling each block on its own (as llama.cpp's `vec_dot` kernels do).
 //!
 //! Safety: every function here is `unsafe` only because of `#[target_feature]`; the safe wrapper
 //! [`dot_rows`] checks the CPU first (once, cached by std) and the slice lengths before any load.
 
 use core::arch::x86_64::*;
 
-use super::{BLOCK, Format};
+use super::super::attention::{self, Heads, Queries};
+use super::{BLOCK, Format, GROUP};
 
 pub(super) fn avx2_supported() -> bool {
     is_x86_feature_detected!("avx2")
@@ -28,7 +31,47 @@ pub(super) fn avx512_vnni_supported() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Activation rows: all values, scales and scaled sums, `rows × kb` blocks.
+/// [`attention::attend_tokens`] compiled for AVX2, so that its loops (dot products, weighted
+/// sums) are vectorised 8 wide. Rust never fuses a multiply and an add on its own, so the results
+/// are the same bits as the portable build; only the speed differs.
+pub(super) fn attend_tokens(
+    heads: Heads,
+    queries: &Queries<'_>,
+    keys: &[f32],
+    values: &[f32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[target_feature(enable = "avx2")]
+    fn avx2(
+        heads: Heads,
+        queries: &Queries<'_>,
+        keys: &[f32],
+        values: &[f32],
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        attention::attend_tokens(heads, queries, keys, values, scores, out)
+    }
+    if avx2_supported() {
+        // SAFETY: the CPU has AVX2 (checked on the line above); the function is safe otherwise.
+        unsafe { avx2(heads, queries, keys, values, scores, out) }
+    } else {
+        attention::attend_tokens(heads, queries, keys, values, scores, out)
+    }
+}
+
+/// One weight matrix's columns, as [`super::QMatrix`] lays them out.
+pub(super) struct Weights<'a> {
+    pub format: Format,
+    pub qs: &'a [u8],
+    pub d: &'a [u16],
+    pub m: &'a [u16],
+    /// Blocks per row (the scale rows hold them padded to a multiple of [`GROUP`]).
+    pub blocks: usize,
+}
+
+/// Activation rows: all values, scales and scaled sums.
 pub(super) struct Acts<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
@@ -36,46 +79,39 @@ pub(super) struct Acts<'a> {
     pub rows: usize,
 }
 
-/// Safe entry: `w` holds consecutive weight rows in `format`'s blocks, `kb` blocks each; writes
-/// `out[r * width + c]` = weight row `c` · activation row `r` for every row of `acts`.
-pub(super) fn matmul(
-    vnni: bool,
-    format: Format,
-    w: &[u8],
-    kb: usize,
-    acts: &Acts<'_>,
-    out: &mut [f32],
-    width: usize,
-) {
-    let row_bytes = kb * format.block_bytes();
-    let cols = w.len() / row_bytes;
-    assert!(w.len() == cols * row_bytes && cols <= width);
+/// Safe entry: writes `out[r * width + c]` = weight column `c` · activation row `r` for every
+/// column of `w` and row of `acts`.
+pub(super) fn matmul(vnni: bool, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
+    let (kb, kp) = (w.blocks, w.blocks.next_multiple_of(GROUP));
+    let qb = w.format.quant_bytes();
+    let cols = w.d.len() / kp;
+    assert!(w.d.len() == cols * kp && w.qs.len() == cols * kb * qb && cols <= width);
+    assert!(
+        w.m.len()
+            == if w.format == Format::Q8_0 {
+                0
+            } else {
+                cols * kp
+            }
+    );
     assert!(acts.qs.len() == acts.rows * kb * BLOCK);
-    assert!(acts.d.len() == acts.rows * kb && acts.s.len() == acts.rows * kb);
+    assert!(acts.d.len() == acts.rows * kp && acts.s.len() == acts.rows * kp);
     assert!(out.len() >= acts.rows * width);
     assert!(if vnni {
         avx512_vnni_supported()
     } else {
         avx2_supported()
     });
-    // SAFETY: the CPU supports the target features (asserted above); the kernels read weight
-    // row `c < cols` within `w`, blocks `b < kb` of activation rows `< acts.rows`, and write
-    // `out[r * width + c]` with `r < acts.rows`, `c < cols <= width`: all checked above.
+    // SAFETY: the CPU supports the target features (asserted above); the kernels read column
+    // `c < cols` of `w` (quant bytes of blocks `< kb`, scales `< kp`), the same blocks of
+    // activation rows `< acts.rows`, and write `out[r * width + c]`: all within the lengths
+    // checked above.
     unsafe {
         if vnni {
-            matmul_vnni(format, w, kb, acts, out, width)
+            matmul_vnni(w, acts, out, width)
         } else {
-            matmul_avx2(format, w, kb, acts, out, width)
+            matmul_avx2(w, acts, out, width)
         }
-    }
-}
-
-/// The f16 at `p` as f32.
-#[inline(always)]
-unsafe fn half_at(p: *const u8) -> f32 {
-    unsafe {
-        let bits = std::ptr::read_unaligned(p as *const u16);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 }
 
@@ -87,6 +123,12 @@ unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
+}
+
+/// Eight f16 at `p` as f32.
+#[inline(always)]
+unsafe fn halves(p: *const u16) -> __m256 {
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
 }
 
 /// A block's 32 four-bit weights as bytes: low nibbles are weights 0–15, high ones 16–31.
@@ -101,72 +143,124 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     }
 }
 
-/// One weight row (at `wp`) against activation rows `r0..r0 + R`, with the expression `$dot` of
-/// `$u`, `$s` forming the eight `i32` lanes of the products of unsigned bytes `u` and signed
-/// bytes `s`. Writes the `R` dot products to `out[(r0 + r) * width]`.
-macro_rules! rows_kernel {
-    ($R:expr, $format:ident, $wp:ident, $kb:ident, $acts:ident, $r0:ident, $out:ident, |$u:ident, $s:ident| $dot:expr) => {{
-        const R: usize = $R;
-        let bb = $format.block_bytes();
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut offsets = [0f32; R];
-        let (qs, ds, ss) = ($acts.qs.as_ptr(), $acts.d.as_ptr(), $acts.s.as_ptr());
-        for b in 0..$kb {
-            let block = $wp.add(b * bb);
-            let dw = half_at(block);
-            match $format {
-                Format::Q8_0 => {
-                    let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
-                    let magnitude = _mm256_sign_epi8(w, w);
-                    for r in 0..R {
-                        let at = ($r0 + r) * $kb + b;
-                        let a = _mm256_loadu_si256(qs.add(at * BLOCK) as *const __m256i);
-                        let lanes = {
-                            let ($u, $s) = (magnitude, _mm256_sign_epi8(a, w));
-                            $dot
-                        };
-                        let scale = _mm256_set1_ps(dw * *ds.add(at));
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc[r]);
-                    }
-                }
-                Format::Q4_0 | Format::Q4_1 => {
-                    let (m, w) = if $format == Format::Q4_1 {
-                        (half_at(block.add(2)), nibbles(block.add(4)))
-                    } else {
-                        (-8.0 * dw, nibbles(block.add(2)))
-                    };
-                    for r in 0..R {
-                        let at = ($r0 + r) * $kb + b;
-                        let a = _mm256_loadu_si256(qs.add(at * BLOCK) as *const __m256i);
-                        let lanes = {
-                            let ($u, $s) = (w, a);
-                            $dot
-                        };
-                        let scale = _mm256_set1_ps(dw * *ds.add(at));
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc[r]);
-                        offsets[r] += m * *ss.add(at);
-                    }
-                }
-            }
-        }
-        for r in 0..R {
-            $out[r] = hsum(acc[r]) + offsets[r];
-        }
-    }};
+/// Folds four pair sums (`hadd` of two blocks' lanes each, blocks `2p` and `2p + 1` in pair
+/// `p`) into one vector of the eight block totals (block `i` in lane `i`), always by the same
+/// additions.
+#[inline(always)]
+unsafe fn totals(h: &[__m256i; 4]) -> __m256i {
+    unsafe {
+        let a = _mm256_hadd_epi32(h[0], h[1]);
+        let b = _mm256_hadd_epi32(h[2], h[3]);
+        // a = [t0 t1 t2 t3 (low halves) | t0 t1 t2 t3 (high halves)], b likewise for 4–7.
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256(a, b, 0x20),
+            _mm256_permute2x128_si256(a, b, 0x31),
+        )
+    }
 }
 
-/// The loops around [`rows_kernel`]: every weight row, against the activation rows four at a
-/// time (the weight block is unpacked once for the four), then the one to three left.
+/// The loops for one instruction set, `$dot` forming the eight `i32` lanes of the products of
+/// unsigned bytes `$u` and signed bytes `$s`: every column, its activation rows four at a time
+/// (each weight block unpacked once for the four), then the one to three left.
 macro_rules! matmul_body {
-    ($format:ident, $w:ident, $kb:ident, $acts:ident, $out:ident, $width:ident, |$u:ident, $s:ident| $dot:expr) => {{
-        let row_bytes = $kb * $format.block_bytes();
-        let cols = $w.len() / row_bytes;
+    ($w:ident, $acts:ident, $out:ident, $width:ident, |$u:ident, $s:ident| $dot:expr) => {{
+        let (kb, kp) = ($w.blocks, $w.blocks.next_multiple_of(GROUP));
+        let qb = $w.format.quant_bytes();
+        let cols = $w.d.len() / kp;
+        let four_bit = $w.format != Format::Q8_0;
         let mut dots = [0f32; 4];
+
+        // Column `c` against rows `r0..r0 + R` into `dots`.
+        macro_rules! rows {
+            ($R:expr, $c:ident, $r0:ident) => {{
+                const R: usize = $R;
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut off = [_mm256_setzero_ps(); R];
+                let wq = $w.qs.as_ptr().add($c * kb * qb);
+                for g in (0..kp).step_by(GROUP) {
+                    // Blocks in pairs: each pair's lanes are folded at once (one `hadd`), so
+                    // that few vectors stay live across the group.
+                    let mut pairs = [[_mm256_setzero_si256(); 4]; R];
+                    for p in 0..GROUP / 2 {
+                        let b = g + 2 * p;
+                        if b >= kb {
+                            break;
+                        }
+                        let second = b + 1 < kb;
+                        let act = |r: usize, b: usize| {
+                            _mm256_loadu_si256($acts.qs.as_ptr().add((($r0 + r) * kb + b) * BLOCK)
+                                as *const __m256i)
+                        };
+                        if four_bit {
+                            let w0 = nibbles(wq.add(b * qb));
+                            let w1 = if second {
+                                nibbles(wq.add((b + 1) * qb))
+                            } else {
+                                _mm256_setzero_si256()
+                            };
+                            for r in 0..R {
+                                let l0 = {
+                                    let ($u, $s) = (w0, act(r, b));
+                                    $dot
+                                };
+                                let l1 = if second {
+                                    let ($u, $s) = (w1, act(r, b + 1));
+                                    $dot
+                                } else {
+                                    _mm256_setzero_si256()
+                                };
+                                pairs[r][p] = _mm256_hadd_epi32(l0, l1);
+                            }
+                        } else {
+                            let w0 = _mm256_loadu_si256(wq.add(b * qb) as *const __m256i);
+                            let w1 = if second {
+                                _mm256_loadu_si256(wq.add((b + 1) * qb) as *const __m256i)
+                            } else {
+                                _mm256_setzero_si256()
+                            };
+                            let (m0, m1) = (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
+                            for r in 0..R {
+                                let l0 = {
+                                    let ($u, $s) = (m0, _mm256_sign_epi8(act(r, b), w0));
+                                    $dot
+                                };
+                                let l1 = if second {
+                                    let ($u, $s) = (m1, _mm256_sign_epi8(act(r, b + 1), w1));
+                                    $dot
+                                } else {
+                                    _mm256_setzero_si256()
+                                };
+                                pairs[r][p] = _mm256_hadd_epi32(l0, l1);
+                            }
+                        }
+                    }
+                    let dw = halves($w.d.as_ptr().add($c * kp + g));
+                    let mw = if four_bit {
+                        halves($w.m.as_ptr().add($c * kp + g))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for r in 0..R {
+                        let at = ($r0 + r) * kp + g;
+                        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps($acts.d.as_ptr().add(at)));
+                        let sums = _mm256_cvtepi32_ps(totals(&pairs[r]));
+                        acc[r] = _mm256_fmadd_ps(sums, scale, acc[r]);
+                        if four_bit {
+                            let s = _mm256_loadu_ps($acts.s.as_ptr().add(at));
+                            off[r] = _mm256_fmadd_ps(mw, s, off[r]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    dots[r] = hsum(acc[r]) + hsum(off[r]);
+                }
+            }};
+        }
+
         for c in 0..cols {
-            let wp = $w.as_ptr().add(c * row_bytes);
             let mut r0 = 0;
             while r0 + 4 <= $acts.rows {
-                rows_kernel!(4, $format, wp, $kb, $acts, r0, dots, |$u, $s| $dot);
+                rows!(4, c, r0);
                 for (i, d) in dots.iter().enumerate() {
                     *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
                 }
@@ -174,29 +268,22 @@ macro_rules! matmul_body {
             }
             match $acts.rows - r0 {
                 0 => continue,
-                1 => rows_kernel!(1, $format, wp, $kb, $acts, r0, dots, |$u, $s| $dot),
-                2 => rows_kernel!(2, $format, wp, $kb, $acts, r0, dots, |$u, $s| $dot),
-                _ => rows_kernel!(3, $format, wp, $kb, $acts, r0, dots, |$u, $s| $dot),
+                1 => rows!(1, c, r0),
+                2 => rows!(2, c, r0),
+                _ => rows!(3, c, r0),
             }
-            for i in 0..$acts.rows - r0 {
-                *$out.get_unchecked_mut((r0 + i) * $width + c) = dots[i];
+            for (i, d) in dots.iter().enumerate().take($acts.rows - r0) {
+                *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
             }
         }
     }};
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_avx2(
-    format: Format,
-    w: &[u8],
-    kb: usize,
-    acts: &Acts<'_>,
-    out: &mut [f32],
-    width: usize,
-) {
+unsafe fn matmul_avx2(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     unsafe {
         let ones = _mm256_set1_epi16(1);
-        matmul_body!(format, w, kb, acts, out, width, |u, s| _mm256_madd_epi16(
+        matmul_body!(w, acts, out, width, |u, s| _mm256_madd_epi16(
             _mm256_maddubs_epi16(u, s),
             ones
         ))
@@ -204,18 +291,9 @@ unsafe fn matmul_avx2(
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn matmul_vnni(
-    format: Format,
-    w: &[u8],
-    kb: usize,
-    acts: &Acts<'_>,
-    out: &mut [f32],
-    width: usize,
-) {
+unsafe fn matmul_vnni(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     unsafe {
         let zero = _mm256_setzero_si256();
-        matmul_body!(format, w, kb, acts, out, width, |u, s| _mm256_dpbusd_epi32(
-            zero, u, s
-        ))
+        matmul_body!(w, acts, out, width, |u, s| _mm256_dpbusd_epi32(zero, u, s))
     }
 }
