@@ -1,6 +1,6 @@
-//! Causal attention of one token over its sequence's KV cache, as plain loops. Prompts use the same
-//! loops, token by token, as decode steps: a token's attention is then computed by the same
-//! operations whether it was prefilled with its whole prompt or alone after a cached prefix.
+//! Causal attention of new tokens over their sequence's KV cache, as plain loops. Prompts use the
+//! same loops as decode steps: a token's attention is then computed by the same operations
+//! whether it was prefilled with its whole prompt or alone after a cached prefix.
 //! (Prompt attention once ran as blocks of candle matmuls, whose rounding depends on the block's
 //! shape: the cold and the cached path gave different logits, and on a near-tie different text.)
 
@@ -46,39 +46,6 @@ fn softmax_visible(row: &mut [f32], visible: usize, scale: f32) {
     row[visible..].fill(0.0);
 }
 
-/// One query token (all its heads in `q`) over the first `len` cached positions.
-#[inline(always)]
-pub(crate) fn attend(
-    heads: Heads,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    len: usize,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let (hd, kv_dim) = (heads.head_dim, heads.kv_dim());
-    for h in 0..heads.n_head {
-        let qh = &q[h * hd..(h + 1) * hd];
-        let off = (h / heads.group()) * hd;
-        // Plain loops (no iterator adapters): everything here inlines into the caller's
-        // vectorised code.
-        scores.resize(len, 0.0);
-        for (t, score) in scores.iter_mut().enumerate() {
-            *score = dot(qh, &keys[t * kv_dim + off..t * kv_dim + off + hd]);
-        }
-        softmax_visible(scores, len, heads.scale());
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        oh.fill(0.0);
-        for (t, w) in scores.iter().enumerate() {
-            let vt = &values[t * kv_dim + off..t * kv_dim + off + hd];
-            for (o, v) in oh.iter_mut().zip(vt) {
-                *o += w * v;
-            }
-        }
-    }
-}
-
 /// One input's new tokens: token `j`'s heads at `qkv[j * width..]`, at position `start + j`.
 pub(crate) struct Queries<'a> {
     pub qkv: &'a [f32],
@@ -87,9 +54,20 @@ pub(crate) struct Queries<'a> {
     pub count: usize,
 }
 
+/// Query tokens of a prompt attended together: each key and value row is then read once for all
+/// of them (and for the query heads that share it), instead of once per token and head.
+const QUERY_BLOCK: usize = 4;
+
 /// Every token of `queries` over the cache that holds it and the ones before, writing `count`
-/// rows of `n_head × head_dim` to `out`. Inlined into `kernels::attend_tokens`, which runs it
-/// compiled for the CPU's widest vectors (the same operations, so the same bits, only faster).
+/// rows of `n_head × head_dim` to `out`. Tokens go in blocks of [`QUERY_BLOCK`], and the query
+/// heads that share a key/value head go together, but each (token, head) row gets exactly the
+/// operations, in the same order, that it gets alone (a decode step is a block of one): its
+/// scores are [`dot`]s in position order, its softmax is its own, its output sums the values in
+/// position order from zero. So a prompt token's attention is the same bits whether it was
+/// prefilled with others or after a cached prefix.
+///
+/// Inlined into `kernels::attend_tokens`, which runs it compiled for the CPU's widest vectors
+/// (the same operations, so the same bits, only faster).
 #[inline(always)]
 pub(crate) fn attend_tokens(
     heads: Heads,
@@ -99,18 +77,55 @@ pub(crate) fn attend_tokens(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let q_dim = heads.n_head * heads.head_dim;
-    for j in 0..queries.count {
-        let q = &queries.qkv[j * queries.width..j * queries.width + q_dim];
-        let len = queries.start + j + 1;
-        attend(
-            heads,
-            q,
-            keys,
-            values,
-            len,
-            scores,
-            &mut out[j * q_dim..(j + 1) * q_dim],
-        );
+    let (hd, kv_dim, group) = (heads.head_dim, heads.kv_dim(), heads.group());
+    let q_dim = heads.n_head * hd;
+    let Queries {
+        qkv,
+        width,
+        start,
+        count,
+    } = *queries;
+    for j0 in (0..count).step_by(QUERY_BLOCK) {
+        let nj = QUERY_BLOCK.min(count - j0);
+        // Positions the block's last token sees; token j0 + jj sees `start + j0 + jj + 1`.
+        let span = start + j0 + nj;
+        let visible = |jj: usize| start + j0 + jj + 1;
+        for g in 0..heads.n_kv_head {
+            let off = g * hd;
+            scores.clear();
+            scores.resize(nj * group * span, 0.0);
+            for t in 0..span {
+                let k = &keys[t * kv_dim + off..t * kv_dim + off + hd];
+                for jj in (0..nj).filter(|&jj| t < visible(jj)) {
+                    let row = &qkv[(j0 + jj) * width..];
+                    for hh in 0..group {
+                        let h = g * group + hh;
+                        scores[(jj * group + hh) * span + t] = dot(&row[h * hd..(h + 1) * hd], k);
+                    }
+                }
+            }
+            for jj in 0..nj {
+                for hh in 0..group {
+                    let at = (jj * group + hh) * span;
+                    softmax_visible(&mut scores[at..at + span], visible(jj), heads.scale());
+                    let h = g * group + hh;
+                    out[(j0 + jj) * q_dim + h * hd..(j0 + jj) * q_dim + (h + 1) * hd].fill(0.0);
+                }
+            }
+            for t in 0..span {
+                let v = &values[t * kv_dim + off..t * kv_dim + off + hd];
+                for jj in (0..nj).filter(|&jj| t < visible(jj)) {
+                    for hh in 0..group {
+                        let h = g * group + hh;
+                        let w = scores[(jj * group + hh) * span + t];
+                        let o =
+                            &mut out[(j0 + jj) * q_dim + h * hd..(j0 + jj) * q_dim + (h + 1) * hd];
+                        for (o, v) in o.iter_mut().zip(v) {
+                            *o += w * v;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
