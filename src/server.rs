@@ -41,6 +41,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         cache_dir: args.hf_cache.clone(),
         token: args.hf_token.clone(),
     };
+    log_access(args);
     let files = source::resolve(&args.embedding_model, &hub).await?;
     let listener = TcpListener::bind((args.host, args.port))
         .await
@@ -107,6 +108,24 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         loader,
         drain: args.shutdown_timeout(),
     })
+}
+
+/// Says once who can use what: how many keys, which paths are open, or that everything is.
+fn log_access(args: &ServeArgs) {
+    let open = args.open_paths.join(",");
+    match &args.api_keys {
+        Some(keys) => {
+            let count = crate::auth::ApiKeys::parse(keys.expose()).map_or(0, |k| k.len());
+            tracing::info!(keys = count, open_paths = %open, "API keys required except on the open paths");
+        }
+        None if args.host.is_loopback() => {
+            tracing::info!(host = %args.host, "no API keys: every route is open to local clients");
+        }
+        None => tracing::warn!(
+            host = %args.host,
+            "no API keys (--allow-anonymous): every route, ingest and delete included, is open to anyone who reaches this address"
+        ),
+    }
 }
 
 struct ChatConfig {
@@ -200,7 +219,9 @@ impl Bound {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
             }
         });
-        let server = axum::serve(listener, self.app).with_graceful_shutdown(async move {
+        // The peer address identifies anonymous callers for rate limits.
+        let app = self.app.into_make_service_with_connect_info::<SocketAddr>();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight requests");
             let _ = signalled_tx.send(());

@@ -156,6 +156,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
+    /// The pool's open connections and how many of them are idle (for `/metrics`).
+    fn connections(&self) -> (u32, usize);
     /// A round trip to the database.
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>>;
     /// The document with this content in this collection, if any.

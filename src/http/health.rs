@@ -55,8 +55,11 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>
         } else {
             format!("; loading {}", pending.join(", "))
         };
+        // The driver's message can name hosts and users, and this route is open: the cause is
+        // in the log (the connection loop warns on every retry).
+        tracing::debug!(error = %problem, "not ready: database");
         return Err(ApiError::Unavailable(format!(
-            "Not ready: {problem}{loading}"
+            "Not ready: the database is unavailable{loading}"
         )));
     }
     if pending.is_empty() {

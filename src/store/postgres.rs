@@ -408,6 +408,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn connections(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
         async move {
             sqlx::query("SELECT 1").execute(&self.pool).await?;

@@ -491,6 +491,10 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn connections(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
         async move {
             sqlx::query("SELECT 1").execute(&self.pool).await?;

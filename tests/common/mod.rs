@@ -178,3 +178,21 @@ pub fn events(body: &str) -> Vec<Value> {
         .map(|d| serde_json::from_str(d).unwrap())
         .collect()
 }
+
+/// The test PostgreSQL's URL (`AITIER_TEST_DATABASE_URL`). Without it the PostgreSQL half of a test
+/// is skipped loudly, except under tests/all (`AITIER_TEST_REQUIRE_POSTGRES=1`), where it fails.
+pub fn postgres_url() -> Option<String> {
+    if let Ok(url) = std::env::var("AITIER_TEST_DATABASE_URL") {
+        return Some(url);
+    }
+    assert!(
+        std::env::var_os("AITIER_TEST_REQUIRE_POSTGRES").is_none(),
+        "AITIER_TEST_DATABASE_URL is not set but AITIER_TEST_REQUIRE_POSTGRES is: run \
+         `export AITIER_TEST_DATABASE_URL=$(tests/pg start)`"
+    );
+    eprintln!(
+        "\n*** SKIPPED on PostgreSQL: AITIER_TEST_DATABASE_URL is not set. \
+         Run `export AITIER_TEST_DATABASE_URL=$(tests/pg start)` (tests/all does). ***\n"
+    );
+    None
+}
