@@ -117,6 +117,10 @@ pub fn app(state: AppState, args: &ServeArgs) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(middleware::from_fn(scrape::observe))
                 .layer(CatchPanicLayer::custom(panic_response))
+                .layer(middleware::from_fn_with_state(
+                    state.shutdown.clone(),
+                    refuse_when_stopping,
+                ))
                 .layer(cors(args))
                 // Inside CORS, so that preflights are answered before any key is asked for.
                 .layer(middleware::from_fn_with_state(access, auth::check))
@@ -168,6 +172,24 @@ fn cors(args: &ServeArgs) -> CorsLayer {
         ])
         .expose_headers([REQUEST_ID, header::RETRY_AFTER])
         .allow_credentials(args.cors_credentials)
+}
+
+/// Once shutdown has begun, new requests on connections still open get 503 (probes keep their
+/// own answers: alive, not ready).
+async fn refuse_when_stopping(
+    State(shutdown): State<Arc<crate::state::Shutdown>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    if shutdown.is_begun() && !path.starts_with("/health") {
+        let path = path.to_string();
+        return auth::refuse(
+            &path,
+            ApiError::Unavailable("The server is shutting down; retry elsewhere".into()),
+        );
+    }
+    next.run(req).await
 }
 
 /// Bounds the time to a response's headers; a stream's body is not cut.

@@ -221,11 +221,16 @@ impl Bound {
         });
         // The peer address identifies anonymous callers for rate limits.
         let app = self.app.into_make_service_with_connect_info::<SocketAddr>();
+        let stopping = self.state.shutdown.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
+            // Readiness turns 503 and open streams end with an `error` event at once, so the
+            // drain below waits for short requests only.
+            stopping.begin();
             tracing::info!("shutting down: draining in-flight requests");
             let _ = signalled_tx.send(());
         });
+        let database = self.state.rag.as_ref().map(|rag| rag.database.clone());
         let drain = self.drain;
         let deadline = async move {
             if signalled_rx.await.is_ok() {
@@ -241,14 +246,25 @@ impl Bound {
                 Err(e) => anyhow::Error::new(e).context("model loader task"),
             }
         };
-        tokio::select! {
+        let outcome = tokio::select! {
             served = server => served.context("server error"),
             () = deadline => {
                 tracing::warn!(?drain, "drain timeout reached; exiting with requests in flight");
                 Ok(())
             }
             e = load_failure => Err(e),
+        };
+        if let Some(database) = database {
+            // Bounded too: a connection stuck in a query must not hold the exit.
+            if tokio::time::timeout(Duration::from_secs(5), database.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!("database pool did not close within 5 s");
+            }
         }
+        tracing::info!("stopped");
+        outcome
     }
 }
 

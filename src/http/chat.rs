@@ -29,6 +29,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 const MAX_CONTENT: usize = 100_000;
+/// What a stream cut by shutdown says; a client should retry elsewhere.
+pub const SHUTTING_DOWN: &str = "The server is shutting down; retry the request";
 /// Most messages in one conversation.
 pub const MAX_MESSAGES: usize = 256;
 /// Most characters in all of a conversation's messages: refused before anything is templated or
@@ -396,15 +398,25 @@ pub async fn start(
         })?;
     Ok(Started {
         model: name,
-        events: meter(events, if upstream { "upstream" } else { "local" }),
+        events: meter(
+            events,
+            if upstream { "upstream" } else { "local" },
+            state.shutdown.watch(),
+        ),
         upstream,
     })
 }
 
 /// Relays a generation's events while timing them for `/metrics`: time to first token, time
 /// between tokens, tokens in and out. A client that goes away closes the relay at once, which
-/// drops the generation's receiver just as the client's own drop would.
-fn meter(mut events: ChatStream, provider: &'static str) -> ChatStream {
+/// drops the generation's receiver just as the client's own drop would; so does shutdown, after
+/// an `error` event telling the client why (the local generation stops, an upstream request is
+/// dropped).
+fn meter(
+    mut events: ChatStream,
+    provider: &'static str,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> ChatStream {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let started = std::time::Instant::now();
     tokio::spawn(async move {
@@ -412,6 +424,10 @@ fn meter(mut events: ChatStream, provider: &'static str) -> ChatStream {
         loop {
             let event = tokio::select! {
                 () = tx.closed() => return,
+                true = async { shutdown.wait_for(|&begun| begun).await.is_ok() } => {
+                    let _ = tx.send(ChatEvent::Error(SHUTTING_DOWN.into())).await;
+                    return;
+                }
                 event = events.recv() => match event {
                     Some(event) => event,
                     None => return,

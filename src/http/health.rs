@@ -44,6 +44,11 @@ pub async fn health() -> Json<HealthResponse> {
             example = json!({"detail": "Not ready: loading all-MiniLM-L6-v2"})),
     ))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
+    if state.shutdown.is_begun() {
+        return Err(ApiError::Unavailable(
+            "Not ready: the server is shutting down".into(),
+        ));
+    }
     let pending = state.not_ready();
     let database = match &state.rag {
         Some(rag) => rag.database.problem(DATABASE_PING).await,

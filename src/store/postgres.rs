@@ -412,6 +412,10 @@ impl Store for PgStore {
         (self.pool.size(), self.pool.num_idle())
     }
 
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
+    }
+
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
         async move {
             sqlx::query("SELECT 1").execute(&self.pool).await?;
