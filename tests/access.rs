@@ -260,3 +260,41 @@ async fn a_public_address_without_keys_is_refused_unless_anonymous_is_allowed() 
     drop(bound);
     let _ = std::fs::remove_file(db);
 }
+
+#[tokio::test]
+async fn the_official_openai_python_client_sends_its_key_as_bearer() {
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/target/openai-venv/bin/python");
+    assert!(
+        std::path::Path::new(python).is_file(),
+        "{python} is missing: tests/all installs the openai package there"
+    );
+    let server = keyed(&[]).await;
+    let script = r#"
+import sys, openai
+good = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2], max_retries=0)
+emb = good.embeddings.create(model="all-MiniLM-L6-v2", input="hello")
+assert len(emb.data[0].embedding) == 384
+bad = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="wrong-key-0123456789", max_retries=0)
+try:
+    bad.embeddings.create(model="all-MiniLM-L6-v2", input="hello")
+    raise SystemExit("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.code == "invalid_api_key", e
+print("ok")
+"#;
+    let base = server.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", script, &base, READER])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
