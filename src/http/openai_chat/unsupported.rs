@@ -92,7 +92,10 @@ pub fn check(fields: &[(&str, &Option<Value>)]) -> Vec<ValidationError> {
         .filter_map(|(field, value)| {
             let value = value.as_ref().filter(|v| !v.is_null())?;
             let (allowed, why) = rule(field);
-            let fine = *value == allowed || (allowed == json!(0) && value.as_f64() == Some(0.0));
+            // The schema leaves other keys of `response_format` open: only its `type` counts.
+            let fine = *value == allowed
+                || (allowed == json!(0) && value.as_f64() == Some(0.0))
+                || (*field == "response_format" && value.get("type") == Some(&json!("text")));
             (!fine).then(|| {
                 ValidationError::new(
                     vec!["body".into(), (*field).into()],
@@ -129,6 +132,8 @@ mod tests {
         for (name, value) in names.iter().zip(&off) {
             assert!(check(&[(name, value)]).is_empty(), "{name}");
         }
+        let extra = Some(json!({"type": "text", "strict": true}));
+        assert!(check(&[("response_format", &extra)]).is_empty());
         let on = Some(json!({"type": "json_object"}));
         let problems = check(&[("response_format", &on)]);
         assert_eq!(problems.len(), 1);
