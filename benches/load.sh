@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # benches/load.sh — mixed load (benches/load.rs: embed, classify, chat, search, ingest) from 64
 # clients for 60 s, twice: an open server, then one with API keys and a rate limit. Prints counts by
-# status, p50/p99 per route and RSS. CLIENTS, SECS and BIN (default target/release/aitier) override.
+# status, p50/p99 per route and RSS. CLIENTS, SECS, BIN (default target/release/aitier) and LOAD_BIN
+# override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 clients=${CLIENTS:-64}
 secs=${SECS:-60}
 bin=${BIN:-target/release/aitier}
-load=$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="load"][0])')
+# The client (LOAD_BIN to reuse one already built).
+load=${LOAD_BIN:-$(cargo bench --bench load --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="load"][0])')}
 key=load-test-key-0123456789abcdef
 
 run() {
