@@ -25,10 +25,16 @@ COPY --from=builder --chown=aitier /src/models /app/models
 # mount a volume on /app/data to keep it, or set DATABASE_URL to a PostgreSQL.
 RUN mkdir /app/data && chown aitier /app/data
 USER aitier
-# Listen on all interfaces inside the container; PORT (set by Render) chooses the port.
+# Listen on all interfaces inside the container; PORT (set by Render) chooses the port. Listening
+# beyond loopback, the server refuses to start without AITIER_API_KEYS (or --allow-anonymous) and
+# with an upstream for every model name (set AITIER_UPSTREAM_MODELS). Public-safe defaults: no Hub
+# downloads chosen by clients, at most 1024 generated tokens, 600 work units per key per minute.
 ENV AITIER_HOST=0.0.0.0 \
     PORT=8000 \
     AITIER_LOG_FORMAT=json \
+    AITIER_HUB_MODEL_IDS=false \
+    AITIER_MAX_TOKENS_LIMIT=1024 \
+    AITIER_RATE_LIMIT=600 \
     RUST_LOG=info
 EXPOSE 8000
 CMD ["aitier", "serve"]

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod commands;
+
+pub use commands::{ClassifierCommand, EvalArgs, EvalMode, IngestArgs, TrainArgs};
+
 /// aitier: an AI middle tier (embeddings, classification, streamed chat, RAG) in one binary.
 #[derive(Debug, Parser)]
 #[command(
@@ -39,121 +43,11 @@ pub enum Command {
     Ingest(IngestArgs),
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct IngestArgs {
-    /// Files and folders to ingest; folders are walked recursively for .txt and .md files.
-    #[arg(required = true)]
-    pub paths: Vec<PathBuf>,
-    /// The collection to add them to.
-    #[arg(long, default_value = "documents")]
-    pub collection: String,
-    /// The database, as for `serve` (the server can run meanwhile: writes take turns).
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
-    pub database_url: String,
-    /// Embedding model; it must be the one the server searches with.
-    #[arg(
-        long,
-        env = "AITIER_EMBEDDING_MODEL",
-        default_value = "models/all-MiniLM-L6-v2"
-    )]
-    pub embedding_model: String,
-}
+/// Probes, the scraper and the API's own description carry no key.
+pub const DEFAULT_OPEN_PATHS: &str = "/health,/health/ready,/metrics,/openapi.json,/docs";
 
 /// A file under data/, created on first run: retrieval works without a database server.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/aitier.db";
-
-#[derive(Debug, Subcommand)]
-pub enum ClassifierCommand {
-    /// Train an embedding head from a labelled CSV and write it to the classifiers folder.
-    Train(TrainArgs),
-    /// Classify a labelled CSV or JSON-lines file with a classifier and print its metrics.
-    Eval(EvalArgs),
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct TrainArgs {
-    /// The labelled CSV (with a header row).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Column holding the text.
-    #[arg(long, default_value = "text")]
-    pub text_column: String,
-    /// Column holding the label (compared lower-cased).
-    #[arg(long, default_value = "label")]
-    pub label_column: String,
-    /// Name of the classifier: it is written to <classifiers-dir>/<name>/ and served as
-    /// /api/classify/<name>. Defaults to the data file's stem.
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Embedding model the head reads (a local directory or Hugging Face repo id).
-    #[arg(
-        long,
-        env = "AITIER_EMBEDDING_MODEL",
-        default_value = "models/all-MiniLM-L6-v2"
-    )]
-    pub embedding_model: String,
-    /// Share of each label held out for evaluation.
-    #[arg(long, default_value_t = 0.1)]
-    pub holdout: f64,
-    /// Seed of the held-out split; the same data and seed give the same classifier.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Full-batch optimisation steps.
-    #[arg(long, default_value_t = 300)]
-    pub epochs: usize,
-    /// L2 penalty on the weights: higher is smoother, lower fits the training data closer.
-    #[arg(long, default_value_t = 1e-4)]
-    pub l2: f64,
-    /// Weigh each label by n / (labels x n_label), so that a rare label counts as much as a common
-    /// one; `false` lets the majority label dominate.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub class_weights: bool,
-    /// Folder of named classifiers.
-    #[arg(
-        long,
-        env = "AITIER_CLASSIFIERS_DIR",
-        default_value = "models/classifiers"
-    )]
-    pub classifiers_dir: PathBuf,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct EvalArgs {
-    /// Classifier name (under --classifiers-dir) or Hugging Face repo id.
-    #[arg(long, default_value = "sentiment")]
-    pub name: String,
-    /// A CSV with a header row, or JSON lines (`.jsonl`) with the two fields.
-    #[arg(long)]
-    pub data: PathBuf,
-    #[arg(long, default_value = "text")]
-    pub text_column: String,
-    #[arg(long, default_value = "label")]
-    pub label_column: String,
-    /// For embedding heads: read whole texts or sentences (default: the classifier's own setting).
-    #[arg(long, value_enum)]
-    pub mode: Option<EvalMode>,
-    /// Evaluate only the first N rows.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    #[arg(
-        long,
-        env = "AITIER_EMBEDDING_MODEL",
-        default_value = "models/all-MiniLM-L6-v2"
-    )]
-    pub embedding_model: String,
-    #[arg(
-        long,
-        env = "AITIER_CLASSIFIERS_DIR",
-        default_value = "models/classifiers"
-    )]
-    pub classifiers_dir: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EvalMode {
-    Whole,
-    Sentences,
-}
 
 impl Cli {
     /// The serve arguments, whether given to the `serve` subcommand or at the top level.
@@ -219,9 +113,10 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_MAX_BATCH_WAIT_MS", default_value_t = 2)]
     pub max_batch_wait_ms: u64,
 
-    /// Requests that may wait for a model before new ones get 503 + Retry-After. A bounded queue keeps
+    /// Texts that may wait for a model before new requests get 503 + Retry-After. Counted in texts,
+    /// not requests, so that one request of 256 texts weighs what it costs; a bounded queue keeps
     /// latency bounded under overload instead of letting it grow without limit.
-    #[arg(long, env = "AITIER_QUEUE_CAPACITY", default_value_t = 128)]
+    #[arg(long, env = "AITIER_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
 
     /// Worker threads per model, each running its own batches single-threaded. On a small machine
@@ -294,15 +189,17 @@ pub struct ServeArgs {
 
     /// Base URL of an OpenAI-compatible upstream for chat (OpenAI, vLLM, llama.cpp's server,
     /// another aitier's `/v1`). Setting it or `OPENAI_API_KEY` turns the upstream provider on.
-    #[arg(long, env = "OPENAI_BASE_URL")]
+    #[arg(long, env = "OPENAI_BASE_URL", hide_env_values = true)]
     pub openai_base_url: Option<String>,
 
-    /// API key sent to the upstream as a bearer token. Never logged.
-    #[arg(long, env = "OPENAI_API_KEY")]
+    /// API key sent to the upstream as a bearer token. Never logged, never shown by `--help`.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<Secret>,
 
     /// Chat models served by the upstream, comma separated; an entry ending in `*` is a prefix
-    /// (`gpt-*`). Empty (the default): every model name except the local model's goes upstream.
+    /// (`gpt-*`), and `*` alone sends every name. Empty (the default): every model name except the
+    /// local model's goes upstream — allowed on loopback only, since it lets any client spend the
+    /// upstream key on any model: a server listening beyond loopback refuses to start without it.
     #[arg(long, env = "AITIER_UPSTREAM_MODELS", value_delimiter = ',')]
     pub upstream_models: Vec<String>,
 
@@ -339,6 +236,48 @@ pub struct ServeArgs {
     /// Let browsers send credentials (cookies, Authorization) cross-origin. Not allowed with `*`.
     #[arg(long, env = "AITIER_CORS_CREDENTIALS", default_value_t = false)]
     pub cors_credentials: bool,
+
+    /// API keys clients must send, as `Authorization: Bearer KEY` (what OpenAI SDKs send) or
+    /// `X-API-Key: KEY`: comma separated, or `@FILE` with one per line. `KEY:read`, `KEY:write`,
+    /// `KEY:admin` or `KEY:read+write` set a key's scopes (read: embed, classify, chat, search,
+    /// query; write: ingest, delete; admin: everything); a bare key is read+write. Keys are at
+    /// least 16 characters, compared in constant time, never logged. Unset: no key is asked for,
+    /// which a server listening beyond loopback refuses unless --allow-anonymous.
+    #[arg(long, env = "AITIER_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
+
+    /// Serve without API keys on a non-loopback address: anyone who reaches the port can use every
+    /// route (embed, chat on the upstream's key, ingest, delete). For a private network only.
+    #[arg(long, env = "AITIER_ALLOW_ANONYMOUS", default_value_t = false)]
+    pub allow_anonymous: bool,
+
+    /// Paths answered without a key when keys are set, comma separated; an entry also opens the
+    /// paths below it (`/docs` opens `/docs/index.html`). Probes and scrapers carry no key.
+    #[arg(
+        long,
+        env = "AITIER_OPEN_PATHS",
+        value_delimiter = ',',
+        default_value = DEFAULT_OPEN_PATHS
+    )]
+    pub open_paths: Vec<String>,
+
+    /// Work each caller (API key, or client address without keys) may ask for per minute; past it,
+    /// 429 with `Retry-After`. Counted in work units, not requests: 1 text embedded or classified,
+    /// 1 chunk ingested (≈800 characters), 1 search, 100 chat tokens (the prompt at ≈4 characters
+    /// a token plus `max_tokens`). Unset: no limit.
+    #[arg(long, env = "AITIER_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+
+    /// Work units a caller may spend at once before the per-minute rate applies (defaults to a
+    /// minute's worth). A request that costs more than this is a 422 (it could never pass).
+    #[arg(long, env = "AITIER_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+
+    /// Behind a reverse proxy (Render, a load balancer): take the client's address from the last
+    /// `X-Forwarded-For` entry, which the nearest proxy appends, for per-address rate limits.
+    /// Without a proxy a client could name any address this way, so it is off by default.
+    #[arg(long, env = "AITIER_TRUST_FORWARDED_FOR", default_value_t = false)]
+    pub trust_forwarded_for: bool,
 
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "AITIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -423,6 +362,11 @@ impl ServeArgs {
                 self.max_concurrent_generations,
             ),
             ("--max-tokens-limit", self.max_tokens_limit.unwrap_or(1)),
+            ("--rate-limit", self.rate_limit.unwrap_or(1) as usize),
+            (
+                "--rate-limit-burst",
+                self.rate_limit_burst.unwrap_or(1) as usize,
+            ),
             (
                 "--upstream-timeout-secs",
                 self.upstream_timeout_secs as usize,
@@ -441,6 +385,35 @@ impl ServeArgs {
                 "--database-url must be sqlite://PATH or postgres://…, not '{}'",
                 crate::store::redact(url)
             ));
+        }
+        if let Some(keys) = &self.api_keys {
+            crate::auth::ApiKeys::parse(keys.expose())?;
+        }
+        if let Some(path) = self
+            .open_paths
+            .iter()
+            .map(|p| p.trim())
+            .find(|p| !p.is_empty() && !p.starts_with('/'))
+        {
+            return Err(format!(
+                "--open-paths entries are paths starting with '/', not '{path}'"
+            ));
+        }
+        if !self.host.is_loopback() {
+            if self.api_keys.is_none() && !self.allow_anonymous {
+                return Err(format!(
+                    "refusing to listen on {} without API keys: anyone reaching it could use every route. Set AITIER_API_KEYS (or --api-keys), listen on 127.0.0.1, or pass --allow-anonymous to serve openly",
+                    self.host
+                ));
+            }
+            if self.upstream_models.iter().all(|m| m.trim().is_empty())
+                && (self.openai_base_url.is_some() || self.openai_api_key.is_some())
+            {
+                return Err(format!(
+                    "refusing to listen on {} with a chat upstream for every model name: list the upstream's models with --upstream-models (AITIER_UPSTREAM_MODELS, e.g. gpt-4o-mini), or '*' to send every name upstream",
+                    self.host
+                ));
+            }
         }
         if let Some((flag, _)) = limits.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{flag} must be at least 1"));
@@ -479,35 +452,4 @@ impl fmt::Debug for Secret {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    #[test]
-    fn the_cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn a_bare_invocation_serves_and_openapi_is_a_subcommand() {
-        let cli = Cli::try_parse_from(["aitier", "--port", "9000"]).unwrap();
-        assert!(matches!(cli.into_command(), Command::Serve(a) if a.port == 9000));
-        let cli = Cli::try_parse_from(["aitier", "openapi"]).unwrap();
-        assert!(matches!(cli.into_command(), Command::Openapi));
-    }
-
-    #[test]
-    fn secrets_never_reach_debug_output() {
-        let cli = Cli::try_parse_from(["aitier", "--hf-token", "hf_supersecret"]).unwrap();
-        let shown = format!("{:?}", cli.serve);
-        assert!(!shown.contains("hf_supersecret"), "{shown}");
-        assert!(shown.contains("redacted"));
-    }
-
-    #[test]
-    fn credentials_with_a_wildcard_origin_are_refused() {
-        let cli =
-            Cli::try_parse_from(["aitier", "--cors-origins", "*", "--cors-credentials"]).unwrap();
-        assert!(cli.serve.validate().is_err());
-    }
-}
+mod tests;

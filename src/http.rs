@@ -1,17 +1,22 @@
 //! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, and
 //! the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
 
+pub mod auth;
 mod chat;
 mod classify;
+mod docs;
 mod embed;
 mod error;
 mod extract;
 mod health;
+mod limit;
 mod openai;
 mod openai_chat;
 mod rag;
+mod scrape;
 
 use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -23,7 +28,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
@@ -68,6 +73,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(openai::routes())
         .merge(openai_chat::routes())
         .merge(rag::routes())
+        .merge(scrape::routes())
 }
 
 /// The OpenAPI document, as committed in `openapi.json`.
@@ -79,11 +85,17 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// `type` discriminator, which openapi-typescript turns into a discriminated union.
 fn finish(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     chat::discriminate(&mut doc, "ChatStreamEvent", "type");
+    docs::secure(&mut doc);
     doc
 }
 
-/// The application with its middleware, ready to serve.
+/// The application with its middleware, ready to serve. Call [`ServeArgs::validate`] first: an
+/// unreadable key file panics here.
 pub fn app(state: AppState, args: &ServeArgs) -> Router {
+    let access = Arc::new(
+        auth::Access::from_args(args).unwrap_or_else(|e| panic!("invalid --api-keys: {e}")),
+    );
+    scrape::handle(); // installs the metrics recorder before anything is counted
     let (router, spec) = api().split_for_parts();
     let spec = finish(spec);
     router
@@ -96,11 +108,27 @@ pub fn app(state: AppState, args: &ServeArgs) -> Router {
                 .layer(
                     TraceLayer::new_for_http()
                         .make_span_with(request_span)
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                        // A 503 while loading or when a queue is full is expected, not an ERROR
+                        // line per readiness probe; a real 500 is logged once, with its cause,
+                        // where it happens (`ApiError::respond_with`).
+                        .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(middleware::from_fn(scrape::observe))
                 .layer(CatchPanicLayer::custom(panic_response))
+                .layer(middleware::from_fn_with_state(
+                    state.shutdown.clone(),
+                    refuse_when_stopping,
+                ))
                 .layer(cors(args))
+                // Inside CORS, so that preflights are answered before any key is asked for.
+                .layer(middleware::from_fn_with_state(access, auth::check))
+                // Inside the key check: the caller it names is what is charged.
+                .layer(middleware::from_fn_with_state(
+                    Arc::new(limit::Limits::from_args(args)),
+                    limit::check,
+                ))
                 .layer(middleware::from_fn_with_state(
                     args.request_timeout(),
                     time_limit,
@@ -137,16 +165,39 @@ fn cors(args: &ServeArgs) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(origins)
         .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-api-key"),
+        ])
         .expose_headers([REQUEST_ID, header::RETRY_AFTER])
         .allow_credentials(args.cors_credentials)
 }
 
+/// Once shutdown has begun, new requests on connections still open get 503 (probes keep their
+/// own answers: alive, not ready).
+async fn refuse_when_stopping(
+    State(shutdown): State<Arc<crate::state::Shutdown>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    if shutdown.is_begun() && !path.starts_with("/health") {
+        let path = path.to_string();
+        return auth::refuse(
+            &path,
+            ApiError::Unavailable("The server is shutting down; retry elsewhere".into()),
+        );
+    }
+    next.run(req).await
+}
+
 /// Bounds the time to a response's headers; a stream's body is not cut.
 async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => ApiError::Timeout(limit.as_secs()).into_response(),
+        Err(_) => auth::refuse(&path, ApiError::Timeout(limit.as_secs())),
     }
 }
 

@@ -41,6 +41,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         cache_dir: args.hf_cache.clone(),
         token: args.hf_token.clone(),
     };
+    log_access(args);
     let files = source::resolve(&args.embedding_model, &hub).await?;
     let listener = TcpListener::bind((args.host, args.port))
         .await
@@ -110,6 +111,24 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         loader,
         drain: args.shutdown_timeout(),
     })
+}
+
+/// Says once who can use what: how many keys, which paths are open, or that everything is.
+fn log_access(args: &ServeArgs) {
+    let open = args.open_paths.join(",");
+    match &args.api_keys {
+        Some(keys) => {
+            let count = crate::auth::ApiKeys::parse(keys.expose()).map_or(0, |k| k.len());
+            tracing::info!(keys = count, open_paths = %open, "API keys required except on the open paths");
+        }
+        None if args.host.is_loopback() => {
+            tracing::info!(host = %args.host, "no API keys: every route is open to local clients");
+        }
+        None => tracing::warn!(
+            host = %args.host,
+            "no API keys (--allow-anonymous): every route, ingest and delete included, is open to anyone who reaches this address"
+        ),
+    }
 }
 
 struct ChatConfig {
@@ -210,11 +229,18 @@ impl Bound {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
             }
         });
-        let server = axum::serve(listener, self.app).with_graceful_shutdown(async move {
+        // The peer address identifies anonymous callers for rate limits.
+        let app = self.app.into_make_service_with_connect_info::<SocketAddr>();
+        let stopping = self.state.shutdown.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
+            // Readiness turns 503 and open streams end with an `error` event at once, so the
+            // drain below waits for short requests only.
+            stopping.begin();
             tracing::info!("shutting down: draining in-flight requests");
             let _ = signalled_tx.send(());
         });
+        let database = self.state.rag.as_ref().map(|rag| rag.database.clone());
         let drain = self.drain;
         let deadline = async move {
             if signalled_rx.await.is_ok() {
@@ -230,14 +256,25 @@ impl Bound {
                 Err(e) => anyhow::Error::new(e).context("model loader task"),
             }
         };
-        tokio::select! {
+        let outcome = tokio::select! {
             served = server => served.context("server error"),
             () = deadline => {
                 tracing::warn!(?drain, "drain timeout reached; exiting with requests in flight");
                 Ok(())
             }
             e = load_failure => Err(e),
+        };
+        if let Some(database) = database {
+            // Bounded too: a connection stuck in a query must not hold the exit.
+            if tokio::time::timeout(Duration::from_secs(5), database.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!("database pool did not close within 5 s");
+            }
         }
+        tracing::info!("stopped");
+        outcome
     }
 }
 

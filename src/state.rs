@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use tokio::sync::watch;
+
 use crate::classify::{Classifiers, RegistryConfig};
 use crate::inference::{EmbeddingService, InferenceError};
 use crate::llm::{ChatService, Upstream};
@@ -61,6 +63,35 @@ impl Sentiment {
     }
 }
 
+/// Begun once, on SIGTERM or ctrl-c: readiness and new requests answer 503, and open streams end
+/// with an `error` event saying so, which lets the drain finish.
+pub struct Shutdown {
+    tx: watch::Sender<bool>,
+}
+
+impl Shutdown {
+    pub fn begin(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_begun(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Completes when shutdown begins (at once if it has).
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            tx: watch::channel(false).0,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub embeddings: Arc<Slot<EmbeddingService>>,
@@ -75,6 +106,7 @@ pub struct AppState {
     pub max_tokens_limit: Option<usize>,
     /// Documents and retrieval; `None` when no database is configured (handler tests).
     pub rag: Option<Arc<Rag>>,
+    pub shutdown: Arc<Shutdown>,
 }
 
 impl AppState {
@@ -97,6 +129,7 @@ impl AppState {
             upstream: None,
             max_tokens_limit: None,
             rag: None,
+            shutdown: Arc::default(),
         }
     }
 

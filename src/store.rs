@@ -156,6 +156,10 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
+    /// The pool's open connections and how many of them are idle (for `/metrics`).
+    fn connections(&self) -> (u32, usize);
+    /// Closes the pool at shutdown, waiting for checked-out connections to come back.
+    fn close(&self) -> BoxFuture<'_, ()>;
     /// A round trip to the database.
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>>;
     /// The document with this content in this collection, if any.
@@ -259,6 +263,13 @@ pub struct Database {
 }
 
 impl Database {
+    /// Closes the pool, if one is open.
+    pub async fn close(&self) {
+        if let Some(store) = self.store.get() {
+            store.close().await;
+        }
+    }
+
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),

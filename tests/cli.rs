@@ -71,3 +71,148 @@ fn sigterm_drains_and_exits_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn help_never_prints_a_secret_from_the_environment() {
+    let out = Command::new(BIN)
+        .arg("--help")
+        .env("OPENAI_API_KEY", "sk-leak-openai-0000")
+        .env("AITIER_API_KEYS", "leak-client-key-0000000")
+        .env("HF_TOKEN", "hf_leak_token_0000")
+        .env("DATABASE_URL", "postgres://u:leak-password@db/aitier")
+        .env("OPENAI_BASE_URL", "https://u:leak-base@upstream/v1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("AITIER_API_KEYS"), "{help}");
+    assert!(!help.contains("leak"), "{help}");
+}
+
+#[test]
+fn api_keys_never_reach_the_log() {
+    const KEY: &str = "log-leak-check-0123456789";
+    let mut child = Command::new(BIN)
+        .args([
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+            "--chat-model",
+            "none",
+        ])
+        .args(["--embedding-model", MINILM, "--api-keys", KEY])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = lines.next().expect("the server logs").unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        log.push(line);
+        if event["message"] == "listening" {
+            break event["addr"].as_str().unwrap().to_string();
+        }
+    };
+    // A request with the key, and one with a wrong key, both over plain HTTP.
+    for key in [KEY, "log-leak-check-wrong-key"] {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            stream,
+            "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    log.extend(lines.map_while(Result::ok));
+    let log = log.join("\n");
+    assert!(
+        log.contains("/v1/models"),
+        "the requests were not logged:\n{log}"
+    );
+    assert!(!log.contains("log-leak-check"), "{log}");
+}
+
+/// Sends `GET path` over a plain socket and returns the status code.
+fn get_status(addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer[9..12].parse().unwrap()
+}
+
+#[test]
+fn readiness_probes_while_loading_are_not_logged_as_errors() {
+    let mut child = Command::new(BIN)
+        .args([
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+            "--chat-model",
+            "none",
+        ])
+        .args(["--embedding-model", MINILM])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a log line");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        log.push(line);
+        if event["message"] == "listening" {
+            break event["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let mut statuses = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = get_status(&addr, "/health/ready");
+        statuses.push(status);
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A request the server refuses, too: a client error is not a server error.
+    assert_eq!(get_status(&addr, "/no/such/route"), 404);
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    log.extend(rx.try_iter());
+    assert!(
+        statuses.contains(&503),
+        "ready at once, nothing tested: {statuses:?}"
+    );
+    let errors: Vec<&String> = log.iter().filter(|l| l.contains("\"ERROR\"")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}

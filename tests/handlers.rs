@@ -159,3 +159,39 @@ async fn a_panicking_model_is_a_500_and_the_server_lives_on() {
     let (status, ..) = call(&state, "POST", "/api/embed", r#"{"texts":["four"]}"#).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn once_shutdown_begins_readiness_and_new_requests_are_503_but_liveness_is_not() {
+    let state = fake_state();
+    state.embeddings.fill(fake_service(Arc::new(Fake {
+        fail: AtomicBool::new(false),
+    })));
+    let (status, ..) = call(&state, "GET", "/health/ready", "").await;
+    assert_eq!(status, StatusCode::OK);
+    state.shutdown.begin();
+    let (status, retry, body) = call(&state, "GET", "/health/ready", "").await;
+    assert_eq!(
+        (status, retry.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "1")
+    );
+    assert!(body["detail"].as_str().unwrap().contains("shutting down"));
+    let (status, _, body) = call(&state, "POST", "/api/embed", r#"{"texts":["hi"]}"#).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["detail"].as_str().unwrap().contains("shutting down"));
+    let (status, _, body) = call(
+        &state,
+        "POST",
+        "/v1/embeddings",
+        r#"{"input":"hi","model":"fake"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down")
+    );
+    let (status, ..) = call(&state, "GET", "/health", "").await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -67,7 +67,7 @@ async fn errors_use_openais_shape() {
     let (status, body) = server
         .post(
             "/v1/embeddings",
-            &json!({"input": "x", "model": "all-MiniLM-L6-v2", "dimensions": 256}),
+            &json!({"input": "x", "model": "all-MiniLM-L6-v2", "dimensions": 385}),
         )
         .await;
     assert_eq!(status, 422, "{body}");
@@ -107,4 +107,24 @@ async fn errors_use_openais_shape() {
         .await;
     assert_eq!(status, 422, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("JSON"));
+}
+
+#[tokio::test]
+async fn fewer_dimensions_are_the_first_ones_normalised_again() {
+    let server = spawn(&[]).await;
+    let full = server.embed(&["Hello world"]).await.remove(0);
+    for d in [1usize, 64, 384] {
+        let (status, body) = server
+            .post(
+                "/v1/embeddings",
+                &json!({"input": "Hello world", "model": "all-MiniLM-L6-v2", "dimensions": d}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let short = vectors(&json!([body["data"][0]["embedding"]])).remove(0);
+        assert_eq!(short.len(), d);
+        let norm = short.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+        assert!(common::cosine(&short, &full[..d]) > 0.9999);
+    }
 }

@@ -199,3 +199,36 @@ async fn the_official_openai_npm_client_works_against_v1() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn unsupported_openai_fields_are_refused_by_name_and_their_off_values_pass() {
+    let server = server().await;
+    let refused = [
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "lookup"}}]),
+        ),
+        ("tool_choice", json!("auto")),
+        ("logprobs", json!(true)),
+        ("n", json!(2)),
+    ];
+    for (field, value) in refused {
+        let mut request = json!({"model": MODEL, "messages": question(), "max_tokens": 4});
+        request[field] = value;
+        let (status, body) = server.post("/v1/chat/completions", &request).await;
+        assert_eq!(status, 422, "{field}: {body}");
+        assert_eq!(body["error"]["param"], field, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(field),
+            "{body}"
+        );
+    }
+    let off = json!({
+        "model": MODEL, "messages": question(), "max_tokens": 4,
+        "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+        "logprobs": false, "n": 1,
+    });
+    let (status, body) = server.post("/v1/chat/completions", &off).await;
+    assert_eq!(status, 200, "{body}");
+}

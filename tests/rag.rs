@@ -23,13 +23,7 @@ pub enum Backend {
 async fn server(backend: Backend, extra: &[&str]) -> Option<TestServer> {
     let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     if let Backend::Postgres = backend {
-        let Ok(url) = std::env::var("AITIER_TEST_DATABASE_URL") else {
-            eprintln!(
-                "\n*** SKIPPED on PostgreSQL: AITIER_TEST_DATABASE_URL is not set. \
-                 Run `export AITIER_TEST_DATABASE_URL=$(tests/pg start)` (tests/all does). ***\n"
-            );
-            return None;
-        };
+        let url = common::postgres_url()?;
         args.extend(["--database-url".into(), url]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

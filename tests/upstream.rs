@@ -165,9 +165,11 @@ async fn nobody_listening_is_a_502_before_the_stream() {
     let server = relay(&format!("http://127.0.0.1:{port}/v1"), &[]).await;
     let (status, body) = server.post("/api/chat/stream", &paris()).await;
     assert_eq!(status, 502, "{body}");
+    // The upstream's address and the error chain stay in the log.
     let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("could not be reached"), "{detail}");
     assert!(
-        detail.contains("could not be reached") && detail.contains(&port.to_string()),
+        !detail.contains(&port.to_string()) && !detail.contains("127.0.0.1"),
         "{detail}"
     );
     let (status, body) = server.post("/v1/chat/completions", &paris()).await;
@@ -208,7 +210,7 @@ const HELLO: &str = r#"data: {"id":"c1","object":"chat.completion.chunk","create
 "#;
 
 #[tokio::test]
-async fn an_upstream_500_is_a_502_with_its_message() {
+async fn an_upstream_500_is_a_502_with_its_status_and_not_its_message() {
     let base = fake(
         "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n",
         vec![r#"{"error":{"message":"the GPU caught fire","type":"server_error","param":null,"code":null}}"#],
@@ -219,8 +221,9 @@ async fn an_upstream_500_is_a_502_with_its_message() {
     let (status, body) = server.post("/api/chat/stream", &paris()).await;
     assert_eq!(status, 502, "{body}");
     let detail = body["detail"].as_str().unwrap();
+    // The upstream's own message (OpenAI's can quote part of the key) stays in the log.
     assert!(
-        detail.contains("500") && detail.contains("the GPU caught fire"),
+        detail.contains("500") && !detail.contains("the GPU caught fire"),
         "{detail}"
     );
 }

@@ -24,11 +24,22 @@ use crate::llm::{
 };
 use crate::state::AppState;
 
+mod meter;
+
+use meter::meter;
+
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(chat_stream))
 }
 
 const MAX_CONTENT: usize = 100_000;
+/// What a stream cut by shutdown says; a client should retry elsewhere.
+pub const SHUTTING_DOWN: &str = "The server is shutting down; retry the request";
+/// Most messages in one conversation.
+pub const MAX_MESSAGES: usize = 256;
+/// Most characters in all of a conversation's messages: refused before anything is templated or
+/// tokenized, whatever the queue holds.
+pub const MAX_PROMPT_CHARS: usize = 200_000;
 const MAX_STOPS: usize = 4;
 
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
@@ -91,8 +102,9 @@ fn default_max_tokens() -> u32 {
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 64}))]
 pub struct ChatRequest {
-    /// The conversation so far, oldest first (at least one message).
-    #[schema(min_items = 1)]
+    /// The conversation so far, oldest first: 1 to 256 messages of at most 200000 characters
+    /// in all.
+    #[schema(min_items = 1, max_items = 256)]
     pub messages: Vec<Message>,
     /// The chat model; the local model when omitted.
     #[serde(default)]
@@ -124,13 +136,14 @@ pub struct ChatRequest {
 /// `max_tokens` are the (field, value) pairs a surface accepts.
 pub fn check_generation(
     messages: usize,
+    prompt_chars: usize,
     max_tokens: &[(&str, Option<u32>)],
     temperature: Option<f64>,
     top_p: Option<f64>,
     stops: &[String],
 ) -> Vec<ValidationError> {
     let mut problems: Vec<ValidationError> =
-        check_list(&body(&["messages"]), messages, 1, usize::MAX)
+        check_list(&body(&["messages"]), messages, 1, MAX_MESSAGES)
             .into_iter()
             .chain(max_tokens.iter().filter_map(|(name, value)| {
                 check_range(body(&[*name]), u64::from((*value)?), 1, 4096)
@@ -151,6 +164,15 @@ pub fn check_generation(
         top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
         "top_p should be above 0 and at most 1".into(),
     );
+    if prompt_chars > MAX_PROMPT_CHARS {
+        problems.push(ValidationError::new(
+            body(&["messages"]),
+            format!(
+                "The conversation has {prompt_chars} characters; at most {MAX_PROMPT_CHARS} are accepted"
+            ),
+            "too_long",
+        ));
+    }
     problems.extend(check_list(&body(&["stop"]), stops.len(), 0, MAX_STOPS));
     for (i, s) in stops.iter().enumerate() {
         problems.extend(check_text(
@@ -178,6 +200,10 @@ impl Validate for ChatRequest {
     fn validate(&self) -> Vec<ValidationError> {
         let mut problems = check_generation(
             self.messages.len(),
+            self.messages
+                .iter()
+                .map(|m| m.content.chars().count())
+                .sum(),
             &[("max_tokens", Some(self.max_tokens))],
             self.temperature,
             self.top_p,
@@ -285,6 +311,16 @@ pub fn discriminate(doc: &mut utoipa::openapi::OpenApi, union: &str, tag: &str) 
         .insert(union.to_string(), Schema::OneOf(rebuilt.build()).into());
 }
 
+/// What a client may read of a mid-stream failure: the first clause of the message (the rest is
+/// an error chain), and nothing that names an address. The whole message goes to the log, under
+/// the request's id.
+pub(super) fn public_message(message: &str) -> String {
+    tracing::warn!(error = %message, "generation failed midway");
+    super::error::public_clause(message)
+        .unwrap_or("The chat upstream failed")
+        .to_string()
+}
+
 pub(super) fn event(e: ChatEvent) -> Event {
     let payload = match e {
         ChatEvent::Queued => return Event::default().comment("queued"),
@@ -301,7 +337,9 @@ pub(super) fn event(e: ChatEvent) -> Event {
                 completion_tokens: g.completion_tokens,
             },
         },
-        ChatEvent::Error(message) => ChatStreamEvent::Error { message },
+        ChatEvent::Error(message) => ChatStreamEvent::Error {
+            message: public_message(&message),
+        },
     };
     Event::default().json_data(payload).unwrap_or_else(|_| {
         Event::default().data(r#"{"type":"error","message":"unserialisable event"}"#)
@@ -364,7 +402,11 @@ pub async fn start(
         })?;
     Ok(Started {
         model: name,
-        events,
+        events: meter(
+            events,
+            if upstream { "upstream" } else { "local" },
+            state.shutdown.watch(),
+        ),
         upstream,
     })
 }
@@ -404,7 +446,7 @@ pub fn stream_headers() -> [(HeaderName, &'static str); 2] {
         (status = 422, description = "The body is not valid, or the conversation does not fit the context", body = HTTPValidationError),
         (status = 500, description = "Unexpected server error (the cause is logged)", body = HttpError),
         (status = 502, description = "The chat upstream could not be reached or refused the request", body = HttpError,
-            example = json!({"detail": "The chat upstream http://127.0.0.1:9/v1 could not be reached: error sending request"})),
+            example = json!({"detail": "The chat upstream could not be reached or refused the request"})),
         (status = 503, description = "Too many generations, or the model is loading: retry later", body = HttpError,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 504, description = "The chat upstream did not answer in time", body = HttpError),

@@ -81,10 +81,23 @@ pub enum ApiError {
     NotFound(String),
     #[error("Method Not Allowed")]
     MethodNotAllowed,
+    /// No valid API key: answered with `WWW-Authenticate`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid key without the scope the route needs.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The caller spent its rate limit; it may retry after `retry_after` seconds.
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after: u64 },
     /// Busy or still starting: the client should retry after `Retry-After`.
     #[error("{0}")]
     Unavailable(String),
-    #[error("the request took longer than {0} s")]
+    /// The response did not start within the request time limit: 504, not 503, since clients
+    /// retry 503s and a retry would redo the same long work.
+    #[error(
+        "The response took longer than the server's {0} s limit; ask for less work (a lower max_tokens), or stream long answers"
+    )]
     Timeout(u64),
     /// The chat upstream failed or answered with an error; the detail says how.
     #[error("{0}")]
@@ -107,7 +120,11 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) | Self::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -118,6 +135,15 @@ impl ApiError {
     pub fn detail(&self) -> String {
         match self {
             Self::Internal(_) => "Internal Server Error".into(),
+            // The cause can name the upstream's address, carry the upstream's own message (which
+            // may quote part of its key) and an error chain: the client gets its first clause
+            // when that names no address, the log gets the rest.
+            Self::BadGateway(cause) => public_clause(cause)
+                .unwrap_or("The chat upstream could not be reached or refused the request")
+                .into(),
+            Self::GatewayTimeout(cause) => public_clause(cause)
+                .unwrap_or("The chat upstream did not answer in time")
+                .into(),
             Self::PayloadTooLarge { limit } => {
                 format!("Request body is larger than the limit of {limit} bytes")
             }
@@ -125,8 +151,13 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Timeout(_))
+    /// Seconds to put in `Retry-After`, for the errors a retry can cure.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Unavailable(_) => Some(RETRY_AFTER_SECS),
+            Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// Builds a response with any JSON body, the status, `Retry-After` where due, and logs a 5xx
@@ -142,13 +173,26 @@ impl ApiError {
             _ => {}
         }
         let mut response = (self.status(), axum::Json(body)).into_response();
-        if self.retry_after() {
+        if let Some(seconds) = self.retry_after() {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, Self::Unauthorized(_)) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"aitier\""),
+            );
         }
         response
     }
+}
+
+/// The first clause of a message (what follows `: ` is a cause or an error chain), unless it names
+/// an address.
+pub fn public_clause(message: &str) -> Option<&str> {
+    let first = message.split(": ").next().unwrap_or(message);
+    (!first.contains("://")).then_some(first)
 }
 
 impl IntoResponse for ApiError {

@@ -44,6 +44,11 @@ pub async fn health() -> Json<HealthResponse> {
             example = json!({"detail": "Not ready: loading all-MiniLM-L6-v2"})),
     ))]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
+    if state.shutdown.is_begun() {
+        return Err(ApiError::Unavailable(
+            "Not ready: the server is shutting down".into(),
+        ));
+    }
     let pending = state.not_ready();
     let database = match &state.rag {
         Some(rag) => rag.database.problem(DATABASE_PING).await,
@@ -55,8 +60,11 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>
         } else {
             format!("; loading {}", pending.join(", "))
         };
+        // The driver's message can name hosts and users, and this route is open: the cause is
+        // in the log (the connection loop warns on every retry).
+        tracing::debug!(error = %problem, "not ready: database");
         return Err(ApiError::Unavailable(format!(
-            "Not ready: {problem}{loading}"
+            "Not ready: the database is unavailable{loading}"
         )));
     }
     if pending.is_empty() {

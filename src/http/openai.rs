@@ -47,9 +47,15 @@ pub struct OpenAiError {
 }
 
 impl From<ApiError> for OpenAiError {
-    /// A 404 on the `/v1` surface is always an unknown model.
+    /// A 404 on the `/v1` surface is always an unknown model; 401, 403 and 429 carry OpenAI's codes.
     fn from(error: ApiError) -> Self {
-        let code = matches!(error, ApiError::NotFound(_)).then_some("model_not_found");
+        let code = match error {
+            ApiError::NotFound(_) => Some("model_not_found"),
+            ApiError::Unauthorized(_) => Some("invalid_api_key"),
+            ApiError::Forbidden(_) => Some("insufficient_permissions"),
+            ApiError::TooManyRequests { .. } => Some("rate_limit_exceeded"),
+            _ => None,
+        };
         Self { error, code }
     }
 }
@@ -153,10 +159,12 @@ pub struct CreateEmbeddingRequest {
     /// `float` (default) or `base64`.
     #[serde(default)]
     pub encoding_format: Option<EncodingFormat>,
-    /// Output dimensions. Only the model's own dimension is supported (no Matryoshka truncation);
-    /// any other value is a 422.
+    /// Output dimensions, from 1 to the model's own (384 for the default all-MiniLM-L6-v2): the
+    /// vector is cut to its first `dimensions` values and L2-normalised again, as OpenAI's
+    /// text-embedding-3 models do. MiniLM was not trained for this (no Matryoshka loss), so short
+    /// vectors lose more meaning than OpenAI's do. More than the model's own is a 422.
     #[serde(default, deserialize_with = "super::extract::integral_opt")]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 384)]
     pub dimensions: Option<u32>,
     /// An end-user id, accepted for compatibility and ignored.
     #[serde(default)]
@@ -262,18 +270,22 @@ pub async fn embeddings(
             code: Some("model_not_found"),
         });
     }
-    if let Some(dimensions) = req.dimensions.filter(|&d| d as usize != service.dims()) {
+    if let Some(dimensions) = req
+        .dimensions
+        .filter(|&d| d == 0 || d as usize > service.dims())
+    {
         return Err(ApiError::validation(
             vec!["body".into(), "dimensions".into()],
             format!(
-                "{} only produces {} dimensions, not {dimensions}",
+                "dimensions should be between 1 and {}, the most {} produces; not {dimensions}",
+                service.dims(),
                 service.name(),
-                service.dims()
             ),
             "value_error",
         )
         .into());
     }
+    let dimensions = req.dimensions.map(|d| d as usize);
     let texts = match req.input {
         EmbeddingInput::One(text) => vec![text],
         EmbeddingInput::Many(texts) => texts,
@@ -286,14 +298,20 @@ pub async fn embeddings(
         data: embeddings
             .into_iter()
             .enumerate()
-            .map(|(index, e)| EmbeddingData {
-                object: EmbeddingObjectKind::Embedding,
-                index,
-                embedding: if base64 {
-                    EmbeddingVector::Base64(encode_f32(&e.vector))
-                } else {
-                    EmbeddingVector::Float(e.vector)
-                },
+            .map(|(index, e)| {
+                let vector = match dimensions {
+                    Some(d) if d < e.vector.len() => shorten(e.vector, d),
+                    _ => e.vector,
+                };
+                EmbeddingData {
+                    object: EmbeddingObjectKind::Embedding,
+                    index,
+                    embedding: if base64 {
+                        EmbeddingVector::Base64(encode_f32(&vector))
+                    } else {
+                        EmbeddingVector::Float(vector)
+                    },
+                }
             })
             .collect(),
         model: service.name().to_string(),
@@ -302,6 +320,16 @@ pub async fn embeddings(
             total_tokens: tokens,
         },
     }))
+}
+
+/// The first `d` values, scaled back to unit length.
+fn shorten(mut vector: Vec<f32>, d: usize) -> Vec<f32> {
+    vector.truncate(d);
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+    vector
 }
 
 fn encode_f32(v: &[f32]) -> String {

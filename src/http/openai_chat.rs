@@ -10,17 +10,21 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::ToSchema;
-use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
-use utoipa::openapi::{Ref, RefOr, Schema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::chat::{Role, Stop, check_generation, start, stream_headers};
 use super::error::{ApiError, ValidationError};
 use super::extract::{Validate, integral_opt};
 use super::openai::{OpenAiError, OpenAiErrorBody, OpenAiJson};
-use crate::llm::{ChatEvent, ChatMessage, FinishReason, Generation, GenerationParams};
+use crate::llm::{ChatEvent, ChatMessage, FinishReason, GenerationParams};
 use crate::state::AppState;
+
+mod types;
+mod unsupported;
+
+pub use types::*;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -69,8 +73,8 @@ pub struct StreamOptions {
 pub struct ChatCompletionRequest {
     /// The chat model (see `GET /v1/models`).
     pub model: String,
-    /// The conversation so far (at least one message).
-    #[schema(min_items = 1)]
+    /// The conversation so far: 1 to 256 messages of at most 200000 characters in all.
+    #[schema(min_items = 1, max_items = 256)]
     pub messages: Vec<CompletionMessage>,
     /// Most tokens to generate (default 1024).
     #[serde(default, deserialize_with = "integral_opt")]
@@ -103,6 +107,35 @@ pub struct ChatCompletionRequest {
     #[serde(default, deserialize_with = "integral_opt")]
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
+    /// Only `{"type": "text"}`: output cannot be constrained to JSON here. Any other format is a
+    /// 422 naming this field, rather than an answer that silently ignores it.
+    #[serde(default)]
+    #[schema(schema_with = unsupported::text_format)]
+    pub response_format: Option<Value>,
+    /// Tool calling is not supported: only an empty list.
+    #[serde(default)]
+    #[schema(schema_with = unsupported::no_list)]
+    pub tools: Option<Value>,
+    /// Only `none` (there are no tools to call).
+    #[serde(default)]
+    #[schema(schema_with = unsupported::only_none)]
+    pub tool_choice: Option<Value>,
+    /// The deprecated form of `tools`: only an empty list.
+    #[serde(default)]
+    #[schema(schema_with = unsupported::no_list)]
+    pub functions: Option<Value>,
+    /// The deprecated form of `tool_choice`: only `none`.
+    #[serde(default)]
+    #[schema(schema_with = unsupported::only_none)]
+    pub function_call: Option<Value>,
+    /// Log probabilities are not returned: only `false`.
+    #[serde(default)]
+    #[schema(schema_with = unsupported::only_false)]
+    pub logprobs: Option<Value>,
+    /// Only 0 (no log probabilities are returned).
+    #[serde(default)]
+    #[schema(schema_with = unsupported::only_zero)]
+    pub top_logprobs: Option<Value>,
 }
 
 impl ChatCompletionRequest {
@@ -126,8 +159,17 @@ impl ChatCompletionRequest {
 
 impl Validate for ChatCompletionRequest {
     fn validate(&self) -> Vec<ValidationError> {
+        let prompt_chars = self
+            .messages
+            .iter()
+            .map(|m| match &m.content {
+                Content::Text(t) => t.chars().count(),
+                Content::Parts(parts) => parts.iter().map(|p| p.text.chars().count()).sum(),
+            })
+            .sum();
         let mut problems = check_generation(
             self.messages.len(),
+            prompt_chars,
             &[
                 ("max_tokens", self.max_tokens),
                 ("max_completion_tokens", self.max_completion_tokens),
@@ -143,110 +185,17 @@ impl Validate for ChatCompletionRequest {
                 "value_error",
             ));
         }
+        problems.extend(unsupported::check(&[
+            ("response_format", &self.response_format),
+            ("tools", &self.tools),
+            ("tool_choice", &self.tool_choice),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+            ("logprobs", &self.logprobs),
+            ("top_logprobs", &self.top_logprobs),
+        ]));
         problems
     }
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CompletionUsage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub total_tokens: usize,
-}
-
-impl From<&Generation> for CompletionUsage {
-    fn from(g: &Generation) -> Self {
-        Self {
-            prompt_tokens: g.prompt_tokens,
-            completion_tokens: g.completion_tokens,
-            total_tokens: g.prompt_tokens + g.completion_tokens,
-        }
-    }
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AssistantMessage {
-    /// Always `assistant`.
-    pub role: String,
-    pub content: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CompletionChoice {
-    pub index: u32,
-    pub message: AssistantMessage,
-    /// `stop` or `length`.
-    pub finish_reason: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ChatCompletion {
-    pub id: String,
-    /// Always `chat.completion`.
-    pub object: String,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<CompletionChoice>,
-    pub usage: CompletionUsage,
-}
-
-#[derive(Debug, Default, Serialize, ToSchema)]
-pub struct ChunkDelta {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ChunkChoice {
-    pub index: u32,
-    pub delta: ChunkDelta,
-    /// `null` until the last content chunk.
-    pub finish_reason: Option<String>,
-}
-
-/// One streamed chunk.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ChatCompletionChunk {
-    pub id: String,
-    /// Always `chat.completion.chunk`.
-    pub object: String,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<ChunkChoice>,
-    /// Only in the last chunk, with `stream_options.include_usage`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<CompletionUsage>,
-}
-
-/// One Server-Sent Event of a completion stream: `data` is a JSON `ChatCompletionChunk`, an
-/// OpenAI error object when generation fails midway, or `[DONE]` at the end.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)] // a schema only
-pub struct ChatCompletionSseEvent {
-    #[schema(schema_with = chunk_data)]
-    data: String,
-}
-
-fn chunk_data() -> RefOr<Schema> {
-    let json = |schema: &str| {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .content_media_type("application/json")
-            .content_schema(Some(Ref::from_schema_name(schema)))
-    };
-    // anyOf, not oneOf: `contentSchema` is an annotation, so `[DONE]` is a string the others
-    // accept too.
-    AnyOfBuilder::new()
-        .item(json("ChatCompletionChunk"))
-        .item(json("OpenAiErrorBody"))
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .enum_values(Some(["[DONE]"])),
-        )
-        .into()
 }
 
 fn finish(reason: FinishReason) -> String {
@@ -402,6 +351,7 @@ pub async fn completions(
                 out
             }
             ChatEvent::Error(message) => {
+                let message = super::chat::public_message(&message);
                 let body = serde_json::json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
                 vec![Event::default().data(body.to_string())]
             }

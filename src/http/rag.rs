@@ -36,6 +36,8 @@ const DEFAULT_COLLECTION: &str = "documents";
 const MAX_CONTENT: usize = 1_000_000;
 /// Most keys in a document's metadata.
 const MAX_METADATA_KEYS: usize = 64;
+/// Most characters in one metadata string: metadata is for filtering, not for content.
+const MAX_METADATA_VALUE: usize = 1000;
 
 fn metadata_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     scalar_map_schema(MAX_METADATA_KEYS)
@@ -65,6 +67,7 @@ fn scalar_map_schema(max: usize) -> utoipa::openapi::RefOr<utoipa::openapi::Sche
         .item(
             ObjectBuilder::new()
                 .schema_type(Type::String)
+                .max_length(Some(MAX_METADATA_VALUE))
                 .pattern(Some(r"^[^\u0000]*$")),
         )
         .item(ObjectBuilder::new().schema_type(Type::Number))
@@ -109,14 +112,16 @@ fn check_scalar_map(field: &str, map: &Map<String, Value>, max: usize) -> Vec<Va
             ));
         }
         let value_ok = match value {
-            Value::String(s) => !s.contains('\0'),
+            Value::String(s) => !s.contains('\0') && s.chars().count() <= MAX_METADATA_VALUE,
             Value::Number(_) | Value::Bool(_) => true,
             _ => false,
         };
         if !value_ok {
             problems.push(ValidationError::new(
                 loc,
-                "Input should be a string, a number or a boolean",
+                format!(
+                    "Input should be a string (at most {MAX_METADATA_VALUE} characters), a number or a boolean"
+                ),
                 "value_error",
             ));
         }
@@ -234,7 +239,9 @@ impl From<store::Document> for DocumentResponse {
 fn api_error(e: RagError) -> ApiError {
     match e {
         RagError::Store(StoreError::Unavailable(why)) => {
-            ApiError::Unavailable(format!("The database is unavailable: {why}"))
+            // The driver's message can name hosts and users: it stays in the log.
+            tracing::warn!(error = %why, "database unavailable");
+            ApiError::Unavailable("The database is unavailable; retry later".into())
         }
         RagError::Store(e @ StoreError::DimensionMismatch { .. }) => {
             ApiError::validation(body(&["collection"]), e.to_string(), "value_error")
@@ -311,7 +318,12 @@ pub async fn ingest(
 pub struct ListParams {
     /// The collection to list.
     #[serde(default = "default_collection")]
-    #[param(default = "documents", min_length = 1, max_length = 128)]
+    #[param(
+        default = "documents",
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\u0000]*$"
+    )]
     pub collection: String,
     /// Most documents in the page.
     #[serde(default)]

@@ -3,8 +3,9 @@
 //! growing latency without limit.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -20,7 +21,8 @@ pub struct BatchConfig {
     pub max_batch_tokens: usize,
     /// How long to hold a batch open for more requests, counted from the first request's arrival.
     pub max_wait: Duration,
-    /// Requests waiting for a worker before new ones are refused.
+    /// Texts (not requests) waiting for a worker before new requests are refused; a request larger
+    /// than this still runs when the queue is empty.
     pub queue_capacity: usize,
     /// Worker threads sharing the queue, each running its own batches.
     pub workers: usize,
@@ -40,6 +42,10 @@ struct Job {
     texts: Vec<String>,
     reply: Reply,
     enqueued: Instant,
+    /// When the job's batch started, for the request's `Server-Timing` (queue vs inference).
+    started: Arc<OnceLock<Instant>>,
+    /// The queue's count of waiting texts, which this job's texts leave when a worker takes it.
+    waiting: Arc<AtomicUsize>,
 }
 
 /// A job after tokenization, ready to be batched.
@@ -47,6 +53,7 @@ struct Prepared {
     seqs: Vec<Tokenized>,
     reply: Reply,
     enqueued: Instant,
+    started: Arc<OnceLock<Instant>>,
 }
 
 impl Prepared {
@@ -60,6 +67,10 @@ impl Prepared {
 pub struct Batcher {
     tx: SyncSender<Job>,
     name: Arc<str>,
+    /// Texts waiting in the queue: the bound is in texts, not requests, so that one request of
+    /// 256 texts counts as the work it is.
+    waiting: Arc<AtomicUsize>,
+    capacity: usize,
 }
 
 impl Batcher {
@@ -74,25 +85,54 @@ impl Batcher {
                 .name(format!("aitier-{}-{i}", config.name))
                 .spawn(move || worker(model.as_ref(), &rx, &config))?;
         }
-        Ok(Self { tx, name })
+        Ok(Self {
+            tx,
+            name,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            capacity: config.queue_capacity,
+        })
     }
 
     /// Runs the model on `texts` (one output per text, in order), or refuses at once when the queue
     /// is full. Dropping the future before it completes lets the worker skip the job.
     pub async fn run(&self, texts: Vec<String>) -> Result<Vec<Pooled>, InferenceError> {
         let (reply, rx) = oneshot::channel();
+        let (enqueued, started) = (Instant::now(), Arc::new(OnceLock::new()));
+        let n = texts.len();
+        // A request larger than the whole queue still runs when nothing waits.
+        let before = self.waiting.fetch_add(n, Ordering::SeqCst);
+        let overloaded = || {
+            metrics::counter!("aitier_embedding_queue_full_total", "model" => self.name.to_string())
+                .increment(1);
+            InferenceError::Overloaded {
+                model: self.name.to_string(),
+            }
+        };
+        if before > 0 && before + n > self.capacity {
+            self.waiting.fetch_sub(n, Ordering::SeqCst);
+            return Err(overloaded());
+        }
         let job = Job {
             texts,
             reply,
-            enqueued: Instant::now(),
+            enqueued,
+            started: started.clone(),
+            waiting: self.waiting.clone(),
         };
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => InferenceError::Overloaded {
-                model: self.name.to_string(),
-            },
-            TrySendError::Disconnected(_) => self.stopped(),
+        self.tx.try_send(job).map_err(|e| {
+            self.waiting.fetch_sub(n, Ordering::SeqCst);
+            match e {
+                TrySendError::Full(_) => overloaded(),
+                TrySendError::Disconnected(_) => self.stopped(),
+            }
         })?;
-        Ok(rx.await.map_err(|_| self.stopped())??)
+        metrics::gauge!("aitier_embedding_queue_depth", "model" => self.name.to_string())
+            .set(self.waiting.load(Ordering::Relaxed) as f64);
+        let result = rx.await.map_err(|_| self.stopped())?;
+        if let Some(&batch) = started.get() {
+            crate::telemetry::record_model_time(batch - enqueued, batch.elapsed());
+        }
+        Ok(result?)
     }
 
     fn stopped(&self) -> InferenceError {
@@ -139,7 +179,7 @@ fn gather(
         if let Some(prepared) = carried.take() {
             break prepared;
         }
-        if let Some(prepared) = prepare(model, rx.recv().ok()?) {
+        if let Some(prepared) = prepare(model, rx.recv().ok()?, &config.name) {
             break prepared;
         }
     };
@@ -159,7 +199,7 @@ fn gather(
                 }
             }
         };
-        let Some(prepared) = prepare(model, job) else {
+        let Some(prepared) = prepare(model, job, &config.name) else {
             continue;
         };
         if seqs + prepared.seqs.len() > config.max_batch_size
@@ -176,7 +216,9 @@ fn gather(
 }
 
 /// Tokenizes a job; `None` when its client has gone or tokenization failed (the client is told).
-fn prepare(model: &dyn SequenceModel, job: Job) -> Option<Prepared> {
+fn prepare(model: &dyn SequenceModel, job: Job, name: &str) -> Option<Prepared> {
+    let left = job.waiting.fetch_sub(job.texts.len(), Ordering::SeqCst) - job.texts.len();
+    metrics::gauge!("aitier_embedding_queue_depth", "model" => name.to_string()).set(left as f64);
     if job.reply.is_closed() {
         return None;
     }
@@ -192,6 +234,7 @@ fn prepare(model: &dyn SequenceModel, job: Job) -> Option<Prepared> {
             seqs,
             reply: job.reply,
             enqueued: job.enqueued,
+            started: job.started,
         }),
         Err(e) => {
             let _ = job.reply.send(Err(e));
@@ -204,6 +247,12 @@ fn prepare(model: &dyn SequenceModel, job: Job) -> Option<Prepared> {
 /// short texts are not padded to the length of a long one; then answers every job.
 fn run_jobs(model: &dyn SequenceModel, jobs: Vec<Prepared>, config: &BatchConfig) {
     let started = Instant::now();
+    let label = config.name.clone();
+    for job in &jobs {
+        let _ = job.started.set(started);
+        metrics::histogram!("aitier_embedding_queue_wait_seconds", "model" => label.clone())
+            .record((started - job.enqueued).as_secs_f64());
+    }
     let mut order: Vec<(usize, usize)> = jobs
         .iter()
         .enumerate()
@@ -241,6 +290,12 @@ fn run_jobs(model: &dyn SequenceModel, jobs: Vec<Prepared>, config: &BatchConfig
                 .for_each(|&(j, _)| failures[j] = Some(e.clone())),
         }
     }
+    metrics::histogram!("aitier_embedding_batch_size", "model" => label.clone())
+        .record(order.len() as f64);
+    metrics::histogram!("aitier_embedding_batch_duration_seconds", "model" => label.clone())
+        .record(started.elapsed().as_secs_f64());
+    let tokens: usize = jobs.iter().map(Prepared::tokens).sum();
+    metrics::counter!("aitier_embedding_tokens_total", "model" => label).increment(tokens as u64);
     tracing::debug!(
         model = %config.name,
         requests = jobs.len(),

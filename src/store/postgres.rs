@@ -142,7 +142,15 @@ impl PgStore {
             "CREATE INDEX IF NOT EXISTS chunks_embedding_{dims}_hnsw ON chunks \
              USING hnsw ((embedding::vector({dims})) vector_cosine_ops) WHERE dims = {dims}"
         );
-        sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await?;
+        // Two servers on one database (replicas) may both see the index missing; `IF NOT EXISTS`
+        // alone then fails one of them on the catalog's unique name. A transaction-scoped
+        // advisory lock makes them take turns.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('aitier_chunks_hnsw'))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        tx.commit().await?;
         self.indexes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -406,6 +414,14 @@ impl PgStore {
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn connections(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {

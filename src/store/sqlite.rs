@@ -491,6 +491,14 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn connections(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
+    }
+
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
         async move {
             sqlx::query("SELECT 1").execute(&self.pool).await?;

@@ -20,7 +20,9 @@ pub struct TestServer {
     pub client: reqwest::Client,
     /// The server's state, to watch what happens behind the HTTP surface.
     pub state: aitier::state::AppState,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    /// Dropping it (with the server) or [`TestServer::shut_down`] stops the server as a signal does.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// The SQLite file made for this server, removed with it.
     sqlite_file: Option<std::path::PathBuf>,
 }
@@ -78,19 +80,31 @@ pub async fn start(extra: &[&str]) -> TestServer {
     let addr = bound.local_addr().unwrap();
     let state = bound.state().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(bound.run(async {
+    let running = tokio::spawn(bound.run(async {
         let _ = stopped.await;
     }));
     TestServer {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         state,
-        _stop: stop,
+        stop: Some(stop),
+        running: Some(running),
         sqlite_file,
     }
 }
 
 impl TestServer {
+    /// Sends the shutdown signal and waits for the server to stop; returns what `run` returned.
+    pub async fn shut_down(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.running.take() {
+            Some(running) => running.await.expect("the server task"),
+            None => Ok(()),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -177,4 +191,22 @@ pub fn events(body: &str) -> Vec<Value> {
         .filter_map(|l| l.strip_prefix("data: "))
         .map(|d| serde_json::from_str(d).unwrap())
         .collect()
+}
+
+/// The test PostgreSQL's URL (`AITIER_TEST_DATABASE_URL`). Without it the PostgreSQL half of a test
+/// is skipped loudly, except under tests/all (`AITIER_TEST_REQUIRE_POSTGRES=1`), where it fails.
+pub fn postgres_url() -> Option<String> {
+    if let Ok(url) = std::env::var("AITIER_TEST_DATABASE_URL") {
+        return Some(url);
+    }
+    assert!(
+        std::env::var_os("AITIER_TEST_REQUIRE_POSTGRES").is_none(),
+        "AITIER_TEST_DATABASE_URL is not set but AITIER_TEST_REQUIRE_POSTGRES is: run \
+         `export AITIER_TEST_DATABASE_URL=$(tests/pg start)`"
+    );
+    eprintln!(
+        "\n*** SKIPPED on PostgreSQL: AITIER_TEST_DATABASE_URL is not set. \
+         Run `export AITIER_TEST_DATABASE_URL=$(tests/pg start)` (tests/all does). ***\n"
+    );
+    None
 }

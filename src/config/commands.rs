@@ -1,0 +1,120 @@
+//! The subcommands' arguments: `ingest`, `classifier train` and `classifier eval`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::DEFAULT_DATABASE_URL;
+
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Files and folders to ingest; folders are walked recursively for .txt and .md files.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// The collection to add them to.
+    #[arg(long, default_value = "documents")]
+    pub collection: String,
+    /// The database, as for `serve` (the server can run meanwhile: writes take turns).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    /// Embedding model; it must be the one the server searches with.
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassifierCommand {
+    /// Train an embedding head from a labelled CSV and write it to the classifiers folder.
+    Train(TrainArgs),
+    /// Classify a labelled CSV or JSON-lines file with a classifier and print its metrics.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// The labelled CSV (with a header row).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Column holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Column holding the label (compared lower-cased).
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// Name of the classifier: it is written to <classifiers-dir>/<name>/ and served as
+    /// /api/classify/<name>. Defaults to the data file's stem.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Embedding model the head reads (a local directory or Hugging Face repo id).
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+    /// Share of each label held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    pub holdout: f64,
+    /// Seed of the held-out split; the same data and seed give the same classifier.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Full-batch optimisation steps.
+    #[arg(long, default_value_t = 300)]
+    pub epochs: usize,
+    /// L2 penalty on the weights: higher is smoother, lower fits the training data closer.
+    #[arg(long, default_value_t = 1e-4)]
+    pub l2: f64,
+    /// Weigh each label by n / (labels x n_label), so that a rare label counts as much as a common
+    /// one; `false` lets the majority label dominate.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub class_weights: bool,
+    /// Folder of named classifiers.
+    #[arg(
+        long,
+        env = "AITIER_CLASSIFIERS_DIR",
+        default_value = "models/classifiers"
+    )]
+    pub classifiers_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Classifier name (under --classifiers-dir) or Hugging Face repo id.
+    #[arg(long, default_value = "sentiment")]
+    pub name: String,
+    /// A CSV with a header row, or JSON lines (`.jsonl`) with the two fields.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// For embedding heads: read whole texts or sentences (default: the classifier's own setting).
+    #[arg(long, value_enum)]
+    pub mode: Option<EvalMode>,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+    #[arg(
+        long,
+        env = "AITIER_CLASSIFIERS_DIR",
+        default_value = "models/classifiers"
+    )]
+    pub classifiers_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalMode {
+    Whole,
+    Sentences,
+}
