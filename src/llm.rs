@@ -17,15 +17,16 @@ mod service;
 mod template;
 mod upstream;
 
-pub use engine::EngineStats;
+pub use decode::{FinishReason, Generation, GenerationParams};
+pub use engine::{ChatEvent, EngineStats};
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use kernels::{Format, Isa, QActs, QMatrix, matmul};
 pub use kv::KvCache;
 pub use llama::{Input, Llama, LlamaConfig};
-pub use local::{FinishReason, Generation, GenerationParams, LocalModel};
+pub use local::LocalModel;
 pub use prefix::PrefixCache;
 pub use provider::{ChatError, ChatProvider, ChatStream};
-pub use service::{Admission, ChatEvent, ChatService};
+pub use service::{Admission, ChatService};
 pub use template::{ChatMessage, ChatTemplate};
 pub use upstream::{Upstream, UpstreamConfig};
 

@@ -24,8 +24,18 @@ use super::decode::{Decoder, Step};
 use super::llama::Input;
 use super::prefix::PrefixCache;
 use super::{
-    ChatEvent, ChatMessage, FinishReason, GenerationParams, KvCache, LlmError, LocalModel,
+    ChatMessage, FinishReason, Generation, GenerationParams, KvCache, LlmError, LocalModel,
 };
+
+/// What a generation stream carries.
+#[derive(Debug)]
+pub enum ChatEvent {
+    /// Not running yet: waiting for a free generation slot.
+    Queued,
+    Delta(String),
+    Done(Generation),
+    Error(String),
+}
 
 /// Prompt tokens a pending prompt runs per engine step: at ≈2 ms per token on one core, a long
 /// prompt holds the running sequences back for about half a second at a time.

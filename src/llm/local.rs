@@ -8,7 +8,7 @@ use candle_core::quantized::gguf_file::Content;
 use tokenizers::Tokenizer;
 
 use super::LlmError;
-use super::decode::{Decoder, Step};
+use super::decode::{Decoder, FinishReason, Generation, GenerationParams, Step};
 use super::gguf_tokenizer::tokenizer_from_gguf;
 use super::kernels::Isa;
 use super::llama::{Input, Llama};
@@ -16,56 +16,6 @@ use super::template::{ChatMessage, ChatTemplate};
 
 /// Tokens that end an assistant turn in common chat templates, besides the declared eos.
 const END_OF_TURN: [&str; 3] = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"];
-
-#[derive(Debug, Clone)]
-pub struct GenerationParams {
-    pub max_tokens: usize,
-    /// `None` or 0: greedy.
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    /// The same seed gives the same text; `None` draws one.
-    pub seed: Option<u64>,
-    /// Divides the logits of tokens seen in the last `repeat_last_n` (prompt included); 1.0
-    /// turns it off, the default as in llama.cpp's server and OpenAI's API. On by default it
-    /// penalised the words of the question itself: "What is the capital of France?" was answered
-    /// "L'Étoile: Paris, la Ciampère..." instead of "The capital of France is Paris."
-    pub repeat_penalty: f32,
-    pub repeat_last_n: usize,
-    /// Generation stops before any of these; they are not part of the answer.
-    pub stop: Vec<String>,
-}
-
-impl Default for GenerationParams {
-    fn default() -> Self {
-        Self {
-            max_tokens: 256,
-            temperature: None,
-            top_p: None,
-            seed: None,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            stop: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// End of turn or a stop string.
-    Stop,
-    /// `max_tokens` reached.
-    Length,
-    /// The consumer asked to stop (a client went away).
-    Cancelled,
-}
-
-#[derive(Debug, Clone)]
-pub struct Generation {
-    pub text: String,
-    pub finish_reason: FinishReason,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-}
 
 pub struct LocalModel {
     /// The weights; every sequence brings its own KV cache.

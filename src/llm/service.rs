@@ -8,18 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use super::engine::{Engine, EngineStats, Job};
-use super::{ChatMessage, Generation, GenerationParams, LlmError, LocalModel};
-
-/// What a generation stream carries.
-#[derive(Debug)]
-pub enum ChatEvent {
-    /// Not running yet: waiting for a free generation slot.
-    Queued,
-    Delta(String),
-    Done(Generation),
-    Error(String),
-}
+use super::engine::{ChatEvent, Engine, EngineStats, Job};
+use super::{ChatMessage, GenerationParams, LlmError, LocalModel};
 
 pub struct ChatService {
     name: String,
