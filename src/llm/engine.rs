@@ -5,13 +5,10 @@
 //! per pass cost little more than one. Each sequence samples on its own and streams to its own
 //! channel; a closed channel cancels that sequence before the next step.
 //!
-//! Compute threads: the matmuls run on candle's thread pool, sized by `CANDLE_NUM_THREADS`, else
-//! `RAYON_NUM_THREADS`, which `main` sets to 1 for the embedding workers. One thread is also what
-//! suits this engine on a shared 2-core machine: with two, the pool's spinning barrier waits on a
-//! core that another process holds, and decoding fell from ≈120 to ≈22 tokens/s while a build ran
-//! next to it (one lucky idle run gave 368 tok/s aggregate for 4 streams, against ≈300 with one
-//! thread). The other core serves HTTP, tokenisation and embeddings. `CANDLE_NUM_THREADS=2` is
-//! worth a try on a dedicated machine.
+//! Compute threads: each matmul's columns are split over `--chat-threads` threads (our kernels,
+//! see `kernels.rs`), one per core by default. On this 2-core machine two threads took a decode
+//! step from 21 to 13 ms when nothing else ran; on a machine shared with busy processes a thread
+//! that waits for a held core stalls every step, and 1 is steadier.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
