@@ -37,7 +37,7 @@ fn context(model: &Llama, len: usize) -> KvCache {
     let mut cache = model.new_cache();
     let tokens: Vec<u32> = (0..len as u32).map(|i| 1000 + i * 7).collect();
     model
-        .prefill(&mut [Input {
+        .forward(&mut [Input {
             cache: &mut cache,
             tokens: &tokens,
         }])
@@ -113,7 +113,7 @@ fn main() {
             let started = Instant::now();
             for chunk in prompt.chunks(256) {
                 model
-                    .prefill(&mut [Input {
+                    .forward(&mut [Input {
                         cache: &mut cache,
                         tokens: chunk,
                     }])

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{GGUF, TestServer, events, spawn};
+use common::{GGUF, TestServer, argmax, events, spawn};
 
 use std::ops::ControlFlow;
 
@@ -106,7 +106,7 @@ async fn greedy_answers_follow_candles_reference_model() {
         // Our greedy tokens, as the server chose them.
         let mut cache = ours.new_cache();
         let mut logits = ours
-            .prefill(&mut [Input {
+            .forward(&mut [Input {
                 cache: &mut cache,
                 tokens: &prompt,
             }])
@@ -157,16 +157,6 @@ async fn greedy_answers_follow_candles_reference_model() {
     }
     eprintln!("candle's top choice at {top}/{steps} steps; worst regret {worst}");
     assert!(top * 10 >= steps * 9, "{top}/{steps}");
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// `/v1/chat/completions` text for `body`.

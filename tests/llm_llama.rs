@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::GGUF;
+use common::{GGUF, argmax};
 
 use std::sync::OnceLock;
 
@@ -60,16 +60,6 @@ fn prompt_ids(question: &str) -> Vec<u32> {
         .unwrap()
         .get_ids()
         .to_vec()
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {

@@ -211,7 +211,7 @@ impl Worker {
             })
             .collect();
         let tokens: usize = inputs.iter().map(|i| i.tokens.len()).sum();
-        let logits = match self.model.llama().prefill(&mut inputs) {
+        let logits = match self.model.llama().forward(&mut inputs) {
             Ok(logits) => logits,
             Err(e) => {
                 for p in pending {

@@ -195,15 +195,6 @@ impl Llama {
     /// cold, after a cached prefix, in chunks, or next to other sequences, and greedy decoding
     /// gives the same text whatever ran before.
     pub fn forward(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
-        self.run(inputs)
-    }
-
-    /// [`Self::forward`] for prompts (the same computation; kept as its own name for callers).
-    pub fn prefill(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
-        self.run(inputs)
-    }
-
-    fn run(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
         let c = self.config;
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         if inputs.iter().any(|i| i.tokens.is_empty()) {

@@ -145,7 +145,7 @@ impl LocalModel {
         let prompt = self.prompt_ids(messages, params.max_tokens)?;
         let mut decoder = Decoder::new(params.clone(), &prompt);
         let mut cache = self.llama.new_cache();
-        let mut logits = self.llama.prefill(&mut [Input {
+        let mut logits = self.llama.forward(&mut [Input {
             cache: &mut cache,
             tokens: &prompt,
         }])?;

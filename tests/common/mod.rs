@@ -210,3 +210,14 @@ pub fn postgres_url() -> Option<String> {
     );
     None
 }
+
+/// The index of the largest logit (the first of equals): a greedy choice.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
