@@ -18,7 +18,7 @@ mod template;
 mod upstream;
 
 pub use decode::{FinishReason, Generation, GenerationParams};
-pub use engine::{ChatEvent, EngineStats};
+pub use engine::{ChatEvent, EngineStats, RestartHold};
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use kernels::{Format, Isa, QActs, QMatrix, matmul};
 pub use kv::KvCache;

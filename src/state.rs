@@ -162,10 +162,15 @@ impl AppState {
         {
             pending.push(format!("classifier {}", sentiment.id));
         }
-        if let Some(chat) = &self.chat
-            && !chat.is_ready()
-        {
-            pending.push(format!("chat model {}", chat.name()));
+        if let Some(chat) = &self.chat {
+            match chat.get() {
+                Err(_) => pending.push(format!("chat model {}", chat.name())),
+                Ok(service) if service.restarting() => pending.push(format!(
+                    "chat model {} (its engine restarts after a failure)",
+                    chat.name()
+                )),
+                Ok(_) => {}
+            }
         }
         pending
     }

@@ -156,7 +156,11 @@ async fn over_the_limit_is_503_and_a_disconnect_stops_the_generation() {
     // SSE keep-alive comments before it.
     let mut seen = String::new();
     while !seen.contains("delta") {
-        let chunk = first.chunk().await.unwrap().expect("the stream ended before a token");
+        let chunk = first
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the stream ended before a token");
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert_eq!(chat.active(), 1);
@@ -212,4 +216,126 @@ async fn integral_numbers_are_integers_as_json_schema_says() {
         )
         .await;
     common::assert_validation(status, &body, json!(["body", "seed"]), "int_type");
+}
+
+/// Awaits `f`, failing the test after two minutes.
+async fn within<T>(f: impl std::future::Future<Output = T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 2 minutes"))
+}
+
+/// Reads a stream until its text holds `needle` (past keep-alive comments); returns what it read.
+async fn read_until(response: &mut reqwest::Response, needle: &str) -> String {
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout(Duration::from_secs(120), response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} within 2 minutes: {seen}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the stream ended before {needle:?}: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
+    let server = chat_server(&[]).await;
+    let chat = server.state.chat.as_ref().unwrap().get().unwrap();
+    let messages =
+        json!([{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]);
+    let mut ours = server
+        .client
+        .post(server.url("/api/chat/stream"))
+        .json(&json!({"messages": messages, "max_tokens": 2048}))
+        .send()
+        .await
+        .unwrap();
+    let mut openai = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({"model": "SmolLM2-135M-Instruct", "messages": messages, "max_tokens": 2048, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ours.status(), 200);
+    assert_eq!(openai.status(), 200);
+    read_until(&mut ours, "delta").await;
+    read_until(&mut openai, "content").await;
+
+    let hold = chat.inject_panic();
+    // Both streams end with an error event, not a silent cut.
+    let rest = read_until(&mut ours, r#""type":"error""#).await;
+    let last = events(&rest).pop().unwrap();
+    assert!(
+        last["message"].as_str().unwrap().contains("try again"),
+        "{last}"
+    );
+    let rest = read_until(&mut openai, r#""error""#).await;
+    assert!(rest.contains("server_error"), "{rest}");
+    eprintln!("STAGE errors seen");
+    assert!(
+        within(ours.chunk(), "the end of the stream")
+            .await
+            .unwrap()
+            .is_none(),
+        "the stream ended"
+    );
+    eprintln!("STAGE stream ended");
+
+    // While the engine restarts, readiness and /metrics say so.
+    let ready = within(
+        server.client.get(server.url("/health/ready")).send(),
+        "readiness",
+    )
+    .await
+    .unwrap();
+    eprintln!("STAGE ready answered");
+    assert_eq!(ready.status(), 503);
+    let detail = ready.text().await.unwrap();
+    assert!(detail.contains("restarts after a failure"), "{detail}");
+    let metrics = within(server.client.get(server.url("/metrics")).send(), "metrics")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    eprintln!("STAGE metrics answered");
+    assert!(
+        metrics.contains(r#"aitier_chat_engine_restarting{model="SmolLM2-135M-Instruct"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"aitier_chat_engine_restarts_total{model="SmolLM2-135M-Instruct"} 1"#)
+    );
+    assert_eq!(chat.active(), 0, "the failed sequences left the gauge");
+    drop(hold);
+
+    // Then it serves again: ready, and an answer to the end.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server
+        .client
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the engine did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = server
+        .client
+        .post(server.url("/api/chat/stream"))
+        .json(&json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        events(&again.text().await.unwrap()).last().unwrap()["type"],
+        "done"
+    );
 }

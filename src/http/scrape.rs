@@ -76,8 +76,12 @@ fn sample(state: &AppState) {
             .absolute(load(&stats.reused_tokens));
         ::metrics::counter!("aitier_chat_decode_steps_total", "model" => model.clone())
             .absolute(load(&stats.steps));
-        ::metrics::counter!("aitier_chat_decoded_sequences_total", "model" => model)
+        ::metrics::counter!("aitier_chat_decoded_sequences_total", "model" => model.clone())
             .absolute(load(&stats.stepped_sequences));
+        ::metrics::counter!("aitier_chat_engine_restarts_total", "model" => model.clone())
+            .absolute(load(&stats.restarts));
+        ::metrics::gauge!("aitier_chat_engine_restarting", "model" => model)
+            .set(if chat.restarting() { 1.0 } else { 0.0 });
     }
     if let Some(upstream) = &state.upstream {
         ::metrics::gauge!("aitier_chat_active_generations", "provider" => "upstream")

@@ -11,9 +11,11 @@
 //! that waits for a held core stalls every step, and 1 is steadier.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -41,6 +43,13 @@ const PREFILL_CHUNK: usize = 256;
 /// KV state kept for reuse by later prompts (≈1,400 SmolLM2 tokens; see [`PrefixCache`]).
 const PREFIX_CACHE_BYTES: usize = 64 << 20;
 
+/// The pause before the engine restarts after a panic, doubled on each panic that follows within
+/// [`RESTART_CALM`] of the last restart (a bug hit by every request must not spin a core), up to
+/// [`RESTART_BACKOFF_MAX`]. Readiness answers 503 while it lasts.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+const RESTART_CALM: Duration = Duration::from_secs(60);
+
 /// One admitted request, handed to the engine thread.
 pub(crate) struct Job {
     pub messages: Vec<ChatMessage>,
@@ -62,6 +71,24 @@ pub struct EngineStats {
     /// Decode steps, and the sequences they advanced (their ratio is the mean batch size).
     pub steps: AtomicU64,
     pub stepped_sequences: AtomicU64,
+    /// Panics the engine recovered from.
+    pub restarts: AtomicU64,
+    /// Set from the moment a panic unwinds until the engine serves again.
+    pub restarting: AtomicBool,
+    /// A test asks for a panic in the next decode step ([`Engine::inject_panic`]).
+    panic_requested: AtomicBool,
+    /// ... and holds the restart until it has looked at the server meanwhile.
+    hold_restart: AtomicBool,
+}
+
+/// Returned by [`Engine::inject_panic`]: the engine's restart waits until this is dropped.
+#[doc(hidden)]
+pub struct RestartHold(Arc<EngineStats>);
+
+impl Drop for RestartHold {
+    fn drop(&mut self) {
+        self.0.hold_restart.store(false, Ordering::SeqCst);
+    }
 }
 
 pub(crate) struct Engine {
@@ -91,7 +118,7 @@ impl Engine {
     pub fn start(model: Arc<LocalModel>, max_batch: usize, active: Arc<AtomicUsize>) -> Self {
         let (jobs, rx) = std_mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let mut worker = Worker {
+        let worker = Worker {
             model,
             max_batch: max_batch.max(1),
             active,
@@ -100,9 +127,19 @@ impl Engine {
         };
         std::thread::Builder::new()
             .name("chat-engine".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || worker.supervise(rx))
             .expect("spawn the chat engine thread");
         Self { jobs, stats }
+    }
+
+    /// Makes the engine panic in its next decode step, as a bug would: for the tests of recovery.
+    /// The restart that follows waits until the returned hold is dropped, so that a test can see
+    /// the server while it restarts however slow the machine.
+    #[doc(hidden)]
+    pub fn inject_panic(&self) -> RestartHold {
+        self.stats.hold_restart.store(true, Ordering::SeqCst);
+        self.stats.panic_requested.store(true, Ordering::SeqCst);
+        RestartHold(self.stats.clone())
     }
 
     /// Where jobs go; sending fails once the engine thread is gone.
@@ -118,8 +155,71 @@ struct Prefill {
     cache: KvCache,
 }
 
+thread_local! {
+    /// The counters of the engine this thread runs, for [`raise_on_panic`].
+    static ENGINE: std::cell::RefCell<Option<Arc<EngineStats>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Chains a panic hook that raises [`EngineStats::restarting`] when an engine thread panics. The
+/// hook runs before the unwinding drops the engine's sequences, so the flag is up before any
+/// stream sees its channel close (readiness never answers 200 between the two).
+fn raise_on_panic() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = ENGINE.try_with(|engine| {
+                if let Ok(engine) = engine.try_borrow()
+                    && let Some(stats) = engine.as_ref()
+                {
+                    stats.restarting.store(true, Ordering::SeqCst);
+                }
+            });
+            previous(info);
+        }));
+    });
+}
+
 impl Worker {
-    fn run(&mut self, jobs: std_mpsc::Receiver<Job>) {
+    /// Runs the engine and restarts it after a panic. The panic drops every request the engine
+    /// held: their channels close, and their streams end with an error (see `ChatService`); their
+    /// permits return. Requests still in `jobs` wait for the restarted engine. The prefix cache
+    /// starts empty again, since a panic may have left a cache half-written.
+    fn supervise(mut self, jobs: std_mpsc::Receiver<Job>) {
+        raise_on_panic();
+        ENGINE.with(|engine| *engine.borrow_mut() = Some(self.stats.clone()));
+        let mut backoff = RESTART_BACKOFF_MIN;
+        let mut last_restart: Option<Instant> = None;
+        loop {
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| self.run(&jobs)));
+            let Err(panic) = run else { return };
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic".into());
+            if last_restart.is_some_and(|t| t.elapsed() > RESTART_CALM) {
+                backoff = RESTART_BACKOFF_MIN;
+            }
+            tracing::error!(panic = %what, restart_in = ?backoff,
+                "the chat engine panicked: its requests failed, it restarts");
+            self.stats.restarts.fetch_add(1, Ordering::SeqCst);
+            // Every sequence the gauge counted was in `run`'s state, dropped by the unwinding.
+            self.active.store(0, Ordering::SeqCst);
+            self.prefixes = PrefixCache::new(PREFIX_CACHE_BYTES);
+            self.stats.panic_requested.store(false, Ordering::SeqCst);
+            std::thread::sleep(backoff);
+            while self.stats.hold_restart.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+            last_restart = Some(Instant::now());
+            self.stats.restarting.store(false, Ordering::SeqCst);
+            tracing::info!("the chat engine serves again");
+        }
+    }
+
+    fn run(&mut self, jobs: &std_mpsc::Receiver<Job>) {
         let mut running: Vec<Sequence> = Vec::new();
         let mut prefilling: Vec<Prefill> = Vec::new();
         let mut waiting: VecDeque<Job> = VecDeque::new();
@@ -244,6 +344,9 @@ impl Worker {
 
     /// One decode step for every running sequence, in one forward pass.
     fn step(&mut self, mut running: Vec<Sequence>) -> Vec<Sequence> {
+        if self.stats.panic_requested.swap(false, Ordering::SeqCst) {
+            panic!("a panic injected by a test");
+        }
         let tokens: Vec<u32> = running.iter().map(|s| s.next).collect();
         let mut inputs: Vec<Input> = running
             .iter_mut()

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use super::engine::{ChatEvent, Engine, EngineStats, Job};
+use super::engine::{ChatEvent, Engine, EngineStats, Job, RestartHold};
 use super::{ChatMessage, GenerationParams, LlmError, LocalModel};
 
 pub struct ChatService {
@@ -56,6 +56,17 @@ impl ChatService {
 
     pub fn model(&self) -> &Arc<LocalModel> {
         &self.model
+    }
+
+    /// True from an engine panic until the engine serves again.
+    pub fn restarting(&self) -> bool {
+        self.engine.stats.restarting.load(Ordering::SeqCst)
+    }
+
+    /// Makes the engine panic in its next decode step: for the tests of recovery.
+    #[doc(hidden)]
+    pub fn inject_panic(&self) -> RestartHold {
+        self.engine.inject_panic()
     }
 
     /// Generations running now.
@@ -124,11 +135,21 @@ impl ChatService {
                 tokio::select! {
                     event = from_engine.recv() => match event {
                         Some(event) => {
-                            if tx.send(event).await.is_err() {
+                            let last = matches!(event, ChatEvent::Done(_) | ChatEvent::Error(_));
+                            if tx.send(event).await.is_err() || last {
                                 return;
                             }
                         }
-                        None => return,
+                        // The engine dropped the sequence without ending it: it panicked (and
+                        // restarts, see `Engine`).
+                        None => {
+                            let _ = tx
+                                .send(ChatEvent::Error(
+                                    "the chat engine failed while generating this answer; try again".into(),
+                                ))
+                                .await;
+                            return;
+                        }
                     },
                     () = tx.closed() => return,
                 }
