@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-pub use head::{HeadMeta, InferenceMode, LinearHead};
+pub use head::{HeadMeta, InferenceMode, LinearHead, META_FILE};
 pub use registry::{ClassifierInfo, Classifiers, RegistryConfig};
 
 use crate::inference::{Batcher, EmbeddingService, InferenceError};
@@ -156,6 +156,7 @@ impl Classifier for HeadClassifier {
                 .embed(flat, self.meta.normalize)
                 .await?
                 .into_iter();
+            let neutral = self.meta.labels.iter().position(|l| l == "neutral");
             Ok(segments
                 .iter()
                 .map(|parts| {
@@ -164,7 +165,7 @@ impl Classifier for HeadClassifier {
                         .take(parts.len())
                         .map(|e| self.head.probabilities(&e.vector, &self.meta.logit_bias))
                         .collect();
-                    segment::mean(&per)
+                    segment::pool(&per, neutral)
                 })
                 .collect())
         })

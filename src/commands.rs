@@ -76,7 +76,47 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         embeddings,
     ));
     let classifier = registry.get(&args.name).await?;
-    let data = read_labelled(&args)?;
+    let mode = args.mode.map(|m| match m {
+        EvalMode::Whole => InferenceMode::Whole,
+        EvalMode::Sentences => InferenceMode::Sentences,
+    });
+    let mut recorded = serde_json::Map::new();
+    for path in &args.data {
+        let metrics = eval_set(&classifier, path, &args, mode).await?;
+        let set = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        recorded.insert(set, serde_json::to_value(&metrics)?);
+    }
+    if args.record {
+        let dir = args.classifiers_dir.join(&args.name);
+        let file = dir.join(crate::classify::META_FILE);
+        let mut meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| {
+                format!("--record needs a local classifier: {}", file.display())
+            })?)?;
+        let dev = &mut meta["metrics"]["dev"];
+        if !dev.is_object() {
+            *dev = serde_json::json!({});
+        }
+        for (set, metrics) in recorded {
+            dev[set] = metrics;
+        }
+        std::fs::write(&file, serde_json::to_string_pretty(&meta)? + "\n")?;
+        println!("recorded in {}", file.display());
+    }
+    Ok(())
+}
+
+/// Classifies one labelled set and prints its metrics.
+async fn eval_set(
+    classifier: &Arc<dyn crate::classify::Classifier>,
+    path: &std::path::Path,
+    args: &EvalArgs,
+    mode: Option<InferenceMode>,
+) -> anyhow::Result<crate::classify::metrics::Metrics> {
+    let data = read_labelled(path, args)?;
     let labels = classifier.labels().to_vec();
     let truth: Vec<usize> = data
         .examples
@@ -89,10 +129,6 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("label '{label}' is not one of {labels:?}"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let mode = args.mode.map(|m| match m {
-        EvalMode::Whole => InferenceMode::Whole,
-        EvalMode::Sentences => InferenceMode::Sentences,
-    });
     let texts: Vec<String> = data.examples.iter().map(|e| e.text.clone()).collect();
     let mut probabilities = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
@@ -104,15 +140,15 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         );
     }
     let metrics = crate::classify::metrics::evaluate(&labels, &truth, &probabilities);
-    crate::classify::metrics::print_metrics(&args.data.display().to_string(), &labels, &metrics);
-    Ok(())
+    crate::classify::metrics::print_metrics(&path.display().to_string(), &labels, &metrics);
+    Ok(metrics)
 }
 
 /// A labelled CSV, or JSON lines with the text and label fields.
-fn read_labelled(args: &EvalArgs) -> anyhow::Result<Dataset> {
-    let mut data = if args.data.extension().is_some_and(|e| e == "jsonl") {
-        let text = std::fs::read_to_string(&args.data)
-            .with_context(|| format!("cannot read {}", args.data.display()))?;
+fn read_labelled(path: &std::path::Path, args: &EvalArgs) -> anyhow::Result<Dataset> {
+    let mut data = if path.extension().is_some_and(|e| e == "jsonl") {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let rows: Vec<(String, String)> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -129,7 +165,7 @@ fn read_labelled(args: &EvalArgs) -> anyhow::Result<Dataset> {
         labels.sort();
         labels.dedup();
         if rows.is_empty() {
-            bail!("{} has no rows", args.data.display());
+            bail!("{} has no rows", path.display());
         }
         Dataset {
             examples: rows
@@ -143,7 +179,7 @@ fn read_labelled(args: &EvalArgs) -> anyhow::Result<Dataset> {
             skipped_empty: 0,
         }
     } else {
-        train::read_csv(&args.data, &args.text_column, &args.label_column)?
+        train::read_csv(path, &args.text_column, &args.label_column)?
     };
     if let Some(limit) = args.limit {
         data.examples.truncate(limit);

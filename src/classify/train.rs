@@ -334,6 +334,12 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
             .map_err(|e| TrainError::Model(format!("training task failed: {e}")))??;
 
     let (x_test, y_test) = pick(&test_rows);
+    // Temperature scaling on the held-out rows, so that a score means what it says.
+    let mut head = head;
+    let temperature = calibrate(&mut head, &x_test, &y_test);
+    if let Some(t) = temperature {
+        println!("calibration: logits divided by {t:.2} (temperature fitted on the held-out rows)");
+    }
     let metrics = if test_rows.is_empty() {
         println!("no rows held out: nothing to measure the classifier on");
         None
@@ -365,6 +371,7 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
             "l2": options.l2,
             "class_weights": options.class_weights,
             "optimizer": "AdamW lr 0.05, full batch, cross-entropy",
+            "temperature": temperature,
             "label_counts": label_counts(&data),
         }),
         metrics: json!({ "heldout": metrics }),
@@ -379,6 +386,40 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
     write_classifier(&options.output_dir, &options.name, &head, &meta, &heldout)?;
     println!("wrote {}", options.output_dir.join(&options.name).display());
     Ok(metrics)
+}
+
+/// Fits one temperature T on held-out rows (least negative log-likelihood of softmax(logits / T),
+/// over T in 0.25..=4) and folds it into the head's weights. `None` without held-out rows.
+pub fn calibrate(head: &mut LinearHead, features: &[Vec<f32>], truth: &[usize]) -> Option<f32> {
+    if features.is_empty() {
+        return None;
+    }
+    let logits: Vec<Vec<f32>> = features
+        .iter()
+        .map(|x| {
+            head.weight
+                .chunks(head.dims)
+                .zip(&head.bias)
+                .map(|(row, b)| row.iter().zip(x).map(|(w, v)| w * v).sum::<f32>() + b)
+                .collect()
+        })
+        .collect();
+    let nll = |t: f32| -> f64 {
+        logits
+            .iter()
+            .zip(truth)
+            .map(|(z, &y)| {
+                let scaled: Vec<f32> = z.iter().map(|v| v / t).collect();
+                -f64::from(super::head::softmax(&scaled)[y].max(1e-12)).ln()
+            })
+            .sum()
+    };
+    let t = (5..=160)
+        .map(|i| i as f32 * 0.025)
+        .min_by(|&a, &b| nll(a).total_cmp(&nll(b)))?;
+    head.weight.iter_mut().for_each(|w| *w /= t);
+    head.bias.iter_mut().for_each(|b| *b /= t);
+    Some(t)
 }
 
 fn label_counts(data: &Dataset) -> BTreeMap<String, usize> {

@@ -86,13 +86,18 @@ pub struct EvalArgs {
     /// Classifier name (under --classifiers-dir) or Hugging Face repo id.
     #[arg(long, default_value = "sentiment")]
     pub name: String,
-    /// A CSV with a header row, or JSON lines (`.jsonl`) with the two fields.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// A CSV with a header row, or JSON lines (`.jsonl`) with the two fields. Repeat for several
+    /// sets: each is measured and reported on its own, named by its file stem.
+    #[arg(long, required = true)]
+    pub data: Vec<PathBuf>,
     #[arg(long, default_value = "text")]
     pub text_column: String,
     #[arg(long, default_value = "label")]
     pub label_column: String,
+    /// Write each set's metrics into the classifier's `classifier.json` (`metrics.dev.<set>`), where
+    /// `GET /api/classifiers` shows them. Only for sets the classifier was not trained or tuned on.
+    #[arg(long)]
+    pub record: bool,
     /// For embedding heads: read whole texts or sentences (default: the classifier's own setting).
     #[arg(long, value_enum)]
     pub mode: Option<EvalMode>,
