@@ -3,6 +3,7 @@
 //! behind [`crate::store::Store`]; embeddings come from the embedding model's pool.
 
 pub mod chunk;
+pub mod eval;
 pub mod ingest_files;
 mod prompt;
 mod search;
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 pub use chunk::{Chunker, Piece};
 pub use prompt::{excerpt, messages};
-pub use search::{Mode, SearchParams, fuse};
+pub use search::{MIN_RELEVANCE, Mode, SearchParams, fuse};
 
 use crate::inference::{EmbeddingService, InferenceError};
 use crate::state::Slot;

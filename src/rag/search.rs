@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
@@ -14,8 +14,9 @@ use crate::store::{Hit, Scope};
 /// (Cormack et al., 2009); it keeps the first ranks from dominating.
 const RRF_K: f32 = 60.0;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum)]
 pub enum Mode {
     /// Nearest chunks by cosine similarity of the embeddings.
     Vector,
@@ -25,6 +26,20 @@ pub enum Mode {
     #[default]
     Hybrid,
 }
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vector => "vector",
+            Self::Text => "text",
+            Self::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// The cosine similarity the nearest chunk needs for a question to count as covered by the
+/// collection. MiniLM puts unrelated sentences below about 0.15 and paraphrases above 0.4.
+pub const MIN_RELEVANCE: f32 = 0.25;
 
 #[derive(Debug, Clone)]
 pub struct SearchParams {
@@ -117,6 +132,15 @@ impl Rag {
             _ => store.text_search(scope, &params.query).await?,
         };
         Ok(hits.into_iter().take(params.top_k).collect())
+    }
+
+    /// Whether `/api/rag/query` would answer from this search (else it answers 404).
+    pub async fn relevant(&self, params: &SearchParams, _hits: &[Hit]) -> Result<bool, RagError> {
+        let gated = SearchParams {
+            min_similarity: Some(MIN_RELEVANCE),
+            ..params.clone()
+        };
+        Ok(!self.search(&gated).await?.is_empty())
     }
 }
 

@@ -19,14 +19,11 @@ use super::{
     scalar_map_schema,
 };
 use crate::llm::GenerationParams;
-use crate::rag::{self, Mode, SearchParams};
+use crate::rag::{self, MIN_RELEVANCE, Mode, SearchParams};
 use crate::state::AppState;
 
 /// Most keys in a search filter.
 const MAX_FILTER_KEYS: usize = 16;
-/// The cosine similarity the nearest chunk needs for a question to count as covered by the
-/// collection. MiniLM puts unrelated sentences below about 0.15 and paraphrases above 0.4.
-const MIN_RELEVANCE: f32 = 0.25;
 
 fn default_top_k() -> usize {
     5
