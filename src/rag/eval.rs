@@ -153,12 +153,12 @@ impl Rag {
                     top_k: DEPTH,
                     mode,
                     filter: Map::new(),
-                    min_similarity: None,
+                    min_score: None,
                 };
                 let started = Instant::now();
                 let hits = self.search(&params).await?;
                 times.push(started.elapsed().as_secs_f64() * 1000.0);
-                let refused = !self.relevant(&params, &hits).await?;
+                let refused = !Rag::relevant(&hits);
                 let top = hits.first().map_or(0.0, |h| f64::from(h.score));
                 if !q.answerable() {
                     refused_no += usize::from(refused);
