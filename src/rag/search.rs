@@ -218,10 +218,11 @@ mod tests {
         // Chunk 1: close in meaning, no words in common; chunk 2: every word, middling meaning.
         let vector = vec![scored(1, 0.6), scored(2, 0.3)];
         let text = vec![scored(2, 1.0)];
-        let words = fuse(&vector, &text, 0.7, 20, 2);
+        // Leaning on the words (a query with a code), the exact match wins.
+        let words = fuse(&vector, &text, 0.4, 20, 2);
         assert_eq!(words[0].chunk_id, 2);
-        assert!((words[0].score - (0.7 * 0.5 + 0.3)).abs() < 1e-6);
-        assert!((words[1].score - 0.7).abs() < 1e-6);
+        assert!((words[0].score - (0.4 * 0.5 + 0.6)).abs() < 1e-6);
+        assert!((words[1].score - 0.4).abs() < 1e-6);
         // Leaning on meaning alone, the paraphrase wins.
         let meaning = fuse(&vector, &text, 1.0, 20, 2);
         assert_eq!(meaning[0].chunk_id, 1);
