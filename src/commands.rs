@@ -190,31 +190,13 @@ fn read_labelled(path: &std::path::Path, args: &EvalArgs) -> anyhow::Result<Data
 /// `aitier ingest`: every .txt and .md file under the paths into a collection, with a progress bar
 /// and a summary. Returns how many failed.
 pub async fn ingest(args: crate::config::IngestArgs) -> anyhow::Result<usize> {
-    use crate::store::{Database, Inserted};
+    use crate::store::Inserted;
 
     let files = crate::rag::ingest_files::collect(&args.paths)?;
     if files.is_empty() {
         bail!("no .txt or .md files under the given paths");
     }
-    let name = model_name(&args.embedding_model);
-    let hub = HubOptions::default();
-    let model_files = crate::inference::source::resolve(&args.embedding_model, &hub).await?;
-    let tokenizer = model_files.tokenizer.clone();
-    let service = crate::inference::EmbeddingService::load(model_files, batch(&name))
-        .await
-        .with_context(|| format!("embedding model {name}"))?;
-    let chunker =
-        crate::rag::Chunker::from_file(&tokenizer, service.max_tokens().saturating_sub(2))?;
-    let database = Arc::new(Database::new(args.database_url.clone()));
-    // A command fails fast: one attempt, no retry loop.
-    let store = crate::store::open(&args.database_url)
-        .await
-        .with_context(|| format!("database {}", database.url()))?;
-    let database = Arc::new(Database::with_store(args.database_url, store));
-    let embeddings = Arc::new(Slot::empty(name));
-    embeddings.fill(service);
-    let rag = crate::rag::Rag::new(database, embeddings);
-    rag.set_chunker(chunker);
+    let rag = open_rag(&args.database_url, &args.embedding_model).await?;
 
     let progress = indicatif::ProgressBar::new(files.len() as u64);
     progress.set_style(
@@ -256,4 +238,61 @@ pub async fn ingest(args: crate::config::IngestArgs) -> anyhow::Result<usize> {
         started.elapsed().as_secs_f64()
     );
     Ok(failed)
+}
+
+/// The embedding model and the database, opened once for a command (no retry loop: a command
+/// fails fast).
+async fn open_rag(database_url: &str, embedding_model: &str) -> anyhow::Result<crate::rag::Rag> {
+    use crate::store::Database;
+
+    let name = model_name(embedding_model);
+    let hub = HubOptions::default();
+    let model_files = crate::inference::source::resolve(embedding_model, &hub).await?;
+    let tokenizer = model_files.tokenizer.clone();
+    let service = crate::inference::EmbeddingService::load(model_files, batch(&name))
+        .await
+        .with_context(|| format!("embedding model {name}"))?;
+    let chunker =
+        crate::rag::Chunker::from_file(&tokenizer, service.max_tokens().saturating_sub(2))?;
+    let store = crate::store::open(database_url)
+        .await
+        .with_context(|| format!("database {}", crate::store::redact(database_url)))?;
+    let database = Arc::new(Database::with_store(database_url, store));
+    let embeddings = Arc::new(Slot::empty(name));
+    embeddings.fill(service);
+    let rag = crate::rag::Rag::new(database, embeddings);
+    rag.set_chunker(chunker);
+    Ok(rag)
+}
+
+/// `aitier rag eval`: retrieval figures of a collection on a labelled question set.
+pub async fn rag_eval(args: crate::config::RagEvalArgs) -> anyhow::Result<()> {
+    use crate::rag::Mode;
+
+    let questions = crate::rag::eval::read_questions(&args.questions)?;
+    let rag = open_rag(&args.database_url, &args.embedding_model).await?;
+    let store = rag.database.store()?;
+    if store.collection_dims(&args.collection).await?.is_none() {
+        bail!(
+            "collection '{}' does not exist in {}",
+            args.collection,
+            rag.database.url()
+        );
+    }
+    if let Some(path) = &args.dump {
+        rag.dump_candidates(&args.collection, &questions, path)
+            .await?;
+    }
+    let modes = if args.mode.is_empty() {
+        vec![Mode::Vector, Mode::Text, Mode::Hybrid]
+    } else {
+        args.mode
+    };
+    let report = rag.evaluate(&args.collection, &questions, &modes).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }

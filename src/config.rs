@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
 
-pub use commands::{ClassifierCommand, EvalArgs, EvalMode, IngestArgs, TrainArgs};
+pub use commands::{
+    ClassifierCommand, EvalArgs, EvalMode, IngestArgs, RagCommand, RagEvalArgs, TrainArgs,
+};
 
 /// aitier: an AI middle tier (embeddings, classification, streamed chat, RAG) in one binary.
 #[derive(Debug, Parser)]
@@ -41,6 +43,9 @@ pub enum Command {
     Classifier(ClassifierCommand),
     /// Ingest .txt and .md files (folders recursively) into a RAG collection.
     Ingest(IngestArgs),
+    /// Measure retrieval on a collection.
+    #[command(subcommand)]
+    Rag(RagCommand),
 }
 
 /// Probes, the scraper and the API's own description carry no key.

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 
-use aitier::config::{ClassifierCommand, Cli, Command, ServeArgs};
+use aitier::config::{ClassifierCommand, Cli, Command, RagCommand, ServeArgs};
 
 fn main() -> anyhow::Result<()> {
     // A missing .env is the normal case; a malformed one is worth a warning once tracing is up.
@@ -34,6 +34,13 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Command::Rag(RagCommand::Eval(args)) => {
+            aitier::inference::use_one_compute_thread_per_worker();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(aitier::commands::rag_eval(args))
         }
         Command::Serve(args) => {
             // Before the runtime starts its threads: it changes the environment.

@@ -1,8 +1,9 @@
 //! Retrieval-augmented answers: chunking and ingestion, hybrid retrieval (vector and full text,
-//! fused by reciprocal rank), and the prompt that grounds a chat answer in what was found. Storage is
+//! fused by a weighted sum of scores on one [0, 1] scale), and the prompt that grounds a chat answer in what was found. Storage is
 //! behind [`crate::store::Store`]; embeddings come from the embedding model's pool.
 
 pub mod chunk;
+pub mod eval;
 pub mod ingest_files;
 mod prompt;
 mod search;
@@ -13,8 +14,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 pub use chunk::{Chunker, Piece};
-pub use prompt::{excerpt, messages};
-pub use search::{Mode, SearchParams, fuse};
+pub use prompt::{LOCAL_CONTEXT_TOKENS, UPSTREAM_CONTEXT_TOKENS, excerpt, messages, passages};
+pub use search::{Mode, RELEVANCE_THRESHOLD, SearchParams, fuse, vector_score, vector_weight};
 
 use crate::inference::{EmbeddingService, InferenceError};
 use crate::state::Slot;

@@ -76,8 +76,10 @@ pub struct DocumentPage {
     pub total: i64,
 }
 
-/// A chunk found by a search, best first. `score` is the cosine similarity for a vector search and
-/// the backend's full-text rank for a text search (higher is better in both).
+/// A chunk found by a search, best first. `score` is the cosine similarity for a vector search, and
+/// for a text search BM25 divided by the query's ideal BM25 (the sum of its terms' IDF: what a
+/// chunk of average length holding each query term once would score), capped at 1: the share of the
+/// query's information the chunk matches, comparable across queries and backends.
 #[derive(Debug, Clone)]
 pub struct Hit {
     pub chunk_id: i64,
@@ -252,6 +254,16 @@ pub fn query_words(query: &str) -> Vec<String> {
         .map(str::to_lowercase)
         .take(64)
         .collect()
+}
+
+/// BM25's parameters, as SQLite's FTS5 fixes them; the PostgreSQL backend uses the same.
+pub const BM25_K1: f64 = 1.2;
+pub const BM25_B: f64 = 0.75;
+
+/// BM25's inverse document frequency of a term found in `df` of `n` chunks, as FTS5 computes it
+/// (never below a hair above zero, so that a very common word still counts a little).
+pub fn bm25_idf(n: f64, df: f64) -> f64 {
+    ((n - df + 0.5) / (df + 0.5)).ln().max(1e-6)
 }
 
 /// The database behind the RAG routes: opened (and migrated) in the background, retried until it

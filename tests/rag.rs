@@ -448,6 +448,33 @@ pub async fn an_empty_collection_answers_404_before_any_stream(backend: Backend)
         )
         .await;
     assert_eq!(status, 404, "{body}");
+    for question in [
+        "Who painted the Mona Lisa?",
+        "How do I bake sourdough bread?",
+    ] {
+        let (status, body) = server
+            .post(
+                "/api/rag/query",
+                &json!({"question": question, "collection": name}),
+            )
+            .await;
+        assert_eq!(status, 404, "{question}: {body}");
+    }
+    // An unknown model is refused before any search.
+    let (status, body) = server
+        .post(
+            "/api/rag/query",
+            &json!({"question": "What is the warranty?", "collection": name, "model": "nope"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Unknown model 'nope'"),
+        "{body}"
+    );
     // Search works without a chat model; the answer route says why it cannot answer.
     let Some(no_chat) = self::server(backend, &[]).await else {
         return;
@@ -721,6 +748,135 @@ pub async fn a_long_document_is_split_into_searchable_chunks(backend: Backend) {
     );
 }
 
+/// A fake OpenAI-compatible upstream that streams "Hello" to every request and keeps each request
+/// it received. Returns its `/v1` URL.
+async fn fake_upstream() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let requests = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                // Read the head, then as much body as content-length says.
+                let mut data = Vec::new();
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&data).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if data.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                requests
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&data).into_owned());
+                let chunk = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":"stop"}]}"#;
+                let body = format!("data: {chunk}\n\ndata: [DONE]\n\n");
+                let _ = socket
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{body}")
+                            .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (base, seen)
+}
+
+pub async fn a_named_model_answers_through_the_upstream_alone(backend: Backend) {
+    let (base, seen) = fake_upstream().await;
+    let Some(server) = server(
+        backend,
+        &[
+            "--chat-model",
+            "none",
+            "--openai-base-url",
+            &base,
+            "--openai-api-key",
+            "sk-test",
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let name = collection("upstream");
+    let ids = ingest_corpus(&server, &name).await;
+    let response = server
+        .client
+        .post(server.url("/api/rag/query"))
+        .json(&json!({"question": "How long is the warranty on appliances?", "collection": name,
+                      "model": "gpt-test", "top_k": 3, "mode": "hybrid", "filter": {"kind": "policy"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = events(&response.text().await.unwrap());
+    assert_eq!(events[0]["type"], "sources", "{events:#?}");
+    assert_eq!(
+        events[0]["sources"][0]["id"], ids["warranty"],
+        "{events:#?}"
+    );
+    assert!(events[0]["sources"].as_array().unwrap().iter().all(|s| {
+        let score = s["score"].as_f64().unwrap();
+        (0.35..=1.0).contains(&score)
+    }));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "delta" && e["content"] == "Hello"),
+        "{events:#?}"
+    );
+    // The upstream got the named model and a prompt of numbered sources, the best one first.
+    let requests = seen.lock().unwrap().clone();
+    let request = requests
+        .iter()
+        .find(|r| r.contains("gpt-test"))
+        .expect("a request for gpt-test");
+    assert!(request.contains("only the numbered sources"), "{request}");
+    assert!(request.contains("[1] Warranty"), "{request}");
+    // The filter applies: no manual (kind "manual") among the sources.
+    let manuals = [
+        "blender-xk4471",
+        "coffee-machine-cm90",
+        "kettle-tq208",
+        "vacuum-vr12",
+    ];
+    assert!(
+        events[0]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| manuals.iter().all(|m| s["id"] != ids[*m])),
+        "{events:#?}"
+    );
+    // Without a name, and no default upstream model, the request must name one.
+    let (status, body) = server
+        .post(
+            "/api/rag/query",
+            &json!({"question": "How long is the warranty?", "collection": name}),
+        )
+        .await;
+    assert_validation(status, &body, json!(["body", "model"]), "missing");
+}
+
 /// Each case as a test on each backend.
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
@@ -752,6 +908,7 @@ on_both_backends!(
     collections_and_pages_of_documents_are_listed,
     an_answer_streams_its_sources_first,
     an_empty_collection_answers_404_before_any_stream,
+    a_named_model_answers_through_the_upstream_alone,
     bad_requests_are_refused_with_422,
     a_collection_of_another_vector_length_is_refused,
     an_ingest_that_fails_midway_leaves_nothing,

@@ -27,6 +27,43 @@ pub struct IngestArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RagCommand {
+    /// Measure retrieval on a labelled question set: recall@1/5 and MRR@10 per mode and per kind,
+    /// and how often `/api/rag/query` would refuse (404) questions with and without an answer.
+    Eval(RagEvalArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RagEvalArgs {
+    /// JSON lines: `question`, the answering document's `title` (or `id`; null or absent when the
+    /// collection cannot answer it), and optionally a `kind` to break the figures down by.
+    pub questions: PathBuf,
+    /// The collection to search (ingest it first, e.g. with `aitier ingest`).
+    #[arg(long, default_value = "documents")]
+    pub collection: String,
+    /// Modes to measure (repeat the flag for several); all three by default.
+    #[arg(long, value_enum)]
+    pub mode: Vec<crate::rag::Mode>,
+    /// Print the figures as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write every candidate chunk of each question with its raw vector and text scores
+    /// (JSON lines), for tuning the fusion.
+    #[arg(long, hide = true)]
+    pub dump: Option<PathBuf>,
+    /// The database, as for `serve`.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    /// Embedding model; it must be the one the collection was built with.
+    #[arg(
+        long,
+        env = "AITIER_EMBEDDING_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub embedding_model: String,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ClassifierCommand {
     /// Train an embedding head from a labelled CSV and write it to the classifiers folder.
     Train(TrainArgs),

@@ -3,7 +3,6 @@
 //! stream starts.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderName, header};
@@ -20,7 +19,8 @@ use super::extract::{
     ApiJson, Validate, body, check_list, check_range, check_text, integral, integral_opt,
 };
 use crate::llm::{
-    ChatError, ChatEvent, ChatMessage, ChatProvider, ChatStream, FinishReason, GenerationParams,
+    ChatError, ChatEvent, ChatMessage, ChatStream, FinishReason, GenerationParams, Local, Route,
+    RouteError,
 };
 use crate::state::AppState;
 
@@ -233,7 +233,7 @@ pub struct ChatUsage {
 pub enum ChatStreamEvent {
     /// The sources an answer from `/api/rag/query` is grounded in, before any delta; the answer
     /// cites the n-th as `[n]`.
-    Sources { sources: Vec<super::rag::Source> },
+    Sources { sources: Vec<Source> },
     /// The next piece of the answer.
     Delta { content: String },
     /// The answer is complete: `stop` (end of turn or a stop string) or `length` (max_tokens).
@@ -346,48 +346,54 @@ pub(super) fn event(e: ChatEvent) -> Event {
     })
 }
 
-/// Routes a chat request to its provider — the local model for its own name (or no name), the
-/// upstream for the names configured for it — which checks it and takes a place in line; every
-/// failure happens here, before a stream starts. Shared by `/api/chat/stream` and
-/// `/v1/chat/completions`.
+/// The provider for `model` ([`crate::llm::route`]), as an HTTP error when there is none.
+pub fn route(state: &AppState, model: Option<&str>) -> Result<Route, ApiError> {
+    let local = match state.chat.as_ref() {
+        None => Local::Off,
+        Some(slot) => match slot.get() {
+            Ok(service) => Local::Ready(slot.name(), service),
+            Err(_) => Local::Loading(slot.name()),
+        },
+    };
+    crate::llm::route(model, local, state.upstream.as_ref()).map_err(|e| match e {
+        e @ RouteError::ModelRequired => {
+            ApiError::validation(body(&["model"]), e.to_string(), "missing")
+        }
+        e @ (RouteError::NoProvider | RouteError::Unknown { .. }) => {
+            ApiError::NotFound(e.to_string())
+        }
+        e @ RouteError::Loading(_) => ApiError::Unavailable(e.to_string()),
+    })
+}
+
+/// Routes a chat request to its provider, which checks it and takes a place in line; every
+/// failure happens here, before a stream starts. Shared by `/api/chat/stream`,
+/// `/v1/chat/completions` and `/api/rag/query`.
 pub async fn start(
     state: &AppState,
     model: Option<&str>,
+    messages: Vec<ChatMessage>,
+    params: GenerationParams,
+) -> Result<Started, ApiError> {
+    let route = route(state, model)?;
+    start_routed(state, route, messages, params).await
+}
+
+/// Starts a request on the provider already chosen.
+pub async fn start_routed(
+    state: &AppState,
+    route: Route,
     messages: Vec<ChatMessage>,
     mut params: GenerationParams,
 ) -> Result<Started, ApiError> {
     if let Some(limit) = state.max_tokens_limit {
         params.max_tokens = params.max_tokens.min(limit);
     }
-    let local = state.chat.as_ref();
-    let upstream = state.upstream.as_ref();
-    let (provider, name): (Arc<dyn ChatProvider>, String) = match (model, local, upstream) {
-        (None, Some(slot), _) => (slot.get()?, slot.name().to_string()),
-        (Some(m), Some(slot), _) if m == slot.name() => (slot.get()?, m.to_string()),
-        (Some(m), _, Some(up)) if up.serves(m) => (up.clone(), m.to_string()),
-        (None, None, Some(up)) => match up.default_model() {
-            Some(m) => (up.clone(), m.to_string()),
-            None => {
-                return Err(ApiError::validation(
-                    body(&["model"]),
-                    "Field required: this server has no local chat model, name an upstream model",
-                    "missing",
-                ));
-            }
-        },
-        (_, None, None) => {
-            return Err(ApiError::NotFound(
-                "This server has no chat model (--chat-model none) and no upstream".into(),
-            ));
-        }
-        (Some(m), _, _) => {
-            let served = local.map_or("no local model".into(), |s| format!("'{}'", s.name()));
-            return Err(ApiError::NotFound(format!(
-                "Unknown model '{m}'; this server chats with {served}"
-            )));
-        }
-    };
-    let upstream = local.is_none_or(|slot| slot.name() != name);
+    let Route {
+        provider,
+        model: name,
+        upstream,
+    } = route;
     let events = provider
         .start(name.clone(), messages, params)
         .await
@@ -418,6 +424,20 @@ pub struct Started {
     pub events: ChatStream,
     /// Whether the upstream answers (so an `error` event is the upstream's failure).
     pub upstream: bool,
+}
+
+/// A source of an answer, as listed by the first event of `/api/rag/query`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"id": 42, "title": "Returns policy", "excerpt": "Customers may return any product within 30 days...", "score": 0.71}))]
+pub struct Source {
+    /// The document's id.
+    pub id: i64,
+    pub title: String,
+    /// The passages of the document given to the model, at most 500 characters.
+    pub excerpt: String,
+    /// Relevance in [0, 1], on the same scale in every mode and for every question (see
+    /// `SearchResult.score`).
+    pub score: f32,
 }
 
 /// Response headers of every chat stream: no caching, no proxy buffering.

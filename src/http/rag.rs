@@ -21,8 +21,6 @@ use crate::store::{self, Inserted, StoreError};
 
 mod search;
 
-pub use search::Source;
-
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(ingest, list_documents))

@@ -16,13 +16,16 @@ use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Encode, Postgres, Row, SqlSafeStr, Type};
 
 use super::{
-    ACQUIRE_TIMEOUT, Collection, Document, DocumentPage, Hit, Inserted, NewDocument, Scope, Store,
-    StoreError, StoreResult, query_words,
+    ACQUIRE_TIMEOUT, BM25_B, BM25_K1, Collection, Document, DocumentPage, Hit, Inserted,
+    NewDocument, Scope, Store, StoreError, StoreResult, query_words,
 };
 
 /// HNSW's candidate list while searching: recall against speed. On 100k clustered vectors
 /// (benches/rag) 100 gave recall@10 0.94; 200 is the default here.
 const EF_SEARCH: usize = 200;
+/// Full-text matches (by ts_rank_cd) that BM25 re-scores: enough that the BM25 order is not
+/// ts_rank_cd's on any realistic query, few enough to bound the work on a common word.
+const CANDIDATES: usize = 1000;
 
 /// A pgvector `vector`, sent in its binary format (the pgvector crate targets sqlx 0.8).
 #[derive(Debug, Clone)]
@@ -386,22 +389,44 @@ impl PgStore {
         if words.is_empty() {
             return Ok(Vec::new());
         }
-        // Letters and digits only, joined by `|`: any word may match, ts_rank_cd ranks.
+        // Letters and digits only, joined by `|`: any word may match. ts_rank_cd is not BM25 (no
+        // inverse document frequency: a common word weighs as much as a product code), so it only
+        // picks the candidates; BM25 is computed here from the tsvector's term frequencies, each
+        // query lexeme's document frequency in the collection (one GIN lookup per lexeme) and the
+        // candidates' mean length, then divided by the query's ideal score as on SQLite.
         let tsquery = words.join(" | ");
-        let rows = sqlx::query(
-            "SELECT k.id AS chunk_id, k.document_id, d.title, k.text, ts_rank_cd(k.tsv, q)::float8 AS score \
-             FROM chunks k JOIN documents d ON d.id = k.document_id, to_tsquery('english', $1) q \
-             WHERE k.tsv @@ q \
-               AND k.collection_id = (SELECT id FROM collections WHERE name = $2) \
-               AND d.metadata @> $3 \
-             ORDER BY score DESC, k.id LIMIT $4",
-        )
-        .bind(tsquery)
-        .bind(scope.collection)
-        .bind(Json(scope.filter))
-        .bind(scope.limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "WITH col AS (SELECT id FROM collections WHERE name = $2), \
+             n AS (SELECT count(*)::float8 AS n FROM chunks WHERE collection_id = (SELECT id FROM col)), \
+             terms AS (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', $5))), \
+             idf AS (SELECT t.lexeme, greatest(ln((n.n - f.df + 0.5) / (f.df + 0.5)), 1e-6) AS idf \
+               FROM terms t CROSS JOIN n CROSS JOIN LATERAL ( \
+                 SELECT count(*)::float8 AS df FROM chunks k \
+                 WHERE k.collection_id = (SELECT id FROM col) AND k.tsv @@ quote_literal(t.lexeme)::tsquery) f), \
+             cand AS (SELECT k.id, k.document_id, k.tsv, length(k.tsv)::float8 AS len \
+               FROM chunks k JOIN documents d ON d.id = k.document_id, to_tsquery('english', $1) q \
+               WHERE k.tsv @@ q AND k.collection_id = (SELECT id FROM col) AND d.metadata @> $3 \
+               ORDER BY ts_rank_cd(k.tsv, q) DESC, k.id LIMIT {CANDIDATES}), \
+             avgdl AS (SELECT greatest(avg(len), 1) AS avgdl FROM cand), \
+             scored AS (SELECT c.id, c.document_id, sum(i.idf * cardinality(u.positions) * ({K1} + 1) \
+                 / (cardinality(u.positions) + {K1} * (1 - {B} + {B} * c.len / a.avgdl))) AS bm25 \
+               FROM cand c CROSS JOIN LATERAL unnest(c.tsv) u JOIN idf i ON i.lexeme = u.lexeme CROSS JOIN avgdl a \
+               GROUP BY c.id, c.document_id) \
+             SELECT s.id AS chunk_id, s.document_id, d.title, k.text, \
+               least(s.bm25 / nullif((SELECT sum(idf) FROM idf), 0), 1)::float8 AS score \
+             FROM scored s JOIN chunks k ON k.id = s.id JOIN documents d ON d.id = s.document_id \
+             ORDER BY score DESC, s.id LIMIT $4",
+            K1 = BM25_K1,
+            B = BM25_B,
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tsquery)
+            .bind(scope.collection)
+            .bind(Json(scope.filter))
+            .bind(scope.limit as i64)
+            .bind(words.join(" "))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| {
                 let score: f64 = row.try_get("score")?;

@@ -18,7 +18,7 @@ use sqlx::{AssertSqlSafe, Row, SqlSafeStr};
 
 use super::{
     ACQUIRE_TIMEOUT, Collection, Document, DocumentPage, Hit, Inserted, NewDocument, Scope, Store,
-    StoreError, StoreResult, query_words,
+    StoreError, StoreResult, bm25_idf, query_words,
 };
 
 /// English stop words (PostgreSQL's `english` dictionary list, which the other backend uses): FTS5
@@ -444,19 +444,34 @@ impl SqliteStore {
 
     #[tracing::instrument(skip(self, scope), fields(collection = scope.collection, k = scope.limit))]
     async fn fts(&self, scope: Scope<'_>, query: &str) -> StoreResult<Vec<Hit>> {
-        let words: Vec<String> = query_words(query)
+        let mut words: Vec<String> = query_words(query)
             .into_iter()
             .filter(|w| !STOP_WORDS.split_whitespace().any(|s| s == w))
             .collect();
+        // Each word once: a repeated word would count twice in bm25() and in the ideal score.
+        let mut seen = HashSet::new();
+        words.retain(|w| seen.insert(w.clone()));
         if words.is_empty() {
             return Ok(Vec::new());
         }
         // Each word quoted (a string, never an operator); any word may match, bm25 ranks.
-        let matcher = words
-            .iter()
-            .map(|w| format!("\"{w}\""))
-            .collect::<Vec<_>>()
-            .join(" OR ");
+        let quoted: Vec<String> = words.iter().map(|w| format!("\"{w}\"")).collect();
+        let matcher = quoted.join(" OR ");
+        // bm25() takes N and each term's document frequency over the whole index; the same
+        // counts give the query's ideal score, which normalises it.
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks")
+            .fetch_one(&self.pool)
+            .await?;
+        let mut ideal = 0.0;
+        for term in &quoted {
+            let df: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?")
+                    .bind(term)
+                    .fetch_one(&self.pool)
+                    .await?;
+            // A word the tokenizer drops entirely matches nothing and adds nothing.
+            ideal += bm25_idf(n as f64, df as f64);
+        }
         let Some(collection_id) = self.collection_id(scope.collection).await? else {
             return Ok(Vec::new());
         };
@@ -480,7 +495,7 @@ impl SqliteStore {
             .map(|row| {
                 // bm25() is lower-is-better and negative; flip it so that higher is better.
                 let rank: f64 = row.try_get("rank")?;
-                hit(row, -rank as f32)
+                hit(row, (-rank / ideal).clamp(0.0, 1.0) as f32)
             })
             .collect()
     }

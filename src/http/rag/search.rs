@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::super::chat::{self, ChatStreamEvent};
+use super::super::chat::{self, ChatStreamEvent, Source};
 use super::super::error::{ApiError, HTTPValidationError, HttpError, ValidationError};
 use super::super::extract::{ApiJson, Validate, body, check_range, check_text, integral};
 use super::{
@@ -19,14 +19,11 @@ use super::{
     scalar_map_schema,
 };
 use crate::llm::GenerationParams;
-use crate::rag::{self, Mode, SearchParams};
+use crate::rag::{self, Mode, RELEVANCE_THRESHOLD, SearchParams};
 use crate::state::AppState;
 
 /// Most keys in a search filter.
 const MAX_FILTER_KEYS: usize = 16;
-/// The cosine similarity the nearest chunk needs for a question to count as covered by the
-/// collection. MiniLM puts unrelated sentences below about 0.15 and paraphrases above 0.4.
-const MIN_RELEVANCE: f32 = 0.25;
 
 fn default_top_k() -> usize {
     5
@@ -58,7 +55,7 @@ pub struct SearchRequest {
     #[serde(default = "default_top_k", deserialize_with = "integral")]
     #[schema(minimum = 1, maximum = 20, default = 5)]
     pub top_k: usize,
-    /// `vector` (embeddings), `text` (full text) or `hybrid` (both, fused by reciprocal rank).
+    /// `vector` (embeddings), `text` (full text, BM25) or `hybrid` (both, their scores weighed).
     #[serde(default)]
     #[schema(default = "hybrid")]
     pub mode: Mode,
@@ -86,15 +83,19 @@ impl Validate for SearchRequest {
 
 /// One search result.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"document_id": 42, "chunk_id": 108, "title": "Returns policy", "excerpt": "Customers may return any product within 30 days...", "score": 0.032}))]
+#[schema(example = json!({"document_id": 42, "chunk_id": 108, "title": "Returns policy", "excerpt": "Customers may return any product within 30 days...", "score": 0.71}))]
 pub struct SearchResult {
     pub document_id: i64,
     pub chunk_id: i64,
     pub title: String,
     /// The chunk's text, at most 500 characters.
     pub excerpt: String,
-    /// Higher is better: cosine similarity (`vector`), full-text rank (`text`), or the reciprocal
-    /// rank fusion score (`hybrid`).
+    /// Relevance in [0, 1], on one scale for every mode and question, so that it can be compared
+    /// and thresholded: `vector` maps cosine similarity (0.6 and above is 1), `text` is BM25 as a
+    /// share of the query's ideal score (every query term matched once), `hybrid` weighs the two
+    /// (more towards text for queries with codes or numbers, or of one or two words). Below 0.35
+    /// (`/api/rag/query`'s threshold) a chunk is unlikely to answer the query.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub score: f32,
 }
 
@@ -127,7 +128,7 @@ pub async fn search(
             top_k: req.top_k,
             mode: req.mode,
             filter: req.filter.unwrap_or_default(),
-            min_similarity: None,
+            min_score: None,
         })
         .await
         .map_err(api_error)?;
@@ -145,7 +146,7 @@ pub async fn search(
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
-#[schema(example = json!({"question": "How long do I have to send a product back?", "collection": "handbook", "top_k": 5}))]
+#[schema(example = json!({"question": "How long do I have to send a product back?", "collection": "handbook", "top_k": 5, "model": "gpt-4o-mini", "filter": {"lang": "en"}}))]
 pub struct QueryRequest {
     /// The question.
     #[schema(min_length = 1, max_length = 2000, pattern = r"^[^\u0000]*$")]
@@ -166,6 +167,19 @@ pub struct QueryRequest {
     #[serde(default = "default_max_tokens", deserialize_with = "integral")]
     #[schema(minimum = 1, maximum = 2048, default = 512)]
     pub max_tokens: u32,
+    /// The chat model that answers, routed as in `/api/chat/stream`: the local model's name (or
+    /// none) runs locally, other names go to the upstream.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
+    pub model: Option<String>,
+    /// How the sources are retrieved (see `/api/rag/search`).
+    #[serde(default)]
+    #[schema(default = "hybrid")]
+    pub mode: Mode,
+    /// Metadata the sources' documents must hold (see `/api/rag/search`).
+    #[serde(default)]
+    #[schema(schema_with = filter_schema)]
+    pub filter: Option<Map<String, Value>>,
 }
 
 impl Validate for QueryRequest {
@@ -183,30 +197,25 @@ impl Validate for QueryRequest {
             1,
             2048,
         ));
+        if let Some(model) = &self.model {
+            problems.extend(check_text(body(&["model"]), model, 1, 256));
+            problems.extend(check_nul(body(&["model"]), model));
+        }
+        if let Some(filter) = &self.filter {
+            problems.extend(check_scalar_map("filter", filter, MAX_FILTER_KEYS));
+        }
         problems
     }
-}
-
-/// A source of an answer, as listed by the first event of `/api/rag/query`.
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"id": 42, "title": "Returns policy", "excerpt": "Customers may return any product within 30 days...", "score": 0.032}))]
-pub struct Source {
-    /// The document's id.
-    pub id: i64,
-    pub title: String,
-    /// The chunk given to the model, at most 500 characters.
-    pub excerpt: String,
-    /// Hybrid (reciprocal rank fusion) score; higher is better.
-    pub score: f32,
 }
 
 /// Answer a question from a collection's documents.
 ///
 /// `text/event-stream` of `data: {json}` events: first `sources` (the numbered sources the model is
 /// given, number n being the n-th), then `delta` events of the answer, which cites them as `[n]`,
-/// then `done` with the usage (or `error`). When the collection holds nothing relevant (no chunk
-/// with a cosine similarity of at least 0.25 to the question) the answer is 404 before any stream
-/// starts.
+/// then `done` with the usage (or `error`). When the collection holds nothing relevant (no source
+/// scores 0.35 or more) the answer is 404 before any stream starts. `model` is routed as in
+/// `/api/chat/stream`, so a server with only an upstream answers too. The model sees, of each
+/// source, the sentences that share most words with the question, within a budget of its tokens.
 #[utoipa::path(
     post,
     path = "/api/rag/query",
@@ -214,14 +223,16 @@ pub struct Source {
     request_body = QueryRequest,
     responses(
         (status = 200, description = "Server-Sent Events, each `data:` line one event", content_type = "text/event-stream", body = chat::ChatSseEvent),
-        (status = 404, description = "Nothing relevant in the collection", body = HttpError,
+        (status = 404, description = "Nothing relevant in the collection, or an unknown model", body = HttpError,
             example = json!({"detail": "No relevant documents found in the collection"})),
         (status = 413, description = "The body is larger than the configured limit", body = HttpError),
         (status = 422, description = "The body is not valid", body = HTTPValidationError),
         (status = 500, description = "Unexpected server error (the cause is logged)", body = HttpError),
+        (status = 502, description = "The chat upstream could not be reached or refused the request", body = HttpError),
         (status = 503, description = "No chat model, the database is unavailable, or a model is loading or busy", body = HttpError,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             example = json!({"detail": "This server has no chat model (--chat-model none): /api/rag/query cannot answer; /api/rag/search still works"})),
+        (status = 504, description = "The chat upstream did not answer in time", body = HttpError),
     )
 )]
 pub async fn query(
@@ -229,20 +240,21 @@ pub async fn query(
     ApiJson(req): ApiJson<QueryRequest>,
 ) -> Result<Response, ApiError> {
     let rag = rag_of(&state)?;
-    let chat_model = state.chat.as_ref().ok_or_else(|| {
-        ApiError::Unavailable(
+    if state.chat.is_none() && state.upstream.is_none() {
+        return Err(ApiError::Unavailable(
             "This server has no chat model (--chat-model none): /api/rag/query cannot answer; /api/rag/search still works".into(),
-        )
-    })?;
-    chat_model.get()?;
+        ));
+    }
+    // An unknown or loading model is refused before the search.
+    let route = chat::route(&state, req.model.as_deref())?;
     let hits = rag
         .search(&SearchParams {
             query: req.question.clone(),
             collection: req.collection,
             top_k: req.top_k,
-            mode: Mode::Hybrid,
-            filter: Map::new(),
-            min_similarity: Some(MIN_RELEVANCE),
+            mode: req.mode,
+            filter: req.filter.unwrap_or_default(),
+            min_score: Some(RELEVANCE_THRESHOLD),
         })
         .await
         .map_err(api_error)?;
@@ -251,13 +263,42 @@ pub async fn query(
             "No relevant documents found in the collection".into(),
         ));
     }
+    let passages = if route.upstream {
+        rag::passages(
+            &req.question,
+            &hits,
+            rag::UPSTREAM_CONTEXT_TOKENS,
+            &|s: &str| s.chars().count().div_ceil(4),
+        )
+    } else {
+        let service = state
+            .chat
+            .as_ref()
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("a local route without a local model"))
+            })?
+            .get()?;
+        let tokenizer = service.model().tokenizer().clone();
+        let (question, hits) = (req.question.clone(), hits.clone());
+        tokio::task::spawn_blocking(move || {
+            let count = |s: &str| tokenizer.encode(s, false).map_or(s.len() / 4, |e| e.len());
+            rag::passages(&question, &hits, rag::LOCAL_CONTEXT_TOKENS, &count)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+    };
     let sources = ChatStreamEvent::Sources {
         sources: hits
             .iter()
-            .map(|h| Source {
+            .zip(&passages)
+            .map(|(h, p)| Source {
                 id: h.document_id,
                 title: h.title.clone(),
-                excerpt: rag::excerpt(&h.text),
+                excerpt: rag::excerpt(&if p.is_empty() {
+                    h.text.clone()
+                } else {
+                    p.join(" ")
+                }),
                 score: h.score,
             })
             .collect(),
@@ -266,8 +307,10 @@ pub async fn query(
         max_tokens: req.max_tokens as usize,
         ..Default::default()
     };
-    let messages = rag::messages(&req.question, &hits);
-    let rx = chat::start(&state, None, messages, params).await?.events;
+    let messages = rag::messages(&req.question, &hits, &passages);
+    let rx = chat::start_routed(&state, route, messages, params)
+        .await?
+        .events;
     let first = Event::default().json_data(sources).unwrap_or_else(|_| {
         Event::default().data(r#"{"type":"error","message":"unserialisable event"}"#)
     });
