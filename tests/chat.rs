@@ -154,15 +154,7 @@ async fn over_the_limit_is_503_and_a_disconnect_stops_the_generation() {
     assert_eq!(first.status(), 200);
     // The first token has arrived: the generation is running. A slow (debug, loaded) machine may send
     // SSE keep-alive comments before it.
-    let mut seen = String::new();
-    while !seen.contains("delta") {
-        let chunk = first
-            .chunk()
-            .await
-            .unwrap()
-            .expect("the stream ended before a token");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_until(&mut first, "delta").await;
     assert_eq!(chat.active(), 1);
 
     let refused = server
@@ -274,7 +266,6 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
     );
     let rest = read_until(&mut openai, r#""error""#).await;
     assert!(rest.contains("server_error"), "{rest}");
-    eprintln!("STAGE errors seen");
     assert!(
         within(ours.chunk(), "the end of the stream")
             .await
@@ -282,7 +273,6 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
             .is_none(),
         "the stream ended"
     );
-    eprintln!("STAGE stream ended");
 
     // While the engine restarts, readiness and /metrics say so.
     let ready = within(
@@ -291,7 +281,6 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
     )
     .await
     .unwrap();
-    eprintln!("STAGE ready answered");
     assert_eq!(ready.status(), 503);
     let detail = ready.text().await.unwrap();
     assert!(detail.contains("restarts after a failure"), "{detail}");
@@ -301,7 +290,6 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
         .text()
         .await
         .unwrap();
-    eprintln!("STAGE metrics answered");
     assert!(
         metrics.contains(r#"aitier_chat_engine_restarting{model="SmolLM2-135M-Instruct"} 1"#),
         "{metrics}"
@@ -313,19 +301,7 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
     drop(hold);
 
     // Then it serves again: ready, and an answer to the end.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server
-        .client
-        .get(server.url("/health/ready"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(Instant::now() < deadline, "the engine did not come back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server.wait_ready().await;
     let again = server
         .client
         .post(server.url("/api/chat/stream"))

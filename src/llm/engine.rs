@@ -160,9 +160,9 @@ thread_local! {
     static ENGINE: std::cell::RefCell<Option<Arc<EngineStats>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Chains a panic hook that raises [`EngineStats::restarting`] when an engine thread panics. The
-/// hook runs before the unwinding drops the engine's sequences, so the flag is up before any
-/// stream sees its channel close (readiness never answers 200 between the two).
+/// Chains a panic hook that counts the restart and raises [`EngineStats::restarting`] when an
+/// engine thread panics. The hook runs before the unwinding drops the engine's sequences, so both
+/// show before any stream sees its channel close (readiness never answers 200 between the two).
 fn raise_on_panic() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -172,6 +172,7 @@ fn raise_on_panic() {
                 if let Ok(engine) = engine.try_borrow()
                     && let Some(stats) = engine.as_ref()
                 {
+                    stats.restarts.fetch_add(1, Ordering::SeqCst);
                     stats.restarting.store(true, Ordering::SeqCst);
                 }
             });
@@ -203,7 +204,6 @@ impl Worker {
             }
             tracing::error!(panic = %what, restart_in = ?backoff,
                 "the chat engine panicked: its requests failed, it restarts");
-            self.stats.restarts.fetch_add(1, Ordering::SeqCst);
             // Every sequence the gauge counted was in `run`'s state, dropped by the unwinding.
             self.active.store(0, Ordering::SeqCst);
             self.prefixes = PrefixCache::new(PREFIX_CACHE_BYTES);
