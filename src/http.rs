@@ -1,6 +1,7 @@
 //! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, and
 //! the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
 
+mod ai_sdk;
 pub mod auth;
 mod chat;
 mod classify;
@@ -14,6 +15,7 @@ mod openai;
 mod openai_chat;
 mod rag;
 mod scrape;
+mod tokenize;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -59,7 +61,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
         (name = "rag", description = "Documents, retrieval, and answers grounded in them"),
         (name = "health", description = "Liveness and readiness probes"),
     ),
-    components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent, openai_chat::ChatCompletionChunk))
+    components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent, openai_chat::ChatCompletionChunk, ai_sdk::parts::UiStreamPart))
 )]
 struct ApiDoc;
 
@@ -74,6 +76,8 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(openai_chat::routes())
         .merge(rag::routes())
         .merge(scrape::routes())
+        .merge(tokenize::routes())
+        .merge(ai_sdk::routes())
 }
 
 /// The OpenAPI document, as committed in `openapi.json`.
@@ -85,6 +89,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// `type` discriminator, which openapi-typescript turns into a discriminated union.
 fn finish(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     chat::discriminate(&mut doc, "ChatStreamEvent", "type");
+    chat::discriminate(&mut doc, "UiStreamPart", "type");
     docs::secure(&mut doc);
     doc
 }
