@@ -129,7 +129,7 @@ async fn tokenize_counts_what_the_models_read() {
     ]);
     // A conversation counts as the prompt a chat request sends: the same as its usage.
     let (status, counted) = server
-        .post("/api/tokenize", &json!({"messages": messages}))
+        .post("/api/tokenize", &json!({"input": messages}))
         .await;
     assert_eq!(status, 200, "{counted}");
     assert_eq!(counted["model"], CHAT);
@@ -148,7 +148,7 @@ async fn tokenize_counts_what_the_models_read() {
     let (status, text) = server
         .post(
             "/api/tokenize",
-            &json!({"model": "gpt-4o-mini", "text": "What is the capital of France?", "return_ids": true}),
+            &json!({"model": "gpt-4o-mini", "input": "What is the capital of France?", "return_ids": true}),
         )
         .await;
     assert_eq!(status, 200, "{text}");
@@ -156,13 +156,29 @@ async fn tokenize_counts_what_the_models_read() {
     assert_eq!(text["count"].as_u64().unwrap() as usize, ids.len());
     assert!(ids.len() >= 5 && ids.len() < counted["count"].as_u64().unwrap() as usize);
 
+    // The embedding model counts a conversation as its texts, one per line.
+    let (status, lines) = server
+        .post(
+            "/api/tokenize",
+            &json!({"model": EMBED, "input": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{lines}");
+    let (_, joined) = server
+        .post(
+            "/api/tokenize",
+            &json!({"model": EMBED, "input": "one\ntwo"}),
+        )
+        .await;
+    assert_eq!(lines["count"], joined["count"]);
+
     // The embedding model counts as /api/embed reads: special tokens in, cut at its limit.
     let long = "word ".repeat(2000);
     for (sentence, truncated) in [("The cat sat on the mat.", false), (long.as_str(), true)] {
         let (status, counted) = server
             .post(
                 "/api/tokenize",
-                &json!({"model": "text-embedding-3-small", "text": sentence}),
+                &json!({"model": "text-embedding-3-small", "input": sentence}),
             )
             .await;
         assert_eq!(status, 200, "{counted}");
@@ -182,20 +198,18 @@ async fn tokenize_counts_what_the_models_read() {
 #[tokio::test]
 async fn tokenize_refuses_what_it_cannot_count() {
     let server = server().await;
+    let long = "a".repeat(100_001);
     for (request, status, loc) in [
+        (json!({"model": CHAT}), 422, json!(["body", "input"])),
+        (json!({"input": ""}), 422, json!(["body", "input"])),
+        (json!({"input": []}), 422, json!(["body", "input"])),
+        (json!({"input": 3}), 422, json!(["body", "input"])),
         (
-            json!({"text": "a", "messages": [{"role": "user", "content": "a"}]}),
+            json!({"input": [{"role": "user", "content": long}]}),
             422,
-            json!(["body"]),
+            json!(["body", "input", 0, "content"]),
         ),
-        (json!({"model": CHAT}), 422, json!(["body"])),
-        (json!({"text": ""}), 422, json!(["body", "text"])),
-        (
-            json!({"model": EMBED, "messages": [{"role": "user", "content": "a"}]}),
-            422,
-            json!(["body", "messages"]),
-        ),
-        (json!({"model": "gpt-4", "text": "a"}), 404, Value::Null),
+        (json!({"model": "gpt-4", "input": "a"}), 404, Value::Null),
     ] {
         let (got, body) = server.post("/api/tokenize", &request).await;
         assert_eq!(got, status, "{request}: {body}");

@@ -32,7 +32,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(chat_stream))
 }
 
-const MAX_CONTENT: usize = 100_000;
+/// Most characters in one message.
+pub const MAX_CONTENT: usize = 100_000;
 /// What a stream cut by shutdown says; a client should retry elsewhere.
 pub const SHUTTING_DOWN: &str = "The server is shutting down; retry the request";
 /// Most messages in one conversation.

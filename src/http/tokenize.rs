@@ -7,8 +7,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::chat::{MAX_MESSAGES, MAX_PROMPT_CHARS, Message};
-use super::error::{ApiError, HTTPValidationError, HttpError, ValidationError};
+use utoipa::openapi::Ref;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+
+use super::chat::{MAX_CONTENT, MAX_MESSAGES, MAX_PROMPT_CHARS, Message};
+use super::error::{ApiError, HTTPValidationError, HttpError, LocItem, ValidationError};
 use super::extract::{ApiJson, Validate, body, check_list, check_text};
 use crate::inference::InferenceError;
 use crate::llm::{ChatMessage, LlmError};
@@ -19,26 +22,46 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
-#[schema(example = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}]}))]
+#[schema(example = json!({"input": [{"role": "user", "content": "What is the capital of France?"}]}))]
 pub struct TokenizeRequest {
     /// Whose tokenizer counts: the local chat model, the embedding model, or an alias of either.
     /// Omitted: the chat model, or the embedding model when chat is off.
     #[serde(default)]
     #[schema(min_length = 1, max_length = 200, example = "SmolLM2-135M-Instruct")]
     pub model: Option<String>,
-    /// A text, counted as it is (1 to 200000 characters). Give `text` or `messages`, not both.
-    #[serde(default)]
-    #[schema(min_length = 1, max_length = 200000)]
-    pub text: Option<String>,
-    /// A conversation (1 to 256 messages, 200000 characters in all), counted as the chat model's
-    /// prompt: its chat template applied and the assistant's turn opened, as a chat request
-    /// would send it. Chat models only.
-    #[serde(default)]
-    #[schema(min_items = 1, max_items = 256)]
-    pub messages: Option<Vec<Message>>,
+    /// What to count: a text (1 to 200000 characters), counted as it is; or a conversation (1 to
+    /// 256 messages of at most 100000 characters, 200000 in all), counted for the chat model as
+    /// the prompt a chat request would send (its chat template applied, the assistant's turn
+    /// opened), for the embedding model as its messages' texts, one per line.
+    #[schema(schema_with = input_schema)]
+    pub input: TokenizeInput,
     /// Return the token ids too.
     #[serde(default)]
     pub return_ids: bool,
+}
+
+/// A text or a conversation.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string or an array of messages")]
+pub enum TokenizeInput {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+fn input_schema() -> OneOfBuilder {
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_PROMPT_CHARS)),
+        )
+        .item(
+            ArrayBuilder::new()
+                .items(Ref::from_schema_name("Message"))
+                .min_items(Some(1))
+                .max_items(Some(MAX_MESSAGES)),
+        )
 }
 
 impl Validate for TokenizeRequest {
@@ -47,26 +70,29 @@ impl Validate for TokenizeRequest {
         if let Some(model) = &self.model {
             problems.extend(check_text(body(&["model"]), model, 1, 200));
         }
-        match (&self.text, &self.messages) {
-            (Some(_), Some(_)) | (None, None) => problems.push(ValidationError::new(
-                body::<&str>(&[]),
-                "Give either text or messages",
-                "value_error",
-            )),
-            (Some(text), None) => {
-                problems.extend(check_text(body(&["text"]), text, 1, MAX_PROMPT_CHARS))
+        match &self.input {
+            TokenizeInput::Text(text) => {
+                problems.extend(check_text(body(&["input"]), text, 1, MAX_PROMPT_CHARS))
             }
-            (None, Some(messages)) => {
+            TokenizeInput::Messages(messages) => {
                 problems.extend(check_list(
-                    &body(&["messages"]),
+                    &body(&["input"]),
                     messages.len(),
                     1,
                     MAX_MESSAGES,
                 ));
+                for (i, m) in messages.iter().enumerate() {
+                    problems.extend(check_text(
+                        body::<LocItem>(&["input".into(), i.into(), "content".into()]),
+                        &m.content,
+                        0,
+                        MAX_CONTENT,
+                    ));
+                }
                 let chars: usize = messages.iter().map(|m| m.content.chars().count()).sum();
                 if chars > MAX_PROMPT_CHARS {
                     problems.push(ValidationError::new(
-                        body(&["messages"]),
+                        body(&["input"]),
                         format!("The conversation has {chars} characters; at most {MAX_PROMPT_CHARS} are accepted"),
                         "too_long",
                     ));
@@ -98,7 +124,7 @@ pub struct TokenizeResponse {
 /// Count the tokens of a text or a conversation.
 ///
 /// For the chat model, a conversation counts as the prompt a chat request would send; for the
-/// embedding model, a text counts as `/api/embed` reads it.
+/// embedding model, a text counts as `/api/embed` reads it (cut at its longest input).
 #[utoipa::path(
     post,
     path = "/api/tokenize",
@@ -109,7 +135,7 @@ pub struct TokenizeResponse {
         (status = 404, description = "No such model here", body = HttpError,
             example = json!({"detail": "Tokens are counted for 'SmolLM2-135M-Instruct' and 'all-MiniLM-L6-v2', not 'gpt-4'"})),
         (status = 413, description = "The body is larger than the configured limit", body = HttpError),
-        (status = 422, description = "The body is not valid, or `messages` for the embedding model", body = HTTPValidationError),
+        (status = 422, description = "The body is not valid", body = HTTPValidationError),
         (status = 500, description = "Unexpected server error (the cause is logged)", body = HttpError),
         (status = 503, description = "The model is loading: retry later", body = HttpError,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -144,11 +170,10 @@ pub async fn tokenize(
             let service = slot.get()?;
             let model = service.model().clone();
             let limit = model.context_length();
-            let ids = blocking(move || match (req.text, req.messages) {
-                (Some(text), _) => model.tokens(&text),
-                (None, messages) => {
+            let ids = blocking(move || match req.input {
+                TokenizeInput::Text(text) => model.tokens(&text),
+                TokenizeInput::Messages(messages) => {
                     let messages: Vec<ChatMessage> = messages
-                        .unwrap_or_default()
                         .iter()
                         .map(|m| ChatMessage::new(m.role.as_str(), &m.content))
                         .collect();
@@ -170,12 +195,13 @@ pub async fn tokenize(
             }
         }
         None => {
-            let Some(text) = req.text else {
-                return Err(ApiError::validation(
-                    body(&["messages"]),
-                    format!("'{embedding}' is not a chat model: give text"),
-                    "value_error",
-                ));
+            let text = match req.input {
+                TokenizeInput::Text(text) => text,
+                TokenizeInput::Messages(messages) => messages
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
             };
             let service = state.embeddings.get()?;
             let limit = service.max_tokens();

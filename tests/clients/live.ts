@@ -78,7 +78,7 @@ const many = await client.POST("/api/classify/{classifier}/batch", {
 check("POST /api/classify/{classifier}/batch", s.zClassifyBatchResponse, many.data);
 
 const counted = await client.POST("/api/tokenize", {
-  body: { messages: [{ role: "user", content: "What is the capital of France?" }] },
+  body: { input: [{ role: "user", content: "What is the capital of France?" }] },
 });
 assert.ok(check("POST /api/tokenize", s.zTokenizeResponse2, counted.data).count > 5);
 

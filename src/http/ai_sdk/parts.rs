@@ -8,6 +8,7 @@ use futures::Stream;
 use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
+use utoipa::openapi::schema::AnyOfBuilder;
 use utoipa::openapi::{ObjectBuilder, RefOr, Schema, Type};
 
 use super::super::chat::{Source, public_message};
@@ -62,10 +63,19 @@ pub struct UiStreamSse {
 }
 
 fn part_data() -> RefOr<Schema> {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .content_media_type("application/json")
-        .content_schema(Some(utoipa::openapi::Ref::from_schema_name("UiStreamPart")))
+    // anyOf, not oneOf: `contentSchema` is an annotation, so `[DONE]` is a string both accept.
+    AnyOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .content_media_type("application/json")
+                .content_schema(Some(utoipa::openapi::Ref::from_schema_name("UiStreamPart"))),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["[DONE]"])),
+        )
         .into()
 }
 

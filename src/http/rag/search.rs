@@ -226,7 +226,7 @@ impl Validate for QueryRequest {
         (status = 404, description = "Nothing relevant in the collection, or an unknown model", body = HttpError,
             example = json!({"detail": "No relevant documents found in the collection"})),
         (status = 413, description = "The body is larger than the configured limit", body = HttpError),
-        (status = 422, description = "The body is not valid", body = HTTPValidationError),
+        (status = 422, description = "The body is not valid, or the question and its sources do not fit the chat model's context", body = HTTPValidationError),
         (status = 500, description = "Unexpected server error (the cause is logged)", body = HttpError),
         (status = 502, description = "The chat upstream could not be reached or refused the request", body = HttpError),
         (status = 503, description = "No chat model, the database is unavailable, or a model is loading or busy", body = HttpError,
