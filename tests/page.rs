@@ -20,11 +20,18 @@ async fn the_page_is_served_as_html_with_a_policy_that_forbids_remote_scripts() 
     let headers = response.headers().clone();
     assert_eq!(headers["content-type"], "text/html; charset=utf-8");
     assert_eq!(headers["x-content-type-options"], "nosniff");
-    let policy = headers["content-security-policy"].to_str().unwrap().to_string();
+    let policy = headers["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let html = response.text().await.unwrap();
 
     assert!(html.starts_with("<!doctype html>"), "{}", &html[..80]);
-    for part in ["id=\"chat-form\"", "id=\"sentiment-form\"", "id=\"ask-form\""] {
+    for part in [
+        "id=\"chat-form\"",
+        "id=\"sentiment-form\"",
+        "id=\"ask-form\"",
+    ] {
         assert!(html.contains(part), "{part} is missing");
     }
     // The embedding model's name is filled in, so the page can leave it out of the chat picker.
@@ -33,8 +40,14 @@ async fn the_page_is_served_as_html_with_a_policy_that_forbids_remote_scripts() 
         "the embedding model's name is not in the page"
     );
     // Nothing is loaded from elsewhere.
-    assert!(!html.contains("src=\"http"), "the page loads a remote resource");
-    assert!(!html.contains("<script src"), "the page loads a script file");
+    assert!(
+        !html.contains("src=\"http"),
+        "the page loads a remote resource"
+    );
+    assert!(
+        !html.contains("<script src"),
+        "the page loads a script file"
+    );
 
     let directives: Vec<&str> = policy.split(';').map(str::trim).collect();
     assert!(directives.contains(&"default-src 'self'"), "{policy}");
