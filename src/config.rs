@@ -182,6 +182,13 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_CHAT_THREADS")]
     pub chat_threads: Option<usize>,
 
+    /// Most tokens of a conversation, prompt and answer together (default: the model's own
+    /// context, 8192 for SmolLM2), as llama.cpp's `-c` or vLLM's `--max-model-len`. A smaller
+    /// context bounds each generation's KV cache and prefill time: a longer conversation gets 422
+    /// before any work, and `/api/tokenize` reports this limit.
+    #[arg(long, env = "AITIER_CHAT_CONTEXT", value_parser = clap::value_parser!(u32).range(16..))]
+    pub chat_context: Option<u32>,
+
     /// Generations that may wait for a slot; beyond them a chat request gets 503 + Retry-After
     /// before its stream starts. A waiting client gets its headers and a `queued` comment at once.
     #[arg(long, env = "AITIER_GENERATION_QUEUE", default_value_t = 8)]
@@ -208,6 +215,14 @@ pub struct ServeArgs {
     /// upstream key on any model: a server listening beyond loopback refuses to start without it.
     #[arg(long, env = "AITIER_UPSTREAM_MODELS", value_delimiter = ',')]
     pub upstream_models: Vec<String>,
+
+    /// Other names for the served models, comma separated `alias=model`
+    /// (`gpt-4o-mini=SmolLM2-135M-Instruct,text-embedding-3-small=all-MiniLM-L6-v2`): a frontend
+    /// written for OpenAI's model names runs unchanged. Requests may use either name; answers name
+    /// the model that answered; `GET /v1/models` lists the aliases too. An alias must name a
+    /// served model (local, embedding or upstream) and may not hide one.
+    #[arg(long, env = "AITIER_MODEL_ALIASES", value_delimiter = ',')]
+    pub model_aliases: Vec<String>,
 
     /// Longest wait for the upstream, in seconds: for its response to start and between two
     /// chunks of a stream. Past it the request gets 504 (or an `error` event once streaming).
@@ -306,6 +321,12 @@ impl ServeArgs {
         (self.chat_model != "none").then_some(self.chat_model.as_str())
     }
 
+    /// The model aliases, checked for form (whether they name served models is checked once the
+    /// names are known, at start-up).
+    pub fn aliases(&self) -> Result<crate::aliases::ModelAliases, crate::aliases::AliasError> {
+        crate::aliases::ModelAliases::parse(&self.model_aliases)
+    }
+
     /// The chat upstream, when a base URL or an API key is configured.
     pub fn upstream(&self) -> Option<crate::llm::Upstream> {
         if self.openai_base_url.is_none() && self.openai_api_key.is_none() {
@@ -396,6 +417,7 @@ impl ServeArgs {
         if let Some(keys) = &self.api_keys {
             crate::auth::ApiKeys::parse(keys.expose())?;
         }
+        self.aliases().map_err(|e| e.to_string())?;
         if let Some(path) = self
             .open_paths
             .iter()

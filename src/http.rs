@@ -1,6 +1,7 @@
 //! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, the
 //! page at `/`, and the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
 
+mod ai_sdk;
 pub mod auth;
 mod chat;
 mod classify;
@@ -15,6 +16,7 @@ mod openai_chat;
 mod page;
 mod rag;
 mod scrape;
+mod tokenize;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -60,7 +62,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
         (name = "rag", description = "Documents, retrieval, and answers grounded in them"),
         (name = "health", description = "Liveness and readiness probes"),
     ),
-    components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent, openai_chat::ChatCompletionChunk))
+    components(schemas(HTTPValidationError, ValidationError, HttpError, chat::ChatStreamEvent, openai_chat::ChatCompletionChunk, ai_sdk::parts::UiStreamPart))
 )]
 struct ApiDoc;
 
@@ -75,6 +77,8 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(openai_chat::routes())
         .merge(rag::routes())
         .merge(scrape::routes())
+        .merge(tokenize::routes())
+        .merge(ai_sdk::routes())
 }
 
 /// The OpenAPI document, as committed in `openapi.json`.
@@ -86,6 +90,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// `type` discriminator, which openapi-typescript turns into a discriminated union.
 fn finish(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     chat::discriminate(&mut doc, "ChatStreamEvent", "type");
+    chat::discriminate(&mut doc, "UiStreamPart", "type");
     docs::secure(&mut doc);
     doc
 }

@@ -1,6 +1,7 @@
 //! aitier: an AI middle tier in one binary. Embeddings today; classification, streamed chat and RAG
 //! join the same rooms.
 
+pub mod aliases;
 pub mod auth;
 pub mod classify;
 pub mod commands;

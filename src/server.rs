@@ -81,6 +81,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
                 threads: args
                     .chat_threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                context: args.chat_context.map(|c| c as usize),
             })
         }
         None => None,
@@ -90,6 +91,17 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         tracing::info!(upstream = %upstream.base_url(), "chat upstream configured");
         state = state.with_upstream(upstream);
     }
+    let aliases = args.aliases()?;
+    let local: Vec<&str> = state
+        .chat
+        .iter()
+        .map(|slot| slot.name())
+        .chain([state.embeddings.name()])
+        .collect();
+    aliases.check(&local, |model| {
+        state.upstream.as_ref().is_some_and(|up| up.serves(model))
+    })?;
+    state.aliases = Arc::new(aliases);
     // The database opens (and migrates) in the background, retried until it answers: the server
     // starts and says what is wrong at /health/ready instead of exiting.
     let database = Arc::new(Database::new(args.database_url.expose()));
@@ -136,6 +148,8 @@ struct ChatConfig {
     concurrent: usize,
     queue: usize,
     threads: usize,
+    /// At most this many tokens of context (`--chat-context`).
+    context: Option<usize>,
 }
 
 async fn load_models(
@@ -178,10 +192,13 @@ async fn load_models(
     if let (Some(slot), Some(chat)) = (&state.chat, chat) {
         let started = std::time::Instant::now();
         let path = chat.path.clone();
-        let threads = chat.threads;
+        let (threads, context) = (chat.threads, chat.context);
         let model = tokio::task::spawn_blocking(move || {
             LocalModel::load(&path).map(|mut m| {
                 m.set_threads(threads);
+                if let Some(context) = context {
+                    m.limit_context(context);
+                }
                 m
             })
         })

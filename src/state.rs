@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 
+use crate::aliases::ModelAliases;
 use crate::classify::{Classifiers, RegistryConfig};
 use crate::inference::{EmbeddingService, InferenceError};
 use crate::llm::{ChatService, Upstream};
@@ -107,6 +108,8 @@ pub struct AppState {
     /// Documents and retrieval; `None` when no database is configured (handler tests).
     pub rag: Option<Arc<Rag>>,
     pub shutdown: Arc<Shutdown>,
+    /// Other names for the served models (`--model-aliases`).
+    pub aliases: Arc<ModelAliases>,
 }
 
 impl AppState {
@@ -130,6 +133,7 @@ impl AppState {
             max_tokens_limit: None,
             rag: None,
             shutdown: Arc::default(),
+            aliases: Arc::default(),
         }
     }
 

@@ -154,7 +154,7 @@ async fn over_the_limit_is_503_and_a_disconnect_stops_the_generation() {
     assert_eq!(first.status(), 200);
     // The first token has arrived: the generation is running. A slow (debug, loaded) machine may send
     // SSE keep-alive comments before it.
-    read_until(&mut first, "delta").await;
+    common::read_until(&mut first, "delta").await;
     assert_eq!(chat.active(), 1);
 
     let refused = server
@@ -210,27 +210,6 @@ async fn integral_numbers_are_integers_as_json_schema_says() {
     common::assert_validation(status, &body, json!(["body", "seed"]), "int_type");
 }
 
-/// Awaits `f`, failing the test after two minutes.
-async fn within<T>(f: impl std::future::Future<Output = T>, what: &str) -> T {
-    tokio::time::timeout(Duration::from_secs(120), f)
-        .await
-        .unwrap_or_else(|_| panic!("no {what} within 2 minutes"))
-}
-
-/// Reads a stream until its text holds `needle` (past keep-alive comments); returns what it read.
-async fn read_until(response: &mut reqwest::Response, needle: &str) -> String {
-    let mut seen = String::new();
-    while !seen.contains(needle) {
-        let chunk = tokio::time::timeout(Duration::from_secs(120), response.chunk())
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} within 2 minutes: {seen}"))
-            .unwrap()
-            .unwrap_or_else(|| panic!("the stream ended before {needle:?}: {seen}"));
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    seen
-}
-
 #[tokio::test]
 async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
     let server = chat_server(&[]).await;
@@ -253,21 +232,21 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
         .unwrap();
     assert_eq!(ours.status(), 200);
     assert_eq!(openai.status(), 200);
-    read_until(&mut ours, "delta").await;
-    read_until(&mut openai, "content").await;
+    common::read_until(&mut ours, "delta").await;
+    common::read_until(&mut openai, "content").await;
 
     let hold = chat.inject_panic();
     // Both streams end with an error event, not a silent cut.
-    let rest = read_until(&mut ours, r#""type":"error""#).await;
+    let rest = common::read_until(&mut ours, r#""type":"error""#).await;
     let last = events(&rest).pop().unwrap();
     assert!(
         last["message"].as_str().unwrap().contains("try again"),
         "{last}"
     );
-    let rest = read_until(&mut openai, r#""error""#).await;
+    let rest = common::read_until(&mut openai, r#""error""#).await;
     assert!(rest.contains("server_error"), "{rest}");
     assert!(
-        within(ours.chunk(), "the end of the stream")
+        common::within(ours.chunk(), "the end of the stream")
             .await
             .unwrap()
             .is_none(),
@@ -275,7 +254,7 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
     );
 
     // While the engine restarts, readiness and /metrics say so.
-    let ready = within(
+    let ready = common::within(
         server.client.get(server.url("/health/ready")).send(),
         "readiness",
     )
@@ -284,7 +263,7 @@ async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
     assert_eq!(ready.status(), 503);
     let detail = ready.text().await.unwrap();
     assert!(detail.contains("restarts after a failure"), "{detail}");
-    let metrics = within(server.client.get(server.url("/metrics")).send(), "metrics")
+    let metrics = common::within(server.client.get(server.url("/metrics")).send(), "metrics")
         .await
         .unwrap()
         .text()

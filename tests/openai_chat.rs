@@ -174,30 +174,9 @@ print("ok")
 
 #[tokio::test]
 async fn the_official_openai_npm_client_works_against_v1() {
-    let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
-    assert!(
-        std::path::Path::new(clients)
-            .join("node_modules/openai")
-            .is_dir(),
-        "{clients}/node_modules is missing: tests/all runs `npm ci` there"
-    );
     let server = server().await;
-    let base = server.base.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("node")
-            .arg(format!("{clients}/openai.mjs"))
-            .args([&base, MODEL, "all-MiniLM-L6-v2"])
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = vec![server.base.clone(), MODEL.into(), "all-MiniLM-L6-v2".into()];
+    common::node("openai.mjs", "openai", args).await;
 }
 
 #[tokio::test]

@@ -273,7 +273,14 @@ pub fn discriminate(doc: &mut utoipa::openapi::OpenApi, union: &str, tag: &str) 
     let Some(RefOr::T(Schema::OneOf(one_of))) = components.schemas.get(union).cloned() else {
         return;
     };
-    let stem = union.strip_suffix("StreamEvent").unwrap_or(union);
+    let (stem, suffix) = match (
+        union.strip_suffix("StreamEvent"),
+        union.strip_suffix("Part"),
+    ) {
+        (Some(stem), _) => (stem, "Event"),
+        (None, Some(stem)) => (stem, "Part"),
+        (None, None) => (union, ""),
+    };
     let (mut refs, mut mapping) = (Vec::new(), Vec::new());
     for item in one_of.items {
         let RefOr::T(Schema::Object(variant)) = &item else {
@@ -292,9 +299,17 @@ pub fn discriminate(doc: &mut utoipa::openapi::OpenApi, union: &str, tag: &str) 
             refs.push(item);
             continue;
         };
-        let mut title = value.clone();
-        title[..1].make_ascii_uppercase();
-        let name = format!("{stem}{title}Event");
+        // `text-delta` → `TextDelta`.
+        let title: String = value
+            .split('-')
+            .map(|word| {
+                let mut word = word.to_string();
+                let first = 1.min(word.len());
+                word[..first].make_ascii_uppercase();
+                word
+            })
+            .collect();
+        let name = format!("{stem}{title}{suffix}");
         let reference = format!("#/components/schemas/{name}");
         components.schemas.insert(name.clone(), item);
         refs.push(Ref::new(reference.clone()).into());
@@ -314,7 +329,7 @@ pub fn discriminate(doc: &mut utoipa::openapi::OpenApi, union: &str, tag: &str) 
 /// What a client may read of a mid-stream failure: the first clause of the message (the rest is
 /// an error chain), and nothing that names an address. The whole message goes to the log, under
 /// the request's id.
-pub(super) fn public_message(message: &str) -> String {
+pub(crate) fn public_message(message: &str) -> String {
     tracing::warn!(error = %message, "generation failed midway");
     super::error::public_clause(message)
         .unwrap_or("The chat upstream failed")
@@ -355,6 +370,7 @@ pub fn route(state: &AppState, model: Option<&str>) -> Result<Route, ApiError> {
             Err(_) => Local::Loading(slot.name()),
         },
     };
+    let model = model.map(|m| state.aliases.resolve(m));
     crate::llm::route(model, local, state.upstream.as_ref()).map_err(|e| match e {
         e @ RouteError::ModelRequired => {
             ApiError::validation(body(&["model"]), e.to_string(), "missing")

@@ -69,13 +69,19 @@ pub fn cost(path: &str, body: &Value, max_tokens_limit: Option<usize>) -> u32 {
         "/api/embed" => count("texts"),
         "/v1/embeddings" => count("input"),
         p if p.starts_with("/api/classify/") && p.ends_with("/batch") => count("texts"),
-        "/api/chat/stream" | "/v1/chat/completions" | "/api/rag/query" => {
+        "/api/chat/stream"
+        | "/v1/chat/completions"
+        | "/api/rag/query"
+        | "/api/ai-sdk/chat"
+        | "/api/ai-sdk/rag" => {
+            let text = |parts: &Vec<Value>| parts.iter().map(|p| chars(&p["text"])).sum::<usize>();
             let prompt: usize = match &body["messages"] {
+                // OpenAI's `content` (a string or parts), or the AI SDK's `parts`.
                 Value::Array(messages) => messages
                     .iter()
-                    .map(|m| match &m["content"] {
-                        Value::Array(parts) => parts.iter().map(|p| chars(&p["text"])).sum(),
-                        content => chars(content),
+                    .map(|m| match (&m["content"], &m["parts"]) {
+                        (Value::Array(parts), _) | (_, Value::Array(parts)) => text(parts),
+                        (content, _) => chars(content),
                     })
                     .sum(),
                 _ => chars(&body["question"]),
@@ -168,6 +174,8 @@ mod tests {
             json!({"messages": [{"role": "user", "content": "x".repeat(4000)}], "max_tokens": 200});
         assert_eq!(cost("/api/chat/stream", &chat, None), 12);
         assert_eq!(cost("/api/chat/stream", &chat, Some(100)), 11);
+        let sdk = json!({"messages": [{"role": "user", "parts": [{"type": "text", "text": "x".repeat(4000)}]}], "max_tokens": 200});
+        assert_eq!(cost("/api/ai-sdk/chat", &sdk, None), 12);
         let unset = json!({"messages": [{"role": "user", "content": "hi"}]});
         assert_eq!(cost("/v1/chat/completions", &unset, None), 11);
         let doc = json!({"title": "t", "content": "y".repeat(8001)});

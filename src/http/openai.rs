@@ -260,7 +260,7 @@ pub async fn embeddings(
     OpenAiJson(req): OpenAiJson<CreateEmbeddingRequest>,
 ) -> Result<Json<CreateEmbeddingResponse>, OpenAiError> {
     let service = state.embeddings.get()?;
-    if req.model != service.name() {
+    if state.aliases.resolve(&req.model) != service.name() {
         return Err(OpenAiError {
             error: ApiError::NotFound(format!(
                 "The model '{}' does not exist; this server embeds with '{}'",

@@ -246,6 +246,7 @@ pub async fn completions(
         stop: Stop::list(&req.stop),
         ..Default::default()
     };
+    let began = std::time::Instant::now();
     let started = start(&state, Some(&req.model), messages, params).await?;
     let (model, mut rx) = (started.model, started.events);
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
@@ -259,6 +260,11 @@ pub async fn completions(
                 ChatEvent::Queued => {}
                 ChatEvent::Delta(piece) => text.push_str(&piece),
                 ChatEvent::Done(generation) => {
+                    // `Server-Timing`: the wait for a generation slot, then the generation.
+                    crate::telemetry::record_model_time(
+                        generation.queued,
+                        began.elapsed().saturating_sub(generation.queued),
+                    );
                     return Ok(Json(ChatCompletion {
                         id,
                         object: "chat.completion".into(),
@@ -378,6 +384,9 @@ pub struct ModelCard {
     pub object: String,
     pub created: u64,
     pub owned_by: String,
+    /// For an alias (`--model-aliases`): the model that answers to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias_of: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -387,8 +396,8 @@ pub struct ModelList {
     pub data: Vec<ModelCard>,
 }
 
-/// List the served models (OpenAI-compatible): the local chat model, the upstream's chat models
-/// and the embedding model.
+/// List the served models (OpenAI-compatible): the local chat model, the upstream's chat models,
+/// the embedding model, then the aliases (`alias_of` names the model each stands for).
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
     responses((status = 200, description = "The served models", body = ModelList)))]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
@@ -397,6 +406,7 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
         object: "model".into(),
         created: 0,
         owned_by: owned_by.into(),
+        alias_of: None,
     };
     let mut data: Vec<ModelCard> = state
         .chat
@@ -413,6 +423,10 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
         );
     }
     data.push(card(state.embeddings.name(), "aitier"));
+    data.extend(state.aliases.iter().map(|(alias, model)| ModelCard {
+        alias_of: Some(model.to_string()),
+        ..card(alias, "aitier")
+    }));
     Json(ModelList {
         object: "list".into(),
         data,

@@ -19,7 +19,7 @@ use crate::rag::{NewText, Rag, RagError};
 use crate::state::AppState;
 use crate::store::{self, Inserted, StoreError};
 
-mod search;
+pub(super) mod search;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -41,7 +41,7 @@ fn metadata_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     scalar_map_schema(MAX_METADATA_KEYS)
 }
 
-fn default_collection() -> String {
+pub(super) fn default_collection() -> String {
     DEFAULT_COLLECTION.into()
 }
 

@@ -68,6 +68,8 @@ fn sample(state: &AppState) {
         let model = chat.name().to_string();
         ::metrics::gauge!("aitier_chat_active_generations", "provider" => "local")
             .set(chat.active() as f64);
+        ::metrics::gauge!("aitier_chat_queue_depth", "model" => model.clone())
+            .set(chat.waiting() as f64);
         let stats = chat.stats();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         ::metrics::counter!("aitier_chat_prefilled_tokens_total", "model" => model.clone())

@@ -76,6 +76,11 @@ impl EmbeddingService {
         self.max_tokens
     }
 
+    /// The tokens the model reads of `text`, as [`Self::embed`] would.
+    pub fn tokenize(&self, text: &str) -> Result<super::Tokenized, ModelError> {
+        self.model.tokenize(text)
+    }
+
     /// Embeds `texts`, L2-normalising each vector when asked.
     pub async fn embed(
         &self,

@@ -56,6 +56,8 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Time the request waited for a generation slot before its prompt ran (zero upstream).
+    pub queued: std::time::Duration,
 }
 
 /// The outcome of one step.
@@ -195,6 +197,7 @@ impl Decoder {
             finish_reason,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.generated.len(),
+            queued: std::time::Duration::ZERO,
         };
         (tail, generation)
     }

@@ -91,6 +91,12 @@ impl LocalModel {
         self.context
     }
 
+    /// Serves at most `tokens` of context, prompt and answer together (never more than the
+    /// model's own).
+    pub fn limit_context(&mut self, tokens: usize) {
+        self.context = self.context.min(tokens);
+    }
+
     /// The prompt the chat template makes of `messages`.
     pub fn prompt(&self, messages: &[ChatMessage]) -> Result<String, LlmError> {
         self.template.render(messages)
@@ -101,19 +107,28 @@ impl LocalModel {
         Ok(self.prompt_ids(messages, max_tokens)?.len())
     }
 
+    /// The tokens of `text` as it is, without a template.
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>, LlmError> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The tokens of the prompt the chat template makes of `messages`, however long.
+    pub fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, LlmError> {
+        self.tokens(&self.prompt(messages)?)
+    }
+
     /// The prompt's tokens, or `ContextExceeded` when they and `max_tokens` do not fit.
     pub(crate) fn prompt_ids(
         &self,
         messages: &[ChatMessage],
         max_tokens: usize,
     ) -> Result<Vec<u32>, LlmError> {
-        let prompt = self.prompt(messages)?;
-        let ids = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| LlmError::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
+        let ids = self.prompt_tokens(messages)?;
         if ids.len() + max_tokens > self.context {
             return Err(LlmError::ContextExceeded {
                 prompt: ids.len(),

@@ -20,6 +20,9 @@ pub struct ChatService {
     admitted: Arc<Semaphore>,
     /// Generations running now (a gauge for tests and logs).
     active: Arc<AtomicUsize>,
+    /// The sizes of `running` and `admitted`.
+    concurrent: usize,
+    admitted_places: usize,
     engine: Engine,
 }
 
@@ -41,6 +44,8 @@ impl ChatService {
             running: Arc::new(Semaphore::new(concurrent)),
             admitted: Arc::new(Semaphore::new(concurrent + queue)),
             active,
+            concurrent,
+            admitted_places: concurrent + queue,
         }
     }
 
@@ -74,6 +79,13 @@ impl ChatService {
         self.active.load(Ordering::SeqCst)
     }
 
+    /// Admitted requests still waiting for a generation slot.
+    pub fn waiting(&self) -> usize {
+        let admitted = self.admitted_places - self.admitted.available_permits();
+        let running = self.concurrent - self.running.available_permits();
+        admitted.saturating_sub(running)
+    }
+
     /// A place in the line, or `None` when every place is taken.
     pub fn admit(&self) -> Option<Admission> {
         self.admitted
@@ -102,7 +114,9 @@ impl ChatService {
         let (events, mut from_engine) = mpsc::unbounded_channel();
         let running = self.running.clone();
         let jobs = self.engine.sender();
+        let model = self.name.clone();
         tokio::spawn(async move {
+            let arrived = std::time::Instant::now();
             let permit = match running.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
@@ -118,6 +132,9 @@ impl ChatService {
                     }
                 }
             };
+            let queued = arrived.elapsed();
+            metrics::histogram!("aitier_chat_queue_wait_seconds", "model" => model)
+                .record(queued.as_secs_f64());
             let job = Job {
                 messages,
                 params,
@@ -134,7 +151,10 @@ impl ChatService {
             loop {
                 tokio::select! {
                     event = from_engine.recv() => match event {
-                        Some(event) => {
+                        Some(mut event) => {
+                            if let ChatEvent::Done(generation) = &mut event {
+                                generation.queued = queued;
+                            }
                             let last = matches!(event, ChatEvent::Done(_) | ChatEvent::Error(_));
                             if tx.send(event).await.is_err() || last {
                                 return;

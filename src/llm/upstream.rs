@@ -303,5 +303,6 @@ async fn relay(
         },
         prompt_tokens: usage.as_ref().map_or(0, |u| u.prompt_tokens as usize),
         completion_tokens: usage.map_or(pieces, |u| u.completion_tokens as usize),
+        queued: std::time::Duration::ZERO,
     }))
 }

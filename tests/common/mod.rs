@@ -221,3 +221,53 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// Awaits `f`, failing the test after two minutes.
+pub async fn within<T>(f: impl std::future::Future<Output = T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 2 minutes"))
+}
+
+/// Reads a stream until its text holds `needle` (past keep-alive comments); returns what it read.
+pub async fn read_until(response: &mut reqwest::Response, needle: &str) -> String {
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout(Duration::from_secs(120), response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} within 2 minutes: {seen}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the stream ended before {needle:?}: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen
+}
+
+/// Runs `tests/clients/<script>` with Node and `args`, failing the test with its output unless it
+/// succeeds. The packages come from `npm ci` in tests/clients (tests/all runs it).
+pub async fn node(script: &str, package: &str, args: Vec<String>) {
+    let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
+    assert!(
+        std::path::Path::new(clients)
+            .join("node_modules")
+            .join(package)
+            .is_dir(),
+        "{clients}/node_modules/{package} is missing: tests/all runs `npm ci` there"
+    );
+    let script = format!("{clients}/{script}");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("node runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

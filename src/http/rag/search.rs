@@ -25,7 +25,7 @@ use crate::state::AppState;
 /// Most keys in a search filter.
 const MAX_FILTER_KEYS: usize = 16;
 
-fn default_top_k() -> usize {
+pub(in crate::http) fn default_top_k() -> usize {
     5
 }
 
@@ -33,7 +33,7 @@ fn default_max_tokens() -> u32 {
     512
 }
 
-fn filter_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+pub(in crate::http) fn filter_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     scalar_map_schema(MAX_FILTER_KEYS)
 }
 
@@ -239,6 +239,36 @@ pub async fn query(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<QueryRequest>,
 ) -> Result<Response, ApiError> {
+    let (sources, started) = ground(&state, req).await?;
+    let rx = started.events;
+    let first = Event::default()
+        .json_data(ChatStreamEvent::Sources { sources })
+        .unwrap_or_else(|_| {
+            Event::default().data(r#"{"type":"error","message":"unserialisable event"}"#)
+        });
+    let answer = futures::stream::unfold(rx, |mut rx| async move {
+        let next = rx.recv().await?;
+        Some((Ok::<_, Infallible>(chat::event(next)), rx))
+    });
+    let stream = futures::StreamExt::chain(
+        futures::stream::once(async move { Ok::<_, Infallible>(first) }),
+        answer,
+    );
+    Ok((
+        chat::stream_headers(),
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )
+        .into_response())
+}
+
+/// Everything an answer from documents does before its stream: find the sources (404 when none
+/// is relevant), fit their best sentences to the model's budget, and start the generation. Shared
+/// by `/api/rag/query` and the AI SDK's route; each writes the sources and events in its format.
+pub async fn ground(
+    state: &AppState,
+    req: QueryRequest,
+) -> Result<(Vec<Source>, chat::Started), ApiError> {
+    let state = state.clone();
     let rag = rag_of(&state)?;
     if state.chat.is_none() && state.upstream.is_none() {
         return Err(ApiError::Unavailable(
@@ -287,44 +317,25 @@ pub async fn query(
         .await
         .map_err(|e| ApiError::Internal(e.into()))?
     };
-    let sources = ChatStreamEvent::Sources {
-        sources: hits
-            .iter()
-            .zip(&passages)
-            .map(|(h, p)| Source {
-                id: h.document_id,
-                title: h.title.clone(),
-                excerpt: rag::excerpt(&if p.is_empty() {
-                    h.text.clone()
-                } else {
-                    p.join(" ")
-                }),
-                score: h.score,
-            })
-            .collect(),
-    };
+    let sources = hits
+        .iter()
+        .zip(&passages)
+        .map(|(h, p)| Source {
+            id: h.document_id,
+            title: h.title.clone(),
+            excerpt: rag::excerpt(&if p.is_empty() {
+                h.text.clone()
+            } else {
+                p.join(" ")
+            }),
+            score: h.score,
+        })
+        .collect();
     let params = GenerationParams {
         max_tokens: req.max_tokens as usize,
         ..Default::default()
     };
     let messages = rag::messages(&req.question, &hits, &passages);
-    let rx = chat::start_routed(&state, route, messages, params)
-        .await?
-        .events;
-    let first = Event::default().json_data(sources).unwrap_or_else(|_| {
-        Event::default().data(r#"{"type":"error","message":"unserialisable event"}"#)
-    });
-    let answer = futures::stream::unfold(rx, |mut rx| async move {
-        let next = rx.recv().await?;
-        Some((Ok::<_, Infallible>(chat::event(next)), rx))
-    });
-    let stream = futures::StreamExt::chain(
-        futures::stream::once(async move { Ok::<_, Infallible>(first) }),
-        answer,
-    );
-    Ok((
-        chat::stream_headers(),
-        Sse::new(stream).keep_alive(KeepAlive::default()),
-    )
-        .into_response())
+    let started = chat::start_routed(&state, route, messages, params).await?;
+    Ok((sources, started))
 }
