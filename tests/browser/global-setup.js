@@ -1,5 +1,6 @@
 // Starts the servers the browser tests use and returns their teardown:
-//   AITIER_URL        the default server: every default model, no key, its own SQLite file;
+//   AITIER_URL        the default server: every default model, two model aliases, no key, its
+//                     own SQLite file;
 //   AITIER_KEYED_URL  one that asks for AITIER_KEY and runs one generation at a time with no
 //                     queue (a second one gets 503 at once).
 // Each listens on a port the OS picks (--port 0): its address is read from its JSON log line
@@ -85,7 +86,11 @@ export default async function globalSetup() {
   requireChromium();
   if (!fs.existsSync(BIN)) throw new Error(`${BIN} is missing: run cargo build (or set AITIER_BIN)`);
   const servers = await Promise.allSettled([
-    start("default", []),
+    // Aliases as a frontend written for OpenAI's names would use them: the picker offers the
+    // chat one, not the embedding one.
+    start("default", [
+      "--model-aliases", "gpt-4o-mini=SmolLM2-135M-Instruct,text-embedding-3-small=all-MiniLM-L6-v2",
+    ]),
     start("keyed", ["--max-concurrent-generations", "1", "--generation-queue", "0"], {
       AITIER_API_KEYS: KEY,
     }),

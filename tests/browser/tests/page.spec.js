@@ -12,8 +12,11 @@ test("the page loads with its headers, its lists, and no console errors", async 
   expect(response.headers()["content-security-policy"]).toMatch(/^default-src 'self';/);
   expect(response.headers()["x-content-type-options"]).toBe("nosniff");
   await open(page);
-  // The embedding model is not offered for chat.
-  await expect(page.getByLabel("Model").locator("option")).not.toContainText(["all-MiniLM-L6-v2"]);
+  // The chat models and their aliases are offered; the embedding model and its alias are not.
+  await expect(page.getByLabel("Model").locator("option")).toHaveText([
+    "SmolLM2-135M-Instruct",
+    "gpt-4o-mini (→ SmolLM2-135M-Instruct)",
+  ]);
   await expect(page.getByRole("heading", { name: "Chat" })).toBeVisible();
   await expect(page.locator("#key-box")).toBeHidden();
   await expect(page.locator("#settings-error")).toBeHidden();
