@@ -48,8 +48,9 @@ pub enum Command {
     Rag(RagCommand),
 }
 
-/// Probes, the scraper and the API's own description carry no key.
-pub const DEFAULT_OPEN_PATHS: &str = "/health,/health/ready,/metrics,/openapi.json,/docs";
+/// The page, probes, the scraper and the API's own description carry no key (the page asks for
+/// one when the API does).
+pub const DEFAULT_OPEN_PATHS: &str = "/,/health,/health/ready,/metrics,/openapi.json,/docs";
 
 /// A file under data/, created on first run: retrieval works without a database server.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/aitier.db";
@@ -272,7 +273,8 @@ pub struct ServeArgs {
     pub allow_anonymous: bool,
 
     /// Paths answered without a key when keys are set, comma separated; an entry also opens the
-    /// paths below it (`/docs` opens `/docs/index.html`). Probes and scrapers carry no key.
+    /// paths below it (`/docs` opens `/docs/index.html`), except `/`, which opens the page alone.
+    /// Probes and scrapers carry no key; the page asks its user for one.
     #[arg(
         long,
         env = "AITIER_OPEN_PATHS",

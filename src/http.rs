@@ -1,5 +1,5 @@
-//! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, and
-//! the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
+//! The HTTP surface: routes (one file per resource family), the OpenAPI document they generate, the
+//! page at `/`, and the middleware stack (request ids, tracing, CORS, limits, timeouts, panics).
 
 mod ai_sdk;
 pub mod auth;
@@ -13,6 +13,7 @@ mod health;
 mod limit;
 mod openai;
 mod openai_chat;
+mod page;
 mod rag;
 mod scrape;
 mod tokenize;
@@ -105,6 +106,7 @@ pub fn app(state: AppState, args: &ServeArgs) -> Router {
     let spec = finish(spec);
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(page::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(

@@ -47,7 +47,11 @@ impl Access {
             open: args
                 .open_paths
                 .iter()
-                .map(|p| p.trim().trim_end_matches('/').to_string())
+                .map(|p| match p.trim() {
+                    // The root alone: trimmed like the others it would open every path.
+                    "/" => "/".to_string(),
+                    p => p.trim_end_matches('/').to_string(),
+                })
                 .filter(|p| !p.is_empty())
                 .collect(),
             trust_forwarded_for: args.trust_forwarded_for,
@@ -62,9 +66,12 @@ impl Access {
         &self.open
     }
 
-    /// Whether `path` is one of the open paths or below one.
+    /// Whether `path` is one of the open paths or below one (`/` opens only itself).
     pub fn is_open(&self, path: &str) -> bool {
         self.open.iter().any(|open| {
+            if open == "/" {
+                return path == "/";
+            }
             path.strip_prefix(open.as_str())
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         })
@@ -199,6 +206,19 @@ mod tests {
         assert_eq!(presented(&headers), Some("from-header"));
         headers.insert(header::AUTHORIZATION, "bearer from-bearer".parse().unwrap());
         assert_eq!(presented(&headers), Some("from-bearer"));
+    }
+
+    #[test]
+    fn the_root_entry_opens_the_page_and_nothing_below_it() {
+        let access = Access {
+            keys: None,
+            open: vec!["/".into(), "/docs".into()],
+            trust_forwarded_for: false,
+        };
+        assert!(access.is_open("/"));
+        assert!(access.is_open("/docs/index.html"));
+        assert!(!access.is_open("/api/embed"));
+        assert!(!access.is_open("/v1/models"));
     }
 
     #[test]
