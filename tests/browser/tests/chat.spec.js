@@ -34,8 +34,14 @@ test("the answer streams in: text shows while the stream is open, then the usage
   await expect(c.send).toBeEnabled();
   const finalText = await c.answers.last().locator(".answer").textContent();
   expect(finalText.length).toBeGreaterThan(partialText.length);
-  // The user's message stays in the conversation.
+  // The user's message stays in the conversation, and the context it uses is counted.
   await expect(page.locator("#chat-log .message.user")).toContainText("lighthouse keeper");
+  const prompt = Number((await meta.textContent()).match(/(\d+) prompt/)[1]);
+  const context = page.locator("#chat-context");
+  await expect(context).toHaveText(/^Context: \d+ of 8192 tokens$/);
+  // The whole conversation (question and answer) counts more than the question's prompt did.
+  const used = Number((await context.textContent()).match(/Context: (\d+)/)[1]);
+  expect(used).toBeGreaterThan(prompt);
 });
 
 for (const how of ["the Stop button", "Escape"]) {
