@@ -101,17 +101,16 @@ pub struct UiChatRequest {
     pub seed: Option<i64>,
 }
 
-/// The checks every chat surface makes, on the text of the messages' parts.
-fn check_messages(messages: &[UiMessage]) -> Vec<ValidationError> {
-    let chars = messages.iter().map(|m| m.text().chars().count()).sum();
-    check_generation(messages.len(), chars, &[], None, None, &[])
+/// Characters of text in all the messages' parts.
+fn text_chars(messages: &[UiMessage]) -> usize {
+    messages.iter().map(|m| m.text().chars().count()).sum()
 }
 
 impl Validate for UiChatRequest {
     fn validate(&self) -> Vec<ValidationError> {
         let mut problems = check_generation(
             self.messages.len(),
-            self.messages.iter().map(|m| m.text().chars().count()).sum(),
+            text_chars(&self.messages),
             &[("max_tokens", Some(self.max_tokens))],
             self.temperature,
             self.top_p,
@@ -188,7 +187,14 @@ impl UiRagRequest {
 
 impl Validate for UiRagRequest {
     fn validate(&self) -> Vec<ValidationError> {
-        let mut problems = check_messages(&self.messages);
+        let mut problems = check_generation(
+            self.messages.len(),
+            text_chars(&self.messages),
+            &[],
+            None,
+            None,
+            &[],
+        );
         // The question's checks, said of the messages it comes from.
         for mut problem in self.query().validate() {
             if problem.loc.get(1) == Some(&LocItem::from("question")) {
@@ -282,18 +288,13 @@ fn respond(sources: Vec<Source>, model: String, events: ChatStream) -> Response 
     let stream = futures::StreamExt::map(parts::encode(sources, model, events), |event| {
         Ok::<Event, Infallible>(event)
     });
-    let mut headers = chat::stream_headers().to_vec();
-    headers.push((
-        HeaderName::from_static("x-vercel-ai-ui-message-stream"),
-        "v1",
-    ));
-    let mut response = Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response();
-    for (name, value) in headers {
-        response
-            .headers_mut()
-            .insert(name, axum::http::HeaderValue::from_static(value));
-    }
-    response
+    (
+        chat::stream_headers(),
+        [(
+            HeaderName::from_static("x-vercel-ai-ui-message-stream"),
+            "v1",
+        )],
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )
+        .into_response()
 }

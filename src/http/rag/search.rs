@@ -268,15 +268,14 @@ pub async fn ground(
     state: &AppState,
     req: QueryRequest,
 ) -> Result<(Vec<Source>, chat::Started), ApiError> {
-    let state = state.clone();
-    let rag = rag_of(&state)?;
+    let rag = rag_of(state)?;
     if state.chat.is_none() && state.upstream.is_none() {
         return Err(ApiError::Unavailable(
             "This server has no chat model (--chat-model none): /api/rag/query cannot answer; /api/rag/search still works".into(),
         ));
     }
     // An unknown or loading model is refused before the search.
-    let route = chat::route(&state, req.model.as_deref())?;
+    let route = chat::route(state, req.model.as_deref())?;
     let hits = rag
         .search(&SearchParams {
             query: req.question.clone(),
@@ -336,6 +335,6 @@ pub async fn ground(
         ..Default::default()
     };
     let messages = rag::messages(&req.question, &hits, &passages);
-    let started = chat::start_routed(&state, route, messages, params).await?;
+    let started = chat::start_routed(state, route, messages, params).await?;
     Ok((sources, started))
 }
