@@ -5,8 +5,10 @@
 mod head;
 pub mod metrics;
 mod registry;
+mod rng;
 mod segment;
 pub mod train;
+pub mod tune;
 
 use std::sync::Arc;
 
@@ -121,7 +123,7 @@ impl Classifier for TransformerClassifier {
 }
 
 /// A softmax-regression head over an embedding model's sentence embeddings. `embeddings` is its own
-/// pool over the embedding model's weights, so classification traffic queues apart from `/api/embed`.
+/// pool over the embedding model's weights (with the classifier's tuned top layers, if it has any), so classification traffic queues apart from `/api/embed`.
 pub struct HeadClassifier {
     pub head: LinearHead,
     pub meta: HeadMeta,

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 
 use crate::classify::train::{self, Dataset, Example, TrainOptions};
+use crate::classify::tune::TuneOptions;
 use crate::classify::{Classifiers, InferenceMode, RegistryConfig};
 use crate::config::{EvalArgs, EvalMode, TrainArgs};
 use crate::inference::BatchConfig;
@@ -48,6 +49,16 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
         epochs: args.epochs,
         l2: args.l2,
         class_weights: args.class_weights,
+        tune: (args.tune_layers > 0).then_some(TuneOptions {
+            layers: args.tune_layers,
+            rank: args.tune_rank,
+            epochs: args.tune_epochs,
+            batch: args.tune_batch,
+            lr: args.tune_lr,
+            seed: args.seed,
+            max_tokens: args.tune_max_tokens,
+            progress: true,
+        }),
         hub: HubOptions::default(),
         progress: true,
     };

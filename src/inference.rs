@@ -13,6 +13,9 @@ pub use batcher::{BatchConfig, Batcher, Pooled};
 pub use bert::BertEmbedder;
 pub use classifier::{SequenceClassifier, read_classifier_config};
 pub use embeddings::{Embedding, EmbeddingService};
+pub use encoder::{
+    Batch, Encoder, Grad, LINEAR_NAMES, LayerWeights, NORM_NAMES, Packing, mean_pool,
+};
 
 /// Makes candle run each forward pass on the calling thread alone, so that each worker is one
 /// core's worth of compute. Measured here (2 cores, MiniLM, 32 sentences per request): one thread per
@@ -43,6 +46,10 @@ pub trait SequenceModel: Send + Sync + 'static {
     fn forward(&self, batch: &[&Tokenized]) -> Result<Vec<Vec<f32>>, ModelError>;
     /// Length of each output vector.
     fn dims(&self) -> usize;
+    /// The BERT embedder behind this model, when it is one (fine-tuned classifiers build on it).
+    fn as_bert(&self) -> Option<&BertEmbedder> {
+        None
+    }
 }
 
 /// What can go wrong inside a model. `Clone`, because one failed forward pass fails every request

@@ -15,7 +15,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Classifier(command) => {
-            aitier::inference::use_one_compute_thread_per_worker();
+            // Fine-tuning runs one step at a time and wants every core inside each op.
+            if !matches!(&command, ClassifierCommand::Train(args) if args.tune_layers > 0) {
+                aitier::inference::use_one_compute_thread_per_worker();
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

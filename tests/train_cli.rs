@@ -149,3 +149,83 @@ fn a_name_that_would_escape_the_folder_is_refused() {
     assert!(stderr(&out).contains("is not usable"), "{}", stderr(&out));
     assert!(!dir.join("..").join("escape").exists());
 }
+
+fn eval(dir: &Path, data: &Path) -> String {
+    let run = Command::new(BIN)
+        .current_dir(ROOT)
+        .args([
+            "classifier",
+            "eval",
+            "--name",
+            "reviews",
+            "--classifiers-dir",
+        ])
+        .arg(dir)
+        .arg("--data")
+        .arg(data)
+        .args(["--embedding-model", "models/all-MiniLM-L6-v2"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+#[test]
+fn fine_tuned_layers_are_written_and_served() {
+    let dir = scratch("tuned");
+    let data = reviews_csv(&dir);
+    let out = dir.join("out");
+    let run = train(
+        &data,
+        &out,
+        &[
+            "--holdout",
+            "0.2",
+            "--tune-layers",
+            "1",
+            "--tune-epochs",
+            "3",
+            "--tune-batch",
+            "8",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("held-out, frozen encoder") && stdout.contains("layers 5..6"),
+        "{stdout}"
+    );
+    let classifier = out.join("reviews");
+    let tensors = candle_core::safetensors::load(
+        classifier.join("tuned.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // Only the top layer, all four projections with their updates, biases and both norms.
+    assert_eq!(tensors.len(), 4 * 3 + 2 * 2, "{:?}", tensors.keys());
+    assert!(tensors.keys().all(|k| k.starts_with("layer.5.")));
+    let update = tensors["layer.5.intermediate.lora_b"]
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(update > 0.0, "the update of the top layer stayed zero");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(classifier.join("classifier.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["training"]["fine_tuning"]["layers"], 1);
+
+    // The registry applies the tuned layer: without it the same head scores differently.
+    let tuned = eval(&out, &data);
+    std::fs::remove_file(classifier.join("tuned.safetensors")).unwrap();
+    let frozen = eval(&out, &data);
+    let line = |s: &str| {
+        s.lines()
+            .find(|l| l.contains("accuracy"))
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(line(&tuned), line(&frozen));
+}

@@ -1,6 +1,7 @@
 //! Embedding heads: softmax regression over sentence embeddings, stored as `head.safetensors`
 //! (`weight` [labels, dims], `bias` [labels]) beside `classifier.json` (labels, the embedding model,
-//! how the head was trained and how it scored).
+//! how the head was trained and how it scored). A head trained with fine-tuning also carries the
+//! embedding model's tuned top layers (`tuned.safetensors`, see `tune`).
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::Value;
 
 use super::head::{self, LinearHead, META_FILE};
+use super::tune::Adapter;
 use super::{Classifier, ClassifyError, HeadClassifier, TransformerClassifier};
 use crate::inference::source::{self, HubOptions, ModelFiles};
 use crate::inference::{BatchConfig, Batcher, EmbeddingService, SequenceClassifier, SequenceModel};
@@ -149,8 +150,12 @@ impl Classifiers {
 
     async fn load_head(&self, dir: &Path) -> Result<Arc<dyn Classifier>, ClassifyError> {
         let files = dir.to_path_buf();
-        let (meta, head) = tokio::task::spawn_blocking(move || {
-            Ok::<_, ClassifyError>((head::read_meta(&files)?, LinearHead::load(&files)?))
+        let (meta, head, adapter) = tokio::task::spawn_blocking(move || {
+            Ok::<_, ClassifyError>((
+                head::read_meta(&files)?,
+                LinearHead::load(&files)?,
+                Adapter::load(&files)?,
+            ))
         })
         .await
         .map_err(|e| ClassifyError::Invalid(format!("loader task failed: {e}")))?
@@ -173,22 +178,43 @@ impl Classifiers {
         );
         // Its own pool over the served model's weights when it reads that model: classification
         // then cannot fill the queue of /api/embed, nor the other way round.
-        let embeddings = if source::model_name(&meta.embedding_model) == self.embeddings.name() {
-            Arc::new(
-                self.embeddings
-                    .get()?
-                    .with_own_pool(batch)
-                    .map_err(|e| ClassifyError::Inference(e.into()))?,
-            )
+        let served = source::model_name(&meta.embedding_model) == self.embeddings.name();
+        let base = if served {
+            self.embeddings.get()?
         } else {
             let files = source::resolve(&meta.embedding_model, &self.config.hub)
                 .await
                 .map_err(|e| ClassifyError::Invalid(e.to_string()))?;
             Arc::new(
-                EmbeddingService::load(files, batch)
+                EmbeddingService::load(files, batch.clone())
                     .await
                     .map_err(|e| ClassifyError::Inference(e.into()))?,
             )
+        };
+        let pool_err = |e: crate::inference::ModelError| ClassifyError::Inference(e.into());
+        let embeddings = match adapter {
+            // Fine-tuned top layers over the base model's other tensors (shared, not copied).
+            Some(adapter) => {
+                let bert = base.model().as_bert().ok_or_else(|| {
+                    ClassifyError::Invalid(format!(
+                        "{}: tuned layers need a BERT-family embedding model",
+                        dir.display()
+                    ))
+                })?;
+                let tuned = adapter
+                    .apply(bert.encoder())
+                    .map_err(|e| ClassifyError::Invalid(format!("{}: {e}", dir.display())))?;
+                Arc::new(
+                    EmbeddingService::with_model(
+                        Arc::new(bert.with_encoder(tuned)),
+                        base.max_tokens(),
+                        batch,
+                    )
+                    .map_err(pool_err)?,
+                )
+            }
+            None if served => Arc::new(base.with_own_pool(batch).map_err(pool_err)?),
+            None => base,
         };
         if embeddings.dims() != head.dims {
             return Err(ClassifyError::Invalid(format!(

@@ -14,8 +14,10 @@ use serde_json::json;
 
 use super::head::{HEAD_FILE, HeadMeta, InferenceMode, LinearHead, META_FILE};
 use super::metrics::{Metrics, evaluate, print_metrics};
+use super::rng::SplitMix64;
+use super::tune::{self, TuneExample, TuneOptions};
 use crate::inference::source::{self, HubOptions};
-use crate::inference::{BatchConfig, EmbeddingService};
+use crate::inference::{BatchConfig, BertEmbedder, EmbeddingService, SequenceModel};
 
 /// File of held-out rows written beside a trained classifier, for later evaluation.
 pub const HELDOUT_FILE: &str = "heldout.jsonl";
@@ -33,6 +35,8 @@ pub struct TrainOptions {
     pub epochs: usize,
     pub l2: f64,
     pub class_weights: bool,
+    /// Fine-tune the embedding model's top layers with the head.
+    pub tune: Option<TuneOptions>,
     pub hub: HubOptions,
     pub batch: BatchConfig,
     pub progress: bool,
@@ -152,27 +156,6 @@ pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Da
     })
 }
 
-/// A small, fully specified generator (SplitMix64): the same seed shuffles the same way on every
-/// platform and crate version.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            items.swap(i, j);
-        }
-    }
-}
-
 /// Indices of the training and held-out rows: the same share of every label is held out.
 pub fn stratified_split(
     examples: &[Example],
@@ -243,18 +226,7 @@ pub fn fit(
     let device = Device::Cpu;
     let (n, dims) = (features.len(), features.first().map_or(0, Vec::len));
     let x = Tensor::from_vec(features.concat(), (n, dims), &device)?;
-    let mut counts = vec![0usize; labels];
-    truth.iter().for_each(|&t| counts[t] += 1);
-    let class_weight: Vec<f32> = counts
-        .iter()
-        .map(|&c| {
-            if balanced {
-                n as f32 / (labels as f32 * c.max(1) as f32)
-            } else {
-                1.0
-            }
-        })
-        .collect();
+    let class_weight = class_weights(truth, labels, balanced);
     let mut target = vec![0f32; n * labels];
     for (i, &t) in truth.iter().enumerate() {
         target[i * labels + t] = class_weight[t];
@@ -287,6 +259,22 @@ pub fn fit(
     })
 }
 
+/// Each label's weight in the loss: n / (labels x n_label) when `balanced`, else 1.
+fn class_weights(truth: &[usize], labels: usize, balanced: bool) -> Vec<f32> {
+    let mut counts = vec![0usize; labels];
+    truth.iter().for_each(|&t| counts[t] += 1);
+    counts
+        .iter()
+        .map(|&c| {
+            if balanced {
+                truth.len() as f32 / (labels as f32 * c.max(1) as f32)
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
 /// Trains and writes `output_dir/name/`, replacing any earlier classifier of that name only once
 /// the new one is complete.
 pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError> {
@@ -314,9 +302,19 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
     let files = source::resolve(&options.embedding_model, &options.hub)
         .await
         .map_err(|e| TrainError::Model(e.to_string()))?;
-    let service = EmbeddingService::load(files, options.batch.clone())
-        .await
-        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let model_err = |e: crate::inference::ModelError| TrainError::Model(e.to_string());
+    let embedder = Arc::new(
+        tokio::task::spawn_blocking(move || BertEmbedder::load(&files))
+            .await
+            .map_err(|e| TrainError::Model(format!("loader task failed: {e}")))?
+            .map_err(model_err)?,
+    );
+    let service = EmbeddingService::with_model(
+        embedder.clone(),
+        embedder.max_tokens(),
+        options.batch.clone(),
+    )
+    .map_err(model_err)?;
     let texts: Vec<String> = data.examples.iter().map(|e| e.text.clone()).collect();
     let vectors = embed_all(&service, texts, true, options.progress).await?;
 
@@ -328,14 +326,59 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
     let (x_train, y_train) = pick(&train_rows);
     let (epochs, l2, balanced) = (options.epochs, options.l2, options.class_weights);
     let labels = data.labels.len();
+    let weights = class_weights(&y_train, labels, balanced);
     let head =
         tokio::task::spawn_blocking(move || fit(&x_train, &y_train, labels, epochs, l2, balanced))
             .await
             .map_err(|e| TrainError::Model(format!("training task failed: {e}")))??;
+    let (mut x_test, y_test) = pick(&test_rows);
 
-    let (x_test, y_test) = pick(&test_rows);
+    let (mut head, adapter) = match &options.tune {
+        None => (head, None),
+        Some(tune) => {
+            if !test_rows.is_empty() {
+                let probabilities: Vec<Vec<f32>> =
+                    x_test.iter().map(|x| head.probabilities(x, &[])).collect();
+                let frozen = evaluate(&data.labels, &y_test, &probabilities);
+                print_metrics("held-out, frozen encoder", &data.labels, &frozen);
+            }
+            let examples = train_rows
+                .iter()
+                .map(|&i| {
+                    let e = &data.examples[i];
+                    Ok(TuneExample {
+                        tokens: tune::cut(embedder.tokenize(&e.text)?, tune.max_tokens),
+                        label: e.label,
+                    })
+                })
+                .collect::<Result<Vec<_>, crate::inference::ModelError>>()
+                .map_err(model_err)?;
+            let (base, tune) = (embedder.clone(), tune.clone());
+            let (adapter, head) = tokio::task::spawn_blocking(move || {
+                tune::fine_tune(&base, &examples, &head, &weights, &tune)
+            })
+            .await
+            .map_err(|e| TrainError::Model(format!("training task failed: {e}")))?
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+            let tuned = adapter
+                .apply(embedder.encoder())
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+            let tuned = EmbeddingService::with_model(
+                Arc::new(embedder.with_encoder(tuned)),
+                embedder.max_tokens(),
+                options.batch.clone(),
+            )
+            .map_err(model_err)?;
+            let held: Vec<String> = test_rows
+                .iter()
+                .map(|&i| data.examples[i].text.clone())
+                .collect();
+            x_test = embed_all(&tuned, held, true, options.progress).await?;
+            (head, Some(adapter))
+        }
+    };
+
     // Temperature scaling on the held-out rows, so that a score means what it says.
-    let mut head = head;
     let temperature = calibrate(&mut head, &x_test, &y_test);
     if let Some(t) = temperature {
         println!("calibration: logits divided by {t:.2} (temperature fitted on the held-out rows)");
@@ -371,6 +414,15 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
             "l2": options.l2,
             "class_weights": options.class_weights,
             "optimizer": "AdamW lr 0.05, full batch, cross-entropy",
+            "fine_tuning": options.tune.as_ref().map(|t| json!({
+                "layers": t.layers,
+                "rank": t.rank,
+                "epochs": t.epochs,
+                "batch": t.batch,
+                "lr": t.lr,
+                "max_tokens": t.max_tokens,
+                "method": "LoRA on the top layers' projections (biases and layer norms in full), warm-started from the frozen head, AdamW, linear warm-up and decay",
+            })),
             "temperature": temperature,
             "label_counts": label_counts(&data),
         }),
@@ -383,7 +435,14 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
             json!({"text": e.text, "label": data.labels[e.label]}).to_string() + "\n"
         })
         .collect();
-    write_classifier(&options.output_dir, &options.name, &head, &meta, &heldout)?;
+    write_classifier(
+        &options.output_dir,
+        &options.name,
+        &head,
+        adapter.as_ref(),
+        &meta,
+        &heldout,
+    )?;
     println!("wrote {}", options.output_dir.join(&options.name).display());
     Ok(metrics)
 }
@@ -434,6 +493,7 @@ fn write_classifier(
     dir: &Path,
     name: &str,
     head: &LinearHead,
+    adapter: Option<&tune::Adapter>,
     meta: &HeadMeta,
     heldout: &str,
 ) -> Result<(), TrainError> {
@@ -443,6 +503,11 @@ fn write_classifier(
     std::fs::create_dir_all(&staging)?;
     head.save(&staging)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if let Some(adapter) = adapter {
+        adapter
+            .save(&staging)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
     std::fs::write(
         staging.join(META_FILE),
         serde_json::to_string_pretty(meta).map_err(std::io::Error::other)? + "\n",

@@ -109,6 +109,25 @@ pub struct TrainArgs {
     /// one; `false` lets the majority label dominate.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub class_weights: bool,
+    /// Fine-tune this many of the embedding model's top layers with the head (low-rank updates,
+    /// stored beside the head); 0 keeps the embedding model frozen.
+    #[arg(long, default_value_t = 0)]
+    pub tune_layers: usize,
+    /// Rank of the fine-tuned layers' updates.
+    #[arg(long, default_value_t = 16)]
+    pub tune_rank: usize,
+    /// Passes over the training rows when fine-tuning.
+    #[arg(long, default_value_t = 2)]
+    pub tune_epochs: usize,
+    /// Peak learning rate when fine-tuning.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tune_lr: f64,
+    /// Texts per fine-tuning step.
+    #[arg(long, default_value_t = 32)]
+    pub tune_batch: usize,
+    /// Training texts are cut to this many tokens when fine-tuning.
+    #[arg(long, default_value_t = 128)]
+    pub tune_max_tokens: usize,
     /// Folder of named classifiers.
     #[arg(
         long,

@@ -14,6 +14,7 @@ enum Pooling {
     Cls,
 }
 
+#[derive(Clone)]
 pub struct BertEmbedder {
     model: Encoder,
     tokenizer: Tokenizer,
@@ -56,6 +57,30 @@ impl BertEmbedder {
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
     }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.model
+    }
+
+    /// The same embedder (tokenizer, pooling) over another encoder: a fine-tuned one.
+    pub fn with_encoder(&self, model: Encoder) -> Self {
+        Self {
+            model,
+            ..self.clone()
+        }
+    }
+
+    /// Pooled states of packed last hidden states, as [`SequenceModel::forward`] computes them.
+    pub fn pool(
+        &self,
+        packed: &candle_core::Tensor,
+        lens: &[usize],
+    ) -> candle_core::Result<candle_core::Tensor> {
+        match self.pooling {
+            Pooling::Cls => first_token(packed, lens),
+            Pooling::Mean => mean_pool(packed, lens),
+        }
+    }
 }
 
 impl SequenceModel for BertEmbedder {
@@ -69,14 +94,14 @@ impl SequenceModel for BertEmbedder {
             ids: batch.iter().map(|t| t.ids.as_slice()).collect(),
             type_ids: batch.iter().map(|t| t.type_ids.as_slice()).collect(),
         })?;
-        let pooled = match self.pooling {
-            Pooling::Cls => first_token(&packed, &lens)?,
-            Pooling::Mean => mean_pool(&packed, &lens)?,
-        };
-        Ok(pooled.to_vec2::<f32>()?)
+        Ok(self.pool(&packed, &lens)?.to_vec2::<f32>()?)
     }
 
     fn dims(&self) -> usize {
         self.hidden
+    }
+
+    fn as_bert(&self) -> Option<&BertEmbedder> {
+        Some(self)
     }
 }

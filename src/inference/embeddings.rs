@@ -63,6 +63,11 @@ impl EmbeddingService {
         Ok(service)
     }
 
+    /// The model, to build on it (a fine-tuned classifier shares its weights).
+    pub fn model(&self) -> &Arc<dyn SequenceModel> {
+        &self.model
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -100,7 +100,8 @@ impl EncoderConfig {
     }
 }
 
-struct Layer {
+#[derive(Clone)]
+pub struct Layer {
     qkv: Linear,
     attention_out: Linear,
     attention_norm: LayerNorm,
@@ -109,6 +110,7 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
+#[derive(Clone)]
 pub struct Encoder {
     word: Tensor,
     position: Tensor,
@@ -119,6 +121,7 @@ pub struct Encoder {
     head_dim: usize,
     activation: Activation,
     position_offset: u32,
+    eps: f64,
 }
 
 /// The sequences of one forward pass, as token ids with their type ids.
@@ -219,17 +222,24 @@ impl Encoder {
             head_dim: h / config.heads,
             activation: config.activation,
             position_offset: config.position_offset as u32,
+            eps,
         })
     }
 
     /// The last hidden state of every real token, packed: `[total tokens, hidden]`, sequence after
     /// sequence in batch order.
     pub fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        let lens: Vec<usize> = batch.ids.iter().map(|s| s.len()).collect();
+        let packing = Packing::new(&lens, self.word.device())?;
+        let x = self.embed(batch)?;
+        self.run_layers(x, &packing, 0..self.layers.len(), Grad::No)
+    }
+
+    /// The embedding layer's output for every real token, packed: `[total tokens, hidden]`.
+    pub fn embed(&self, batch: &Batch) -> candle_core::Result<Tensor> {
         let device = self.word.device();
         let lens: Vec<usize> = batch.ids.iter().map(|s| s.len()).collect();
-        let (n, longest) = (lens.len(), lens.iter().copied().max().unwrap_or(1));
         let total: usize = lens.iter().sum();
-
         let ids: Vec<u32> = batch.ids.iter().flat_map(|s| s.iter().copied()).collect();
         let types: Vec<u32> = batch
             .type_ids
@@ -238,6 +248,189 @@ impl Encoder {
             .collect();
         let first = self.position_offset;
         let positions: Vec<u32> = lens.iter().flat_map(|&l| first..first + l as u32).collect();
+        let mut embedded = (self
+            .word
+            .embedding(&Tensor::from_vec(ids, total, device)?)?
+            + self
+                .position
+                .embedding(&Tensor::from_vec(positions, total, device)?)?)?;
+        if let Some(token_type) = &self.token_type {
+            embedded =
+                (embedded + token_type.embedding(&Tensor::from_vec(types, total, device)?)?)?;
+        }
+        self.embedding_norm.forward(&embedded)
+    }
+
+    /// Runs `layers` of the stack on packed hidden states. With [`Grad::Yes`] every op is one that
+    /// candle can differentiate (layer norm, softmax and GELU spelled out), for fine-tuning.
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        packing: &Packing,
+        layers: std::ops::Range<usize>,
+        grad: Grad,
+    ) -> candle_core::Result<Tensor> {
+        for layer in &self.layers[layers] {
+            x = self.layer_forward(layer, &x, packing, grad)?;
+        }
+        Ok(x)
+    }
+
+    /// Number of transformer layers.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The weights of layer `i`, for fine-tuning.
+    pub fn layer_weights(&self, i: usize) -> LayerWeights {
+        let l = &self.layers[i];
+        let norm_bias = |n: &LayerNorm| {
+            n.bias()
+                .cloned()
+                .unwrap_or_else(|| n.weight().zeros_like().expect("a zero bias"))
+        };
+        let lin = |x: &Linear| (x.weight().clone(), x.bias().cloned());
+        LayerWeights {
+            linears: [
+                lin(&l.qkv),
+                lin(&l.attention_out),
+                lin(&l.intermediate),
+                lin(&l.output),
+            ]
+            .map(|(w, b)| {
+                let b = b.unwrap_or_else(|| {
+                    Tensor::zeros(w.dim(0).unwrap_or(0), w.dtype(), w.device())
+                        .expect("a zero bias")
+                });
+                (w, b)
+            }),
+            norms: [&l.attention_norm, &l.output_norm].map(|n| (n.weight().clone(), norm_bias(n))),
+        }
+    }
+
+    /// The same encoder (tensors shared, not copied) with layer `i` replaced.
+    pub fn with_layer(&self, i: usize, weights: &LayerWeights) -> Self {
+        let mut tuned = self.clone();
+        tuned.layers[i] = self.build_layer(weights);
+        tuned
+    }
+
+    /// A layer from its weights.
+    pub fn build_layer(&self, weights: &LayerWeights) -> Layer {
+        let [qkv, attention_out, intermediate, output] = weights
+            .linears
+            .clone()
+            .map(|(w, b)| Linear::new(w, Some(b)));
+        let [attention_norm, output_norm] = weights
+            .norms
+            .clone()
+            .map(|(w, b)| LayerNorm::new(w, b, self.eps));
+        Layer {
+            qkv,
+            attention_out,
+            attention_norm,
+            intermediate,
+            output,
+            output_norm,
+        }
+    }
+
+    /// One layer of the stack (its weights may come from elsewhere: fine-tuning builds them from
+    /// trainable variables at every step).
+    pub fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        packing: &Packing,
+        grad: Grad,
+    ) -> candle_core::Result<Tensor> {
+        let (n, longest) = (packing.sequences, packing.longest);
+        let h = self.heads * self.head_dim;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let norm = |norm: &LayerNorm, x: &Tensor| match grad {
+            Grad::No => norm.forward(x),
+            Grad::Yes => differentiable_layer_norm(norm, x),
+        };
+        let qkv = layer
+            .qkv
+            .forward(x)?
+            .index_select(&packing.to_padded, 0)?
+            .reshape((n, longest, 3, self.heads, self.head_dim))?;
+        let part = |i: usize| {
+            qkv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&packing.mask)?;
+        let probs = match grad {
+            Grad::No => candle_nn::ops::softmax_last_dim(&scores)?,
+            Grad::Yes => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+        };
+        let context = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((n * longest, h))?
+            .index_select(&packing.to_packed, 0)?;
+        let attended = layer.attention_out.forward(&context)?;
+        let x = norm(&layer.attention_norm, &(attended + x)?)?;
+        let hidden = layer.intermediate.forward(&x)?;
+        let hidden = match (self.activation, grad) {
+            (Activation::Gelu, Grad::No) => hidden.apply_op1_no_bwd(&GeluErf)?,
+            (Activation::Gelu, Grad::Yes) => hidden.gelu_erf()?,
+            (Activation::GeluTanh, _) => hidden.gelu()?,
+            (Activation::Relu, _) => hidden.relu()?,
+        };
+        norm(&layer.output_norm, &(layer.output.forward(&hidden)? + &x)?)
+    }
+}
+
+/// Whether a forward pass must be differentiable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grad {
+    No,
+    Yes,
+}
+
+/// A layer's weights: its four projections (fused QKV, attention output, intermediate, output) as
+/// `(weight [out, in], bias [out])`, and its two layer norms as `(weight, bias)`.
+#[derive(Clone)]
+pub struct LayerWeights {
+    pub linears: [(Tensor, Tensor); 4],
+    pub norms: [(Tensor, Tensor); 2],
+}
+
+/// Names of [`LayerWeights::linears`] and [`LayerWeights::norms`], in order.
+pub const LINEAR_NAMES: [&str; 4] = ["qkv", "attention_out", "intermediate", "output"];
+pub const NORM_NAMES: [&str; 2] = ["attention_norm", "output_norm"];
+
+/// Layer norm with plain tensor ops, which candle's autograd can follow (its fused kernel cannot).
+fn differentiable_layer_norm(norm: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(candle_core::D::Minus1)?)?;
+    let variance = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let normed = centred.broadcast_div(&(variance + norm.eps())?.sqrt()?)?;
+    let scaled = normed.broadcast_mul(norm.weight())?;
+    match norm.bias() {
+        Some(bias) => scaled.broadcast_add(bias),
+        None => Ok(scaled),
+    }
+}
+
+/// Where each sequence's tokens sit in the packed layout (`[total tokens, hidden]`) and in the
+/// padded one attention needs (`[sequences, longest, hidden]`), with the padding mask.
+pub struct Packing {
+    sequences: usize,
+    longest: usize,
+    to_padded: Tensor,
+    to_packed: Tensor,
+    mask: Tensor,
+}
+
+impl Packing {
+    pub fn new(lens: &[usize], device: &candle_core::Device) -> candle_core::Result<Self> {
+        let (n, longest) = (lens.len(), lens.iter().copied().max().unwrap_or(1));
+        let total: usize = lens.iter().sum();
         // Padded slot (b, p) reads packed token offset_b + p, or token 0 when p is padding (masked).
         let mut to_padded = vec![0u32; n * longest];
         let mut to_packed = Vec::with_capacity(total);
@@ -251,56 +444,13 @@ impl Encoder {
             }
             offset += len;
         }
-        let to_padded = Tensor::from_vec(to_padded, n * longest, device)?;
-        let to_packed = Tensor::from_vec(to_packed, total, device)?;
-        let mask = Tensor::from_vec(mask, (n, 1, 1, longest), device)?;
-
-        let mut embedded = (self
-            .word
-            .embedding(&Tensor::from_vec(ids, total, device)?)?
-            + self
-                .position
-                .embedding(&Tensor::from_vec(positions, total, device)?)?)?;
-        if let Some(token_type) = &self.token_type {
-            embedded =
-                (embedded + token_type.embedding(&Tensor::from_vec(types, total, device)?)?)?;
-        }
-        let mut x = self.embedding_norm.forward(&embedded)?;
-        let h = self.heads * self.head_dim;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        for layer in &self.layers {
-            let qkv = layer
-                .qkv
-                .forward(&x)?
-                .index_select(&to_padded, 0)?
-                .reshape((n, longest, 3, self.heads, self.head_dim))?;
-            let part = |i: usize| {
-                qkv.narrow(2, i, 1)?
-                    .squeeze(2)?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let context = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((n * longest, h))?
-                .index_select(&to_packed, 0)?;
-            let attended = layer.attention_out.forward(&context)?;
-            x = layer.attention_norm.forward(&(attended + &x)?)?;
-            let hidden = layer.intermediate.forward(&x)?;
-            let hidden = match self.activation {
-                Activation::Gelu => hidden.apply_op1_no_bwd(&GeluErf)?,
-                Activation::GeluTanh => hidden.gelu()?,
-                Activation::Relu => hidden.relu()?,
-            };
-            x = layer
-                .output_norm
-                .forward(&(layer.output.forward(&hidden)? + &x)?)?;
-        }
-        Ok(x)
+        Ok(Self {
+            sequences: n,
+            longest,
+            to_padded: Tensor::from_vec(to_padded, n * longest, device)?,
+            to_packed: Tensor::from_vec(to_packed, total, device)?,
+            mask: Tensor::from_vec(mask, (n, 1, 1, longest), device)?,
+        })
     }
 }
 
