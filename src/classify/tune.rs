@@ -40,9 +40,10 @@ pub struct TuneOptions {
 
 /// One tuned layer: `(a [rank, in], b [out, rank])` per projection (the update is `b · a`, scale
 /// folded in), and the projections' biases and layer norms in full.
+/// In the order of [`LINEAR_NAMES`] and [`NORM_NAMES`].
 pub struct TunedLayer {
-    pub lora: [(Tensor, Tensor); 4],
-    pub biases: [Tensor; 4],
+    pub lora: Vec<(Tensor, Tensor)>,
+    pub biases: Vec<Tensor>,
     pub norms: [(Tensor, Tensor); 2],
 }
 
@@ -62,7 +63,7 @@ impl Adapter {
                     base.depth()
                 )));
             }
-            let mut weights = base.layer_weights(*i);
+            let mut weights = base.layer_weights(*i)?;
             for (k, ((a, b), bias)) in layer.lora.iter().zip(&layer.biases).enumerate() {
                 let w = &weights.linears[k].0;
                 let delta = b.matmul(a)?;
@@ -83,11 +84,13 @@ impl Adapter {
     pub fn save(&self, dir: &Path) -> Result<(), ClassifyError> {
         let mut tensors = HashMap::new();
         for (i, layer) in &self.layers {
-            for (k, name) in LINEAR_NAMES.iter().enumerate() {
-                let (a, b) = &layer.lora[k];
+            for (name, ((a, b), bias)) in LINEAR_NAMES
+                .iter()
+                .zip(layer.lora.iter().zip(&layer.biases))
+            {
                 tensors.insert(format!("layer.{i}.{name}.lora_a"), a.clone());
                 tensors.insert(format!("layer.{i}.{name}.lora_b"), b.clone());
-                tensors.insert(format!("layer.{i}.{name}.bias"), layer.biases[k].clone());
+                tensors.insert(format!("layer.{i}.{name}.bias"), bias.clone());
             }
             for (k, name) in NORM_NAMES.iter().enumerate() {
                 tensors.insert(format!("layer.{i}.{name}.weight"), layer.norms[k].0.clone());
@@ -120,30 +123,28 @@ impl Adapter {
         let layers = indices
             .into_iter()
             .map(|i| {
-                let linear = |k: usize| {
-                    let n = LINEAR_NAMES[k];
+                let pair = |n: &str, first: &str, second: &str| {
                     Ok::<_, ClassifyError>((
-                        (
-                            get(format!("layer.{i}.{n}.lora_a"))?,
-                            get(format!("layer.{i}.{n}.lora_b"))?,
-                        ),
-                        get(format!("layer.{i}.{n}.bias"))?,
+                        get(format!("layer.{i}.{n}.{first}"))?,
+                        get(format!("layer.{i}.{n}.{second}"))?,
                     ))
                 };
-                let norm = |k: usize| {
-                    let n = NORM_NAMES[k];
-                    Ok::<_, ClassifyError>((
-                        get(format!("layer.{i}.{n}.weight"))?,
-                        get(format!("layer.{i}.{n}.bias"))?,
-                    ))
-                };
-                let [l0, l1, l2, l3] = [linear(0)?, linear(1)?, linear(2)?, linear(3)?];
+                let lora = LINEAR_NAMES
+                    .iter()
+                    .map(|n| pair(n, "lora_a", "lora_b"))
+                    .collect::<Result<_, _>>()?;
+                let biases = LINEAR_NAMES
+                    .iter()
+                    .map(|n| get(format!("layer.{i}.{n}.bias")))
+                    .collect::<Result<_, _>>()?;
+                let [n0, n1] = NORM_NAMES;
+                let norms = [pair(n0, "weight", "bias")?, pair(n1, "weight", "bias")?];
                 Ok((
                     i,
                     TunedLayer {
-                        lora: [l0.0, l1.0, l2.0, l3.0],
-                        biases: [l0.1, l1.1, l2.1, l3.1],
-                        norms: [norm(0)?, norm(1)?],
+                        lora,
+                        biases,
+                        norms,
                     },
                 ))
             })
@@ -171,7 +172,7 @@ impl LayerVars {
         rank: usize,
         rng: &mut SplitMix64,
     ) -> candle_core::Result<Self> {
-        let base = encoder.layer_weights(index);
+        let base = encoder.layer_weights(index)?;
         let device = Device::Cpu;
         let lora = base
             .linears
@@ -217,12 +218,16 @@ impl LayerVars {
         }
         Ok(LayerWeights {
             linears,
-            norms: [0, 1].map(|k| {
-                (
-                    self.norms[k].0.as_tensor().clone(),
-                    self.norms[k].1.as_tensor().clone(),
-                )
-            }),
+            norms: self.norm_tensors(),
+        })
+    }
+
+    fn norm_tensors(&self) -> [(Tensor, Tensor); 2] {
+        [0, 1].map(|k| {
+            (
+                self.norms[k].0.as_tensor().clone(),
+                self.norms[k].1.as_tensor().clone(),
+            )
         })
     }
 
@@ -238,29 +243,19 @@ impl LayerVars {
         self.biases.iter().cloned().chain(norms).collect()
     }
 
+    /// The trained layer, the update's scale folded into `b`.
     fn finish(&self) -> candle_core::Result<(usize, TunedLayer)> {
-        let lora = [0, 1, 2, 3].map(|k| {
-            let (a, b) = &self.lora[k];
-            (a.as_tensor().copy(), (b.as_tensor() * LORA_SCALE))
-        });
-        let mut out = Vec::with_capacity(4);
-        for (a, b) in lora {
-            out.push((a?, b?));
-        }
-        let [l0, l1, l2, l3]: [(Tensor, Tensor); 4] = out
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("four projections".into()))?;
+        let lora = self
+            .lora
+            .iter()
+            .map(|(a, b)| Ok((a.as_tensor().clone(), (b.as_tensor() * LORA_SCALE)?)))
+            .collect::<candle_core::Result<_>>()?;
         Ok((
             self.index,
             TunedLayer {
-                lora: [l0, l1, l2, l3],
-                biases: [0, 1, 2, 3].map(|k| self.biases[k].as_tensor().clone()),
-                norms: [0, 1].map(|k| {
-                    (
-                        self.norms[k].0.as_tensor().clone(),
-                        self.norms[k].1.as_tensor().clone(),
-                    )
-                }),
+                lora,
+                biases: self.biases.iter().map(|b| b.as_tensor().clone()).collect(),
+                norms: self.norm_tensors(),
             },
         ))
     }
@@ -315,7 +310,10 @@ pub fn fine_tune(
             offset += len;
         }
     }
-    let states: Vec<Tensor> = states.into_iter().flatten().collect();
+    let states: Vec<Tensor> = states
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(|| ClassifyError::Invalid("a training text was not computed".into()))?;
     if options.progress {
         println!(
             "fine-tuning: layers {first}..{depth} of {} texts computed below them in {:.0} s",

@@ -281,31 +281,25 @@ impl Encoder {
         self.layers.len()
     }
 
-    /// The weights of layer `i`, for fine-tuning.
-    pub fn layer_weights(&self, i: usize) -> LayerWeights {
+    /// The weights of layer `i`, for fine-tuning. Every layer [`Encoder::load`] builds has its
+    /// biases.
+    pub fn layer_weights(&self, i: usize) -> candle_core::Result<LayerWeights> {
         let l = &self.layers[i];
-        let norm_bias = |n: &LayerNorm| {
-            n.bias()
-                .cloned()
-                .unwrap_or_else(|| n.weight().zeros_like().expect("a zero bias"))
+        let missing = || candle_core::Error::Msg(format!("layer {i} has no bias"));
+        let pair = |w: &Tensor, b: Option<&Tensor>| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((w.clone(), b.cloned().ok_or_else(missing)?))
         };
-        let lin = |x: &Linear| (x.weight().clone(), x.bias().cloned());
-        LayerWeights {
+        let linear = |x: &Linear| pair(x.weight(), x.bias());
+        let norm = |n: &LayerNorm| pair(n.weight(), n.bias());
+        Ok(LayerWeights {
             linears: [
-                lin(&l.qkv),
-                lin(&l.attention_out),
-                lin(&l.intermediate),
-                lin(&l.output),
-            ]
-            .map(|(w, b)| {
-                let b = b.unwrap_or_else(|| {
-                    Tensor::zeros(w.dim(0).unwrap_or(0), w.dtype(), w.device())
-                        .expect("a zero bias")
-                });
-                (w, b)
-            }),
-            norms: [&l.attention_norm, &l.output_norm].map(|n| (n.weight().clone(), norm_bias(n))),
-        }
+                linear(&l.qkv)?,
+                linear(&l.attention_out)?,
+                linear(&l.intermediate)?,
+                linear(&l.output)?,
+            ],
+            norms: [norm(&l.attention_norm)?, norm(&l.output_norm)?],
+        })
     }
 
     /// The same encoder (tensors shared, not copied) with layer `i` replaced.
