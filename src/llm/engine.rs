@@ -156,13 +156,14 @@ struct Prefill {
 }
 
 thread_local! {
-    /// The counters of the engine this thread runs, for [`raise_on_panic`].
-    static ENGINE: std::cell::RefCell<Option<Arc<EngineStats>>> = const { std::cell::RefCell::new(None) };
+    /// The counters and the sequence gauge of the engine this thread runs, for [`raise_on_panic`].
+    static ENGINE: std::cell::RefCell<Option<(Arc<EngineStats>, Arc<AtomicUsize>)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Chains a panic hook that counts the restart and raises [`EngineStats::restarting`] when an
-/// engine thread panics. The hook runs before the unwinding drops the engine's sequences, so both
-/// show before any stream sees its channel close (readiness never answers 200 between the two).
+/// Chains a panic hook that counts the restart, raises [`EngineStats::restarting`] and empties the
+/// sequence gauge when an engine thread panics. The hook runs before the unwinding drops the
+/// engine's sequences (every one the gauge counted), so all three show before any stream sees its
+/// channel close: readiness never answers 200 between the two, nor the gauge counts the dead.
 fn raise_on_panic() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -170,10 +171,11 @@ fn raise_on_panic() {
         std::panic::set_hook(Box::new(move |info| {
             let _ = ENGINE.try_with(|engine| {
                 if let Ok(engine) = engine.try_borrow()
-                    && let Some(stats) = engine.as_ref()
+                    && let Some((stats, active)) = engine.as_ref()
                 {
                     stats.restarts.fetch_add(1, Ordering::SeqCst);
                     stats.restarting.store(true, Ordering::SeqCst);
+                    active.store(0, Ordering::SeqCst);
                 }
             });
             previous(info);
@@ -188,7 +190,8 @@ impl Worker {
     /// starts empty again, since a panic may have left a cache half-written.
     fn supervise(mut self, jobs: std_mpsc::Receiver<Job>) {
         raise_on_panic();
-        ENGINE.with(|engine| *engine.borrow_mut() = Some(self.stats.clone()));
+        ENGINE
+            .with(|engine| *engine.borrow_mut() = Some((self.stats.clone(), self.active.clone())));
         let mut backoff = RESTART_BACKOFF_MIN;
         let mut last_restart: Option<Instant> = None;
         loop {
@@ -204,8 +207,6 @@ impl Worker {
             }
             tracing::error!(panic = %what, restart_in = ?backoff,
                 "the chat engine panicked: its requests failed, it restarts");
-            // Every sequence the gauge counted was in `run`'s state, dropped by the unwinding.
-            self.active.store(0, Ordering::SeqCst);
             self.prefixes = PrefixCache::new(PREFIX_CACHE_BYTES);
             self.stats.panic_requested.store(false, Ordering::SeqCst);
             std::thread::sleep(backoff);
