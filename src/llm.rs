@@ -2,11 +2,9 @@
 //! candle (tokenizer and chat template from the GGUF metadata); the upstream provider relays any
 //! OpenAI-compatible server through async-openai.
 
-mod attention;
 mod decode;
 mod engine;
 mod gguf_tokenizer;
-mod kernels;
 mod kv;
 mod linear;
 mod llama;
@@ -17,6 +15,8 @@ mod router;
 mod service;
 mod template;
 mod upstream;
+
+use aitier_kernels as kernels;
 
 pub use decode::{FinishReason, Generation, GenerationParams};
 pub use engine::{ChatEvent, EngineStats, RestartHold};
@@ -50,4 +50,10 @@ pub enum LlmError {
     Tokenizer(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<kernels::ShapeError> for LlmError {
+    fn from(e: kernels::ShapeError) -> Self {
+        LlmError::Load(e.0)
+    }
 }

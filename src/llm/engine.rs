@@ -6,7 +6,7 @@
 //! channel; a closed channel cancels that sequence before the next step.
 //!
 //! Compute threads: each matmul's columns are split over `--chat-threads` threads (our kernels,
-//! see `kernels.rs`), one per core by default. On this 2-core machine two threads took a decode
+//! see `kernels/lib.rs`), one per core by default. On this 2-core machine two threads took a decode
 //! step from 21 to 13 ms when nothing else ran; on a machine shared with busy processes a thread
 //! that waits for a held core stalls every step, and 1 is steadier.
 

@@ -73,6 +73,10 @@ impl KvCache {
             .sum()
     }
 
+    pub(crate) fn layer(&self, layer: usize) -> &(Vec<f32>, Vec<f32>) {
+        &self.layers[layer]
+    }
+
     pub(crate) fn layer_mut(&mut self, layer: usize) -> &mut (Vec<f32>, Vec<f32>) {
         &mut self.layers[layer]
     }
@@ -91,26 +95,6 @@ pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) 
         let m = (row.iter().map(|v| v * v).sum::<f32>() / dim as f32 + eps).sqrt();
         out.extend(row.iter().zip(weight).map(|(v, w)| v / m * w));
     }
-}
-
-/// Dot product with eight independent accumulators, so that the compiler vectorises it (a single
-/// running sum is a dependency chain it must not reorder).
-#[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Rotary position tables, `[position][pair]`, computed as candle computes them (f32 throughout)

@@ -33,6 +33,26 @@ impl Compute {
     pub(crate) fn threads(&self) -> usize {
         self.pool.as_ref().map_or(1, |p| p.current_num_threads())
     }
+
+    /// Runs `work` on every task, spread over the compute threads; each thread keeps one scratch
+    /// value from `scratch` for all the tasks it runs.
+    pub(crate) fn each<T: Send, S>(
+        &self,
+        tasks: Vec<T>,
+        scratch: impl Fn() -> S + Send + Sync,
+        work: impl Fn(&mut S, T) + Send + Sync,
+    ) {
+        match &self.pool {
+            Some(pool) if tasks.len() > 1 => pool.install(|| {
+                use rayon::prelude::*;
+                tasks.into_par_iter().for_each_init(&scratch, &work)
+            }),
+            _ => {
+                let mut s = scratch();
+                tasks.into_iter().for_each(|t| work(&mut s, t));
+            }
+        }
+    }
 }
 
 /// The tensor `name` of the GGUF as a matrix our kernels take.
@@ -51,14 +71,14 @@ pub(crate) fn load_matrix<R: Read + Seek>(
         _ => None,
     };
     match format {
-        Some(format) => QMatrix::new(format, n, k, t.data()?.into_owned()),
+        Some(format) => Ok(QMatrix::new(format, n, k, t.data()?.into_owned())?),
         None => {
             tracing::info!(tensor = name, dtype = ?t.dtype(), "converted to Q8_0 (no kernel for its type)");
             let values = t
                 .dequantize(&Device::Cpu)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            QMatrix::quantize_q8_0(&values, n, k)
+            Ok(QMatrix::quantize_q8_0(&values, n, k)?)
         }
     }
 }

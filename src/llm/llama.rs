@@ -14,7 +14,7 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Content;
 
 use super::LlmError;
-use super::attention::{Heads, Queries};
+use super::kernels::attention::{Heads, QUERY_BLOCK, Queries};
 use super::kernels::{Isa, QMatrix, attend_tokens};
 use super::kv::{KvCache, Rope, rms_norm};
 use super::linear::{Compute, Linear, load_matrix};
@@ -220,12 +220,13 @@ impl Llama {
             n_kv_head: c.n_kv_head,
             head_dim: c.head_dim,
         };
-        let (mut h, mut scores) = (Vec::new(), Vec::new());
+        let mut h = Vec::new();
         let mut attn = vec![0f32; rows * q_dim];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.eps, &mut h);
             let mut qkv = layer.qkv.forward(&self.compute, &h, rows);
             let width = q_dim + 2 * kv_dim;
+            // Rotary positions, then each input's new keys and values join its cache.
             let mut row = 0;
             for input in inputs.iter_mut() {
                 let start = input.cache.len();
@@ -238,17 +239,33 @@ impl Llama {
                     keys.extend_from_slice(&kv[..kv_dim]);
                     values.extend_from_slice(&kv[kv_dim..]);
                 }
-                let count = input.tokens.len();
-                let queries = Queries {
-                    qkv: &qkv[row * width..(row + count) * width],
-                    width,
-                    start,
-                    count,
-                };
-                let out = &mut attn[row * q_dim..(row + count) * q_dim];
-                attend_tokens(heads, &queries, keys, values, &mut scores, out);
                 row += input.tokens.len();
             }
+            // Attention: every input's tokens in blocks of QUERY_BLOCK over the compute threads.
+            // A block computes its rows exactly as it would within its whole prompt.
+            let mut tasks = Vec::new();
+            let (mut rest, mut row) = (&mut attn[..], 0);
+            for input in inputs.iter() {
+                let (keys, values) = input.cache.layer(l);
+                let (start, count) = (input.cache.len(), input.tokens.len());
+                let (mine, tail) = rest.split_at_mut(count * q_dim);
+                rest = tail;
+                for (b, out) in mine.chunks_mut(QUERY_BLOCK * q_dim).enumerate() {
+                    let (j0, n) = (b * QUERY_BLOCK, out.len() / q_dim);
+                    let queries = Queries {
+                        qkv: &qkv[(row + j0) * width..(row + j0 + n) * width],
+                        width,
+                        start: start + j0,
+                        count: n,
+                    };
+                    tasks.push((queries, keys.as_slice(), values.as_slice(), out));
+                }
+                row += count;
+            }
+            self.compute
+                .each(tasks, Vec::new, |scores, (queries, keys, values, out)| {
+                    attend_tokens(heads, &queries, keys, values, scores, out)
+                });
             let o = layer.wo.forward(&self.compute, &attn, rows);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             rms_norm(&x, &layer.ffn_norm, c.eps, &mut h);

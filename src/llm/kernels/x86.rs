@@ -1,4 +1,4 @@
-//! The x86 SIMD kernels behind [`super::dot_rows`]: the only unsafe code of the engine.
+//! The x86 SIMD kernels behind [`super::matmul_cols`]: the only unsafe code of the engine.
 //!
 //! One weight row against up to four activation rows, eight blocks of 32 at a time. Per block the
 //! weights are loaded (4-bit ones unpacked) once; for each activation row the products form an
@@ -11,11 +11,11 @@
 //! scaling each block on its own (as llama.cpp's `vec_dot` kernels do).
 //!
 //! Safety: every function here is `unsafe` only because of `#[target_feature]`; the safe wrapper
-//! [`dot_rows`] checks the CPU first (once, cached by std) and the slice lengths before any load.
+//! [`matmul`] checks the CPU first (once, cached by std) and the slice lengths before any load.
 
 use core::arch::x86_64::*;
 
-use super::super::attention::{self, Heads, Queries};
+use super::attention::{self, Heads, Queries};
 use super::{BLOCK, Format, GROUP};
 
 pub(super) fn avx2_supported() -> bool {
@@ -159,8 +159,12 @@ unsafe fn totals(h: &[__m256i; 4]) -> __m256i {
     }
 }
 
+/// Activation rows a pass over the columns reads: 64 rows of even the widest input (1,536 bytes
+/// a row for SmolLM2's down projection) stay in L2 while every column is run against them.
+const ROW_TILE: usize = 64;
+
 /// The loops for one instruction set, `$dot` forming the eight `i32` lanes of the products of
-/// unsigned bytes `$u` and signed bytes `$s`: every column, its activation rows four at a time
+/// unsigned bytes `$u` and signed bytes `$s`: per tile of rows, every column, its rows four at a time
 /// (each weight block unpacked once for the four), then the one to three left.
 macro_rules! matmul_body {
     ($w:ident, $acts:ident, $out:ident, $width:ident, |$u:ident, $s:ident| $dot:expr) => {{
@@ -257,23 +261,26 @@ macro_rules! matmul_body {
             }};
         }
 
-        for c in 0..cols {
-            let mut r0 = 0;
-            while r0 + 4 <= $acts.rows {
-                rows!(4, c, r0);
-                for (i, d) in dots.iter().enumerate() {
+        for tile in (0..$acts.rows).step_by(ROW_TILE) {
+            let end = (tile + ROW_TILE).min($acts.rows);
+            for c in 0..cols {
+                let mut r0 = tile;
+                while r0 + 4 <= end {
+                    rows!(4, c, r0);
+                    for (i, d) in dots.iter().enumerate() {
+                        *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
+                    }
+                    r0 += 4;
+                }
+                match end - r0 {
+                    0 => continue,
+                    1 => rows!(1, c, r0),
+                    2 => rows!(2, c, r0),
+                    _ => rows!(3, c, r0),
+                }
+                for (i, d) in dots.iter().enumerate().take(end - r0) {
                     *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
                 }
-                r0 += 4;
-            }
-            match $acts.rows - r0 {
-                0 => continue,
-                1 => rows!(1, c, r0),
-                2 => rows!(2, c, r0),
-                _ => rows!(3, c, r0),
-            }
-            for (i, d) in dots.iter().enumerate().take($acts.rows - r0) {
-                *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
             }
         }
     }};

@@ -1,4 +1,7 @@
-//! Our own quantised matmul: weights stay in their GGUF blocks (Q4_0, Q4_1, Q8_0: no padding, no
+//! The chat engine's numeric core: our own quantised matmul, and attention over a KV cache
+//! ([`attention`]).
+//!
+//! The matmul: weights stay in their GGUF blocks (Q4_0, Q4_1, Q8_0: no padding, no
 //! second copy), activations are quantised once per projection to 8 bits per block of 32 (as
 //! llama.cpp's `q8_1`), and every block's dot product is an exact integer sum scaled into an `f32`
 //! accumulator.
@@ -12,15 +15,25 @@
 //! (`vpmaddubsw` + `vpmaddwd`), or portable scalar code. Both x86 paths form the same exact
 //! integer block sums and the same float operations on them, so they give bit-identical results;
 //! the scalar path sums in another order and agrees within rounding. The unsafe SIMD code lives in
-//! `kernels/x86.rs` behind the safe functions of this file.
+//! `x86.rs` behind the safe functions of this file.
 
+pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use super::LlmError;
-#[cfg(not(target_arch = "x86_64"))]
-use super::attention;
-use super::attention::{Heads, Queries};
+use attention::{Heads, Queries};
+
+/// A matrix whose shape or bytes do not fit together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl std::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
 
 /// Values per quantisation block, for every format here.
 pub const BLOCK: usize = 32;
@@ -116,9 +129,9 @@ impl Format {
 
 impl QMatrix {
     /// Takes `n` rows of `k` weights in `format`'s GGUF blocks.
-    pub fn new(format: Format, n: usize, k: usize, data: Vec<u8>) -> Result<Self, LlmError> {
+    pub fn new(format: Format, n: usize, k: usize, data: Vec<u8>) -> Result<Self, ShapeError> {
         if !k.is_multiple_of(BLOCK) || data.len() != n * k / BLOCK * format.block_bytes() {
-            return Err(LlmError::Load(format!(
+            return Err(ShapeError(format!(
                 "a {format:?} matrix of {n}x{k} cannot hold {} bytes",
                 data.len()
             )));
@@ -157,9 +170,9 @@ impl QMatrix {
     }
 
     /// Quantises `[n, k]` values to Q8_0, as llama.cpp does (round to nearest, scale max/127).
-    pub fn quantize_q8_0(values: &[f32], n: usize, k: usize) -> Result<Self, LlmError> {
+    pub fn quantize_q8_0(values: &[f32], n: usize, k: usize) -> Result<Self, ShapeError> {
         if values.len() != n * k || !k.is_multiple_of(BLOCK) {
-            return Err(LlmError::Load(format!(
+            return Err(ShapeError(format!(
                 "{} values for a {n}x{k} matrix",
                 values.len()
             )));
@@ -198,10 +211,10 @@ impl QMatrix {
     }
 
     /// Stacks matrices of the same format and width, rows of the first first.
-    pub fn stack(parts: Vec<QMatrix>) -> Result<Self, LlmError> {
+    pub fn stack(parts: Vec<QMatrix>) -> Result<Self, ShapeError> {
         let (format, k) = (parts[0].format, parts[0].k);
         if parts.iter().any(|p| p.format != format || p.k != k) {
-            return Err(LlmError::Load("projections of mixed types".into()));
+            return Err(ShapeError("projections of mixed types".into()));
         }
         let n = parts.iter().map(|p| p.n).sum();
         let mut out = Self {
@@ -331,7 +344,7 @@ impl QActs {
 
 /// Attention of one input's new tokens (see [`attention::attend_tokens`]), on the widest
 /// vectors the CPU has: the same bits on every path.
-pub(crate) fn attend_tokens(
+pub fn attend_tokens(
     heads: Heads,
     queries: &Queries<'_>,
     keys: &[f32],

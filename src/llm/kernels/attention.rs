@@ -4,12 +4,10 @@
 //! (Prompt attention once ran as blocks of candle matmuls, whose rounding depends on the block's
 //! shape: the cold and the cached path gave different logits, and on a near-tie different text.)
 
-use super::kv::dot;
-
 /// Attention head layout. Query head `h` reads key/value head `h / group`, as candle's `repeat_kv`
 /// arranges them, without copying the cache.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Heads {
+pub struct Heads {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
@@ -47,7 +45,7 @@ fn softmax_visible(row: &mut [f32], visible: usize, scale: f32) {
 }
 
 /// One input's new tokens: token `j`'s heads at `qkv[j * width..]`, at position `start + j`.
-pub(crate) struct Queries<'a> {
+pub struct Queries<'a> {
     pub qkv: &'a [f32],
     pub width: usize,
     pub start: usize,
@@ -56,7 +54,7 @@ pub(crate) struct Queries<'a> {
 
 /// Query tokens of a prompt attended together: each key and value row is then read once for all
 /// of them (and for the query heads that share it), instead of once per token and head.
-const QUERY_BLOCK: usize = 4;
+pub const QUERY_BLOCK: usize = 4;
 
 /// Every token of `queries` over the cache that holds it and the ones before, writing `count`
 /// rows of `n_head × head_dim` to `out`. Tokens go in blocks of [`QUERY_BLOCK`], and the query
@@ -66,10 +64,10 @@ const QUERY_BLOCK: usize = 4;
 /// position order from zero. So a prompt token's attention is the same bits whether it was
 /// prefilled with others or after a cached prefix.
 ///
-/// Inlined into `kernels::attend_tokens`, which runs it compiled for the CPU's widest vectors
+/// Inlined into [`crate::attend_tokens`], which runs it compiled for the CPU's widest vectors
 /// (the same operations, so the same bits, only faster).
 #[inline(always)]
-pub(crate) fn attend_tokens(
+pub fn attend_tokens(
     heads: Heads,
     queries: &Queries<'_>,
     keys: &[f32],
@@ -128,4 +126,24 @@ pub(crate) fn attend_tokens(
             }
         }
     }
+}
+
+/// Dot product with eight independent accumulators, so that the compiler vectorises it (a single
+/// running sum is a dependency chain it must not reorder).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
