@@ -159,12 +159,15 @@ unsafe fn totals(h: &[__m256i; 4]) -> __m256i {
     }
 }
 
+/// From this many activation rows on, a column's weights are unpacked once for many rows.
+const UNPACK_ROWS: usize = 8;
+
 /// Activation rows a pass over the columns reads: 64 rows of even the widest input (1,536 bytes
 /// a row for SmolLM2's down projection) stay in L2 while every column is run against them.
 const ROW_TILE: usize = 64;
 
 /// The loops for one instruction set, `$dot` forming the eight `i32` lanes of the products of
-/// unsigned bytes `$u` and signed bytes `$s`: per tile of rows, every column, its rows four at a time
+/// unsigned bytes `$u` and signed bytes `$s`: every column, its activation rows four at a time
 /// (each weight block unpacked once for the four), then the one to three left.
 macro_rules! matmul_body {
     ($w:ident, $acts:ident, $out:ident, $width:ident, |$u:ident, $s:ident| $dot:expr) => {{
@@ -261,24 +264,99 @@ macro_rules! matmul_body {
             }};
         }
 
-        for tile in (0..$acts.rows).step_by(ROW_TILE) {
-            let end = (tile + ROW_TILE).min($acts.rows);
+        // Many rows (a prompt): each column's weights are unpacked once per tile of rows into
+        // `unpacked` (in L1), then every row of the tile runs against them alone, which keeps
+        // its few vectors in registers. The integer block sums are exact whatever the order,
+        // and the floats go through the same operations as in `rows!`, so a row gets the same
+        // bits on either path.
+        macro_rules! unpacked_rows {
+            ($four_bit:expr) => {{
+                let mut unpacked = vec![_mm256_setzero_si256(); kb];
+                for tile in (0..$acts.rows).step_by(ROW_TILE) {
+                    let end = (tile + ROW_TILE).min($acts.rows);
+                    for c in 0..cols {
+                        let wq = $w.qs.as_ptr().add(c * kb * qb);
+                        for (b, u) in unpacked.iter_mut().enumerate() {
+                            *u = if $four_bit {
+                                nibbles(wq.add(b * qb))
+                            } else {
+                                _mm256_loadu_si256(wq.add(b * qb) as *const __m256i)
+                            };
+                        }
+                        for r in tile..end {
+                            let mut acc = _mm256_setzero_ps();
+                            let mut off = _mm256_setzero_ps();
+                            let act = $acts.qs.as_ptr().add(r * kb * BLOCK);
+                            for g in (0..kp).step_by(GROUP) {
+                                let mut pairs = [_mm256_setzero_si256(); 4];
+                                for (p, pair) in pairs.iter_mut().enumerate() {
+                                    let b = g + 2 * p;
+                                    if b >= kb {
+                                        break;
+                                    }
+                                    let lanes = |b: usize| {
+                                        let w = *unpacked.get_unchecked(b);
+                                        let a = _mm256_loadu_si256(
+                                            act.add(b * BLOCK) as *const __m256i
+                                        );
+                                        if $four_bit {
+                                            let ($u, $s) = (w, a);
+                                            $dot
+                                        } else {
+                                            let ($u, $s) =
+                                                (_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+                                            $dot
+                                        }
+                                    };
+                                    let l1 = if b + 1 < kb {
+                                        lanes(b + 1)
+                                    } else {
+                                        _mm256_setzero_si256()
+                                    };
+                                    *pair = _mm256_hadd_epi32(lanes(b), l1);
+                                }
+                                let at = r * kp + g;
+                                let dw = halves($w.d.as_ptr().add(c * kp + g));
+                                let scale =
+                                    _mm256_mul_ps(dw, _mm256_loadu_ps($acts.d.as_ptr().add(at)));
+                                let sums = _mm256_cvtepi32_ps(totals(&pairs));
+                                acc = _mm256_fmadd_ps(sums, scale, acc);
+                                if $four_bit {
+                                    let mw = halves($w.m.as_ptr().add(c * kp + g));
+                                    let s = _mm256_loadu_ps($acts.s.as_ptr().add(at));
+                                    off = _mm256_fmadd_ps(mw, s, off);
+                                }
+                            }
+                            *$out.get_unchecked_mut(r * $width + c) = hsum(acc) + hsum(off);
+                        }
+                    }
+                }
+            }};
+        }
+
+        if $acts.rows >= UNPACK_ROWS {
+            if four_bit {
+                unpacked_rows!(true)
+            } else {
+                unpacked_rows!(false)
+            }
+        } else {
             for c in 0..cols {
-                let mut r0 = tile;
-                while r0 + 4 <= end {
+                let mut r0 = 0;
+                while r0 + 4 <= $acts.rows {
                     rows!(4, c, r0);
                     for (i, d) in dots.iter().enumerate() {
                         *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
                     }
                     r0 += 4;
                 }
-                match end - r0 {
+                match $acts.rows - r0 {
                     0 => continue,
                     1 => rows!(1, c, r0),
                     2 => rows!(2, c, r0),
                     _ => rows!(3, c, r0),
                 }
-                for (i, d) in dots.iter().enumerate().take(end - r0) {
+                for (i, d) in dots.iter().enumerate().take($acts.rows - r0) {
                     *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
                 }
             }
