@@ -14,22 +14,22 @@ pub struct Heads {
 }
 
 impl Heads {
-    fn kv_dim(&self) -> usize {
+    pub(crate) fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
     }
 
-    fn group(&self) -> usize {
+    pub(crate) fn group(&self) -> usize {
         self.n_head / self.n_kv_head
     }
 
-    fn scale(&self) -> f32 {
+    pub(crate) fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
 }
 
 /// Softmax of `row[..visible] × scale` in place; the positions after `visible` get weight 0.
 #[inline(always)]
-fn softmax_visible(row: &mut [f32], visible: usize, scale: f32) {
+pub(crate) fn softmax_visible(row: &mut [f32], visible: usize, scale: f32) {
     let max = row[..visible]
         .iter()
         .fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
@@ -64,8 +64,8 @@ pub const QUERY_BLOCK: usize = 4;
 /// position order from zero. So a prompt token's attention is the same bits whether it was
 /// prefilled with others or after a cached prefix.
 ///
-/// Inlined into [`crate::attend_tokens`], which runs it compiled for the CPU's widest vectors
-/// (the same operations, so the same bits, only faster).
+/// The portable path of [`crate::attend_tokens`]; x86 CPUs with AVX2 run their own loops, which
+/// keep the same rule (a row's operations do not depend on the rows beside it).
 #[inline(always)]
 pub fn attend_tokens(
     heads: Heads,

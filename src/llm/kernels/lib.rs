@@ -557,6 +557,49 @@ mod tests {
     }
 
     #[test]
+    fn attention_gives_a_token_the_same_bits_in_a_prompt_as_alone_and_follows_the_portable_loops() {
+        let heads = Heads {
+            n_head: 9,
+            n_kv_head: 3,
+            head_dim: 64,
+        };
+        let (q_dim, kv_dim) = (9 * 64, 3 * 64);
+        let width = q_dim + 2 * kv_dim;
+        let (start, count) = (6, 11);
+        let qkv = values(count * width, 7);
+        let keys = values((start + count) * kv_dim, 8);
+        let vals = values((start + count) * kv_dim, 9);
+        let mut scores = Vec::new();
+        let run = |start: usize, count: usize, qkv: &[f32], scores: &mut Vec<f32>| {
+            let mut out = vec![0f32; count * q_dim];
+            let queries = Queries {
+                qkv,
+                width,
+                start,
+                count,
+            };
+            attend_tokens(heads, &queries, &keys, &vals, scores, &mut out);
+            out
+        };
+        let together = run(start, count, &qkv, &mut scores);
+        for j in 0..count {
+            let alone = run(start + j, 1, &qkv[j * width..(j + 1) * width], &mut scores);
+            assert_eq!(alone, together[j * q_dim..(j + 1) * q_dim], "token {j}");
+        }
+        let mut portable = vec![0f32; count * q_dim];
+        let queries = Queries {
+            qkv: &qkv,
+            width,
+            start,
+            count,
+        };
+        attention::attend_tokens(heads, &queries, &keys, &vals, &mut scores, &mut portable);
+        for (a, b) in together.iter().zip(&portable) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
     fn q8_0_quantisation_round_trips_within_half_a_step() {
         let v = values(4 * 64, 5);
         let m = QMatrix::quantize_q8_0(&v, 4, 64).unwrap();
