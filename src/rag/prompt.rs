@@ -12,8 +12,9 @@ const INSTRUCTIONS: &str = "Answer the question using only the numbered sources 
 If they do not contain the answer, say plainly that the documents do not say; do not guess. \
 Cite the sources you use like [1].";
 
-/// Context budget, in the chat model's tokens, for a local model: on 2 cores SmolLM2 prefills
-/// about 100 tokens a second, so this keeps the first token of the answer near one second.
+/// Context budget, in the chat model's tokens, for a local model: with the instructions and the
+/// question, prompts of 250-270 tokens, whose first answer token comes after 0.6-0.8 s on 2 cores
+/// (benches/rag_ttft.py).
 pub const LOCAL_CONTEXT_TOKENS: usize = 160;
 /// ... for an upstream model (counted at 4 characters a token: its tokenizer is not known here).
 pub const UPSTREAM_CONTEXT_TOKENS: usize = 1500;
