@@ -129,29 +129,26 @@ async fn greedy_answers_follow_candles_reference_model() {
         }
         let text = chat.tokenizer().decode(&answer, true).unwrap();
         assert_eq!(stream(&server, greedy(q)).await, text, "{q}");
-        // candle, fed the same tokens.
+        // candle, fed the same tokens: one at a time after the prompt, as the server decodes.
         let mut candle = reference.clone();
         let mut fed = prompt.clone();
         let mut pos = 0;
         for token in answer {
-            let input = Tensor::new(&fed[pos..], &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits: Vec<f32> = candle
-                .forward(&input, pos)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let logits = candle_logits(&mut candle, &fed[pos..], pos);
             pos = fed.len();
-            let regret = logits[argmax(&logits) as usize] - logits[token as usize];
-            worst = worst.max(regret);
+            let mut regret = logits[argmax(&logits) as usize] - logits[token as usize];
             top += usize::from(regret == 0.0);
+            if regret >= NOISE {
+                // A step this close is within the reference's own rounding when candle, fed the
+                // whole text at once, rounds differently by as much (seen on an Intel AVX-512
+                // machine: 1.03 one token at a time, 0.59 at once, at " Sc|attering").
+                let whole = candle_logits(&mut reference.clone(), &fed, 0);
+                regret = regret.min(whole[argmax(&whole) as usize] - whole[token as usize]);
+            }
+            worst = worst.max(regret);
             steps += 1;
             assert!(
-                regret < 0.75,
+                regret < NOISE,
                 "{q}: {text:?} step {steps}: {regret} below candle's best"
             );
             fed.push(token);
@@ -159,6 +156,25 @@ async fn greedy_answers_follow_candles_reference_model() {
     }
     eprintln!("candle's top choice at {top}/{steps} steps; worst regret {worst}");
     assert!(top * 10 >= steps * 9, "{top}/{steps}");
+}
+
+/// How far below candle's best logit our greedy token may be: both engines quantise activations
+/// to 8 bits and sum in different orders.
+const NOISE: f32 = 0.75;
+
+/// candle's last-position logits for `tokens` at `pos` of `model`'s cache.
+fn candle_logits(model: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
+    let input = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&input, pos)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// `/v1/chat/completions` text for `body`.
