@@ -9,6 +9,9 @@
 //! chat-<hash> --url http://127.0.0.1:8101 --api openai ...           # llama.cpp
 //! ```
 //!
+//! `--prefill N` also sends prompts of about N tokens, a new one each time (no prefix cache), to
+//! `/v1/chat/completions` with `max_tokens` 1, and prints the prompt's tokens / time to the answer.
+//!
 //! TTFT: request sent → first non-empty content delta. Tokens: the `usage` the stream reports, else
 //! the number of content deltas (one per token on both servers). Decode rate: (tokens − 1) /
 //! (last delta − first delta). Aggregate: all streams' tokens / wall time of the round. Every
@@ -28,6 +31,7 @@ struct Options {
     concurrency: Vec<usize>,
     reps: usize,
     max_tokens: usize,
+    prefill: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +48,7 @@ fn options() -> Options {
         concurrency: vec![1, 4],
         reps: 3,
         max_tokens: 128,
+        prefill: 0,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -57,6 +62,7 @@ fn options() -> Options {
             }
             "--reps" => o.reps = value().parse().unwrap_or(3),
             "--max-tokens" => o.max_tokens = value().parse().unwrap_or(128),
+            "--prefill" => o.prefill = value().parse().unwrap_or(0),
             // `cargo bench` passes `--bench`; anything else is ignored too.
             _ => {}
         }
@@ -64,7 +70,12 @@ fn options() -> Options {
     o
 }
 
-async fn one(client: &reqwest::Client, o: &Options, max_tokens: usize) -> Result<Stream, String> {
+async fn one(
+    client: &reqwest::Client,
+    o: &Options,
+    prompt: &str,
+    max_tokens: usize,
+) -> Result<Stream, String> {
     let (path, mut body) = if o.openai {
         let body = json!({"model": "smollm2", "stream": true,
             "stream_options": {"include_usage": true}});
@@ -72,7 +83,7 @@ async fn one(client: &reqwest::Client, o: &Options, max_tokens: usize) -> Result
     } else {
         ("/api/chat/stream", json!({}))
     };
-    body["messages"] = json!([{"role": "user", "content": PROMPT}]);
+    body["messages"] = json!([{"role": "user", "content": prompt}]);
     body["max_tokens"] = json!(max_tokens);
     body["temperature"] = json!(0.0);
     let sent = Instant::now();
@@ -132,6 +143,50 @@ async fn one(client: &reqwest::Client, o: &Options, max_tokens: usize) -> Result
     })
 }
 
+/// One non-streamed `/v1/chat/completions` of `prompt` with `max_tokens` 1 on either server: the
+/// prompt's tokens as the server counted them, and the time to the answer.
+async fn prefill(
+    client: &reqwest::Client,
+    o: &Options,
+    prompt: &str,
+) -> Result<(usize, Duration), String> {
+    let mut body = json!({"messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 1, "temperature": 0.0});
+    if o.openai {
+        body["model"] = json!("smollm2");
+    }
+    let sent = Instant::now();
+    let response = client
+        .post(format!("{}/v1/chat/completions", o.url))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let answer: Value = response.json().await.map_err(|e| e.to_string())?;
+    let tokens = answer["usage"]["prompt_tokens"]
+        .as_u64()
+        .ok_or("no usage.prompt_tokens")?;
+    Ok((tokens as usize, sent.elapsed()))
+}
+
+/// A prompt of about `tokens` tokens that no earlier request began with.
+fn long_prompt(tokens: usize, nonce: usize) -> String {
+    let mut text = format!("Request {nonce}. Summarise these measurements in one line.\n");
+    // About 28 tokens a line (SmolLM2's tokenizer).
+    for i in 0..tokens / 28 {
+        text.push_str(&format!(
+            "Sample {i} of batch {nonce}: {} grams, {} degrees, label {}.\n",
+            (i * 37 + nonce) % 1000,
+            (i * 11) % 90,
+            ["red", "green", "blue", "amber"][i % 4]
+        ));
+    }
+    text
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -152,13 +207,14 @@ async fn main() {
         .build()
         .unwrap();
     // Warm-up: connections, and the prompt in both servers' prefix caches.
-    one(&client, &o, 8).await.expect("warm-up stream");
+    one(&client, &o, PROMPT, 8).await.expect("warm-up stream");
     for &n in &o.concurrency {
         let (mut streams, mut aggregates) = (Vec::new(), Vec::new());
         for _ in 0..o.reps {
             let started = Instant::now();
             let round =
-                futures::future::join_all((0..n).map(|_| one(&client, &o, o.max_tokens))).await;
+                futures::future::join_all((0..n).map(|_| one(&client, &o, PROMPT, o.max_tokens)))
+                    .await;
             let wall = started.elapsed().as_secs_f64();
             let round: Vec<Stream> = round.into_iter().map(|r| r.expect("stream")).collect();
             aggregates.push(round.iter().map(|s| s.tokens).sum::<usize>() as f64 / wall);
@@ -182,6 +238,27 @@ async fn main() {
             aggregates
                 .iter()
                 .map(|a| format!("{a:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if o.prefill > 0 {
+        let mut rates = Vec::new();
+        for rep in 0..o.reps {
+            let nonce = std::process::id() as usize * 100 + rep;
+            let (tokens, took) = prefill(&client, &o, &long_prompt(o.prefill, nonce))
+                .await
+                .expect("prefill");
+            rates.push((tokens, tokens as f64 / took.as_secs_f64()));
+        }
+        println!(
+            "prefill: {} prompts of {}-{} tokens, prompt tokens / time to the answer: {} tok/s",
+            o.reps,
+            rates.iter().map(|r| r.0).min().unwrap_or(0),
+            rates.iter().map(|r| r.0).max().unwrap_or(0),
+            rates
+                .iter()
+                .map(|r| format!("{:.0}", r.1))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
