@@ -150,11 +150,17 @@ async fn prefill(
     o: &Options,
     prompt: &str,
 ) -> Result<(usize, Duration), String> {
-    let mut body = json!({"messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 1, "temperature": 0.0});
-    if o.openai {
-        body["model"] = json!("smollm2");
-    }
+    // The first model `/v1/models` lists: the chat model on both servers.
+    let models: Value = client
+        .get(format!("{}/v1/models", o.url))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = json!({"model": models["data"][0]["id"],
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0.0});
     let sent = Instant::now();
     let response = client
         .post(format!("{}/v1/chat/completions", o.url))
