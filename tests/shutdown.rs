@@ -19,7 +19,7 @@ async fn a_stream_in_flight_ends_with_an_error_event_and_the_server_exits_in_tim
     ])
     .await;
     let request = json!({"max_tokens": 2000, "temperature": 0,
-        "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]});
+        "messages": [{"role": "user", "content": common::LONG_ANSWER}]});
     let response = server
         .client
         .post(server.url("/api/chat/stream"))

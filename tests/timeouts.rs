@@ -13,7 +13,7 @@ async fn a_slow_completion_is_a_504_and_streams_outlive_the_limit() {
         common::spawn(&["--chat-model", common::GGUF, "--request-timeout-secs", "1"]).await;
     let long = json!({
         "model": "SmolLM2-135M-Instruct", "max_tokens": 2000, "temperature": 0,
-        "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}],
+        "messages": [{"role": "user", "content": common::LONG_ANSWER}],
     });
     let response = server
         .client
@@ -41,8 +41,8 @@ async fn a_slow_completion_is_a_504_and_streams_outlive_the_limit() {
     // The same work streamed: headers at once, the stream runs past the limit to its end.
     let started = Instant::now();
     let stream = json!({
-        "max_tokens": 200, "temperature": 0,
-        "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}],
+        "max_tokens": 400, "temperature": 0,
+        "messages": [{"role": "user", "content": common::LONG_ANSWER}],
     });
     let response = server
         .client

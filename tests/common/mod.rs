@@ -14,6 +14,10 @@ pub const GGUF: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 );
+/// A request SmolLM2 answers greedily at length: it was still writing at 2,000 tokens (a prompt
+/// like "Count from 1 to 1000" stops after 121 tokens, under a second once decode got fast).
+pub const LONG_ANSWER: &str =
+    "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
 
 pub struct TestServer {
     pub base: String,
