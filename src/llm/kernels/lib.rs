@@ -406,6 +406,42 @@ pub fn matmul_cols(
     }
 }
 
+/// An `f32` projection of few rows: `out[r * n + j] = bias[j] + x[r] · w[j]`, with `x` as `rows ×
+/// k` and `w` as `n × k`, row-major. For the encoders' short inputs (a sentence is 10-30 tokens),
+/// where a general matmul spends longer packing the weights into its own layout than multiplying:
+/// here each weight row is read once, straight from where it lies, against all the rows. AVX-512F
+/// or AVX2 + FMA when the CPU has them, else portable loops; the paths sum in different orders
+/// and agree within rounding. Panics on mismatched lengths.
+pub fn dense(isa: Isa, x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    assert!(isa.supported(), "{isa:?} is not supported on this CPU");
+    assert!(rows > 0 && x.len().is_multiple_of(rows));
+    let k = x.len() / rows;
+    assert!(k > 0 && w.len().is_multiple_of(k));
+    let n = w.len() / k;
+    assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
+    match isa {
+        Isa::Scalar => {
+            for r in 0..rows {
+                for j in 0..n {
+                    let (xr, wj) = (&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]);
+                    out[r * n + j] = xr.iter().zip(wj).map(|(a, b)| a * b).sum::<f32>();
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dense(isa == Isa::Avx512Vnni, x, rows, w, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only scalar kernels off x86"),
+    }
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(n) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+    }
+}
+
 /// `[rows, k] × [n, k]ᵀ → [rows, n]`.
 pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs) -> Vec<f32> {
     let mut out = vec![0f32; x.rows * w.n];
@@ -596,6 +632,37 @@ mod tests {
         attention::attend_tokens(heads, &queries, &keys, &vals, &mut scores, &mut portable);
         for (a, b) in together.iter().zip(&portable) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn every_supported_dense_path_matches_the_exact_product() {
+        // k = 40 leaves a tail after the vectors of either width; 1-6 rows cover every block.
+        for (rows, k, n) in [(1, 384, 7), (6, 40, 5), (5, 1536, 3), (3, 8, 2)] {
+            let x = values(rows * k, 3);
+            let w = values(n * k, 4);
+            let bias = values(n, 5);
+            for isa in Isa::ALL {
+                if !isa.supported() {
+                    eprintln!("dense {isa:?}: not supported on this CPU, not run");
+                    continue;
+                }
+                let mut out = vec![0f32; rows * n];
+                dense(isa, &x, rows, &w, Some(&bias), &mut out);
+                for r in 0..rows {
+                    for j in 0..n {
+                        let exact: f64 = bias[j] as f64
+                            + (0..k)
+                                .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                                .sum::<f64>();
+                        let got = out[r * n + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * (k as f64).sqrt(),
+                            "{isa:?} rows {rows} k {k}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
         }
     }
 

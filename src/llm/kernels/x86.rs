@@ -507,3 +507,115 @@ unsafe fn matmul_vnni(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: 
         matmul_body!(w, acts, out, width, |u, s| _mm256_dpbusd_epi32(zero, u, s))
     }
 }
+
+/// Safe entry of [`super::dense`] (bias aside): 16-lane vectors with `wide`, else 8.
+pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
+    let k = x.len() / rows;
+    let n = w.len() / k;
+    assert!(rows * k == x.len() && n * k == w.len() && out.len() == rows * n);
+    assert!(if wide {
+        is_x86_feature_detected!("avx512f")
+    } else {
+        avx2_supported()
+    });
+    // SAFETY: the CPU has the features (asserted above); the kernels read `x[r * k + i]` and
+    // `w[j * k + i]` for `r < rows`, `j < n`, `i < k` and write `out[r * n + j]`: within the
+    // lengths asserted above.
+    unsafe {
+        if wide {
+            dense_avx512(x, rows, k, w, n, out)
+        } else {
+            dense_avx2(x, rows, k, w, n, out)
+        }
+    }
+}
+
+/// Weight row `j` against up to four rows of `x` at a time: the weight vector is loaded once
+/// for the four, the rows' vectors stay in L1 across all the weight rows. `$lanes` wide vectors,
+/// then the last `k % $lanes` products one by one. The row count of a block is a constant, so
+/// that its accumulators live in registers.
+macro_rules! dense_body {
+    ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $out:ident, $lanes:expr,
+     $zero:expr, $load:path, $fma:path, $sum:path) => {{
+        let full = $k - $k % $lanes;
+        // Weight row `j` against rows `r0..r0 + R`.
+        macro_rules! block {
+            ($R:expr, $j:expr, $r0:expr) => {{
+                const R: usize = $R;
+                let (j, r0) = ($j, $r0);
+                let wj = $w.as_ptr().add(j * $k);
+                let mut acc = [$zero; R];
+                let mut i = 0;
+                while i < full {
+                    // The weights stream from memory; the rows of `x` stay in L1.
+                    _mm_prefetch::<_MM_HINT_T0>(wj.wrapping_add(i + PREFETCH / 4) as *const i8);
+                    let wv = $load(wj.add(i));
+                    for r in 0..R {
+                        acc[r] = $fma($load($x.as_ptr().add((r0 + r) * $k + i)), wv, acc[r]);
+                    }
+                    i += $lanes;
+                }
+                for r in 0..R {
+                    let xr = $x.as_ptr().add((r0 + r) * $k);
+                    let mut total = $sum(acc[r]);
+                    for t in full..$k {
+                        total += *xr.add(t) * *wj.add(t);
+                    }
+                    *$out.get_unchecked_mut((r0 + r) * $n + j) = total;
+                }
+            }};
+        }
+        // Each weight row once (from memory), against every row of `x` (in L1).
+        for j in 0..$n {
+            let mut r0 = 0;
+            while r0 + 4 <= $rows {
+                block!(4, j, r0);
+                r0 += 4;
+            }
+            match $rows - r0 {
+                0 => {}
+                1 => block!(1, j, r0),
+                2 => block!(2, j, r0),
+                _ => block!(3, j, r0),
+            }
+        }
+    }};
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dense_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    unsafe {
+        dense_body!(
+            x,
+            rows,
+            k,
+            w,
+            n,
+            out,
+            8,
+            _mm256_setzero_ps(),
+            _mm256_loadu_ps,
+            _mm256_fmadd_ps,
+            hsum
+        )
+    }
+}
+
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn dense_avx512(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    unsafe {
+        dense_body!(
+            x,
+            rows,
+            k,
+            w,
+            n,
+            out,
+            16,
+            _mm512_setzero_ps(),
+            _mm512_loadu_ps,
+            _mm512_fmadd_ps,
+            _mm512_reduce_add_ps
+        )
+    }
+}
