@@ -383,9 +383,9 @@ impl Encoder {
 
 /// Rows (packed tokens) up to which a projection runs on [`Dense`] rather than candle's matmul:
 /// a sentence. On an Intel Xeon (AVX-512, 2 cores), A-B-A-B against candle's matmul alone, a lone
-/// request's latency: 2 words 12-13.4 -> 8.3-9 ms, 10 words 13.1-13.3 -> 11-11.5 ms; at ≈50 tokens
-/// candle's matmul was the faster (17 against 28 ms), its blocking keeping more in registers.
-const DENSE_ROWS: usize = 24;
+/// request's latency: 2 words 13.6-13.8 -> 8.2-8.7 ms, 10 words 15.0-15.1 -> 10.2-10.6 ms; at ≈50
+/// tokens the two were even, and at ≈56 candle's matmul was ahead.
+const DENSE_ROWS: usize = 32;
 
 /// `x · weightᵀ + bias`: on [`Dense`] for a few rows outside training, else candle's matmul.
 fn project(linear: &Linear, x: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {

@@ -1,5 +1,5 @@
 //! The chat engine's numeric core: our own quantised matmul, and attention over a KV cache
-//! ([`attention`]).
+//! ([`attention`]); and the encoders' few-rows `f32` projection ([`dense`]).
 //!
 //! The matmul: weights stay in their GGUF blocks (Q4_0, Q4_1, Q8_0: no padding, no
 //! second copy), activations are quantised once per projection to 8 bits per block of 32 (as

@@ -535,49 +535,72 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: &[f32], out: &mut [f3
 /// then the last `k % $lanes` products one by one. The row count of a block is a constant, so
 /// that its accumulators live in registers.
 macro_rules! dense_body {
-    ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $out:ident, $lanes:expr,
+    ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $out:ident, $lanes:expr, $wrows:expr,
      $zero:expr, $load:path, $fma:path, $sum:path) => {{
         let full = $k - $k % $lanes;
-        // Weight row `j` against rows `r0..r0 + R`.
+        // Weight rows `j..j + W` against rows `r0..r0 + R` of `x`: W × R accumulators in
+        // registers, each vector loaded once for all the products it takes part in.
         macro_rules! block {
-            ($R:expr, $j:expr, $r0:expr) => {{
+            ($W:expr, $R:expr, $j:expr, $r0:expr) => {{
+                const W: usize = $W;
                 const R: usize = $R;
                 let (j, r0) = ($j, $r0);
-                let wj = $w.as_ptr().add(j * $k);
-                let mut acc = [$zero; R];
+                let mut acc = [[$zero; R]; W];
                 let mut i = 0;
                 while i < full {
-                    // The weights stream from memory; the rows of `x` stay in L1.
-                    _mm_prefetch::<_MM_HINT_T0>(wj.wrapping_add(i + PREFETCH / 4) as *const i8);
-                    let wv = $load(wj.add(i));
+                    let mut wv = [$zero; W];
+                    for (q, v) in wv.iter_mut().enumerate() {
+                        let at = $w.as_ptr().add((j + q) * $k + i);
+                        // The weights stream from memory; the rows of `x` stay in L1.
+                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH / 4) as *const i8);
+                        *v = $load(at);
+                    }
                     for r in 0..R {
-                        acc[r] = $fma($load($x.as_ptr().add((r0 + r) * $k + i)), wv, acc[r]);
+                        let xv = $load($x.as_ptr().add((r0 + r) * $k + i));
+                        for q in 0..W {
+                            acc[q][r] = $fma(xv, wv[q], acc[q][r]);
+                        }
                     }
                     i += $lanes;
                 }
-                for r in 0..R {
-                    let xr = $x.as_ptr().add((r0 + r) * $k);
-                    let mut total = $sum(acc[r]);
-                    for t in full..$k {
-                        total += *xr.add(t) * *wj.add(t);
+                for q in 0..W {
+                    let wj = $w.as_ptr().add((j + q) * $k);
+                    for r in 0..R {
+                        let xr = $x.as_ptr().add((r0 + r) * $k);
+                        let mut total = $sum(acc[q][r]);
+                        for t in full..$k {
+                            total += *xr.add(t) * *wj.add(t);
+                        }
+                        *$out.get_unchecked_mut((r0 + r) * $n + j + q) = total;
                     }
-                    *$out.get_unchecked_mut((r0 + r) * $n + j) = total;
                 }
             }};
         }
-        // Each weight row once (from memory), against every row of `x` (in L1).
-        for j in 0..$n {
-            let mut r0 = 0;
-            while r0 + 4 <= $rows {
-                block!(4, j, r0);
-                r0 += 4;
-            }
-            match $rows - r0 {
-                0 => {}
-                1 => block!(1, j, r0),
-                2 => block!(2, j, r0),
-                _ => block!(3, j, r0),
-            }
+        // Against every row of `x`, four at a time, then the one to three left.
+        macro_rules! rows {
+            ($W:expr, $j:expr) => {{
+                let mut r0 = 0;
+                while r0 + 4 <= $rows {
+                    block!($W, 4, $j, r0);
+                    r0 += 4;
+                }
+                match $rows - r0 {
+                    0 => {}
+                    1 => block!($W, 1, $j, r0),
+                    2 => block!($W, 2, $j, r0),
+                    _ => block!($W, 3, $j, r0),
+                }
+            }};
+        }
+        // Each weight row once (from memory), `$wrows` at a time, then the ones left.
+        let mut j = 0;
+        while j + $wrows <= $n {
+            rows!($wrows, j);
+            j += $wrows;
+        }
+        while j < $n {
+            rows!(1, j);
+            j += 1;
         }
     }};
 }
@@ -593,6 +616,7 @@ unsafe fn dense_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out:
             n,
             out,
             8,
+            2,
             _mm256_setzero_ps(),
             _mm256_loadu_ps,
             _mm256_fmadd_ps,
@@ -612,6 +636,7 @@ unsafe fn dense_avx512(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, ou
             n,
             out,
             16,
+            4,
             _mm512_setzero_ps(),
             _mm512_loadu_ps,
             _mm512_fmadd_ps,
