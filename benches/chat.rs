@@ -87,15 +87,7 @@ async fn one(
     body["max_tokens"] = json!(max_tokens);
     body["temperature"] = json!(0.0);
     let sent = Instant::now();
-    let mut response = client
-        .post(format!("{}{path}", o.url))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status()));
-    }
+    let mut response = post(client, &format!("{}{path}", o.url), &body).await?;
     let (mut first, mut last, mut deltas, mut usage) = (None, sent, 0usize, None);
     let mut buffer = String::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
@@ -143,14 +135,26 @@ async fn one(
     })
 }
 
-/// One non-streamed `/v1/chat/completions` of `prompt` with `max_tokens` 1 on either server: the
-/// prompt's tokens as the server counted them, and the time to the answer.
-async fn prefill(
+/// `body` POSTed to `url`; an answer other than 2xx is an error.
+async fn post(
     client: &reqwest::Client,
-    o: &Options,
-    prompt: &str,
-) -> Result<(usize, Duration), String> {
-    // The first model `/v1/models` lists: the chat model on both servers.
+    url: &str,
+    body: &Value,
+) -> Result<reqwest::Response, String> {
+    let response = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    Ok(response)
+}
+
+/// The first model `/v1/models` lists: the chat model on both servers.
+async fn first_model(client: &reqwest::Client, o: &Options) -> Result<Value, String> {
     let models: Value = client
         .get(format!("{}/v1/models", o.url))
         .send()
@@ -159,18 +163,21 @@ async fn prefill(
         .json()
         .await
         .map_err(|e| e.to_string())?;
-    let body = json!({"model": models["data"][0]["id"],
+    Ok(models["data"][0]["id"].clone())
+}
+
+/// One non-streamed `/v1/chat/completions` of `prompt` to `model` with `max_tokens` 1 on either
+/// server: the prompt's tokens as the server counted them, and the time to the answer.
+async fn prefill(
+    client: &reqwest::Client,
+    o: &Options,
+    model: &Value,
+    prompt: &str,
+) -> Result<(usize, Duration), String> {
+    let body = json!({"model": model,
         "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0.0});
     let sent = Instant::now();
-    let response = client
-        .post(format!("{}/v1/chat/completions", o.url))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status()));
-    }
+    let response = post(client, &format!("{}/v1/chat/completions", o.url), &body).await?;
     let answer: Value = response.json().await.map_err(|e| e.to_string())?;
     let tokens = answer["usage"]["prompt_tokens"]
         .as_u64()
@@ -249,10 +256,11 @@ async fn main() {
         );
     }
     if o.prefill > 0 {
+        let model = first_model(&client, &o).await.expect("/v1/models");
         let mut rates = Vec::new();
         for rep in 0..o.reps {
             let nonce = std::process::id() as usize * 100 + rep;
-            let (tokens, took) = prefill(&client, &o, &long_prompt(o.prefill, nonce))
+            let (tokens, took) = prefill(&client, &o, &model, &long_prompt(o.prefill, nonce))
                 .await
                 .expect("prefill");
             rates.push((tokens, tokens as f64 / took.as_secs_f64()));
