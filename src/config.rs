@@ -114,8 +114,8 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_MAX_BATCH_TOKENS", default_value_t = 8192)]
     pub max_batch_tokens: usize,
 
-    /// How long an idle worker waits for more requests to join a batch, in milliseconds. Raises
-    /// throughput under load at the cost of this much latency for a lone request.
+    /// How long a worker holds a batch open for more requests while another worker runs one, in
+    /// milliseconds: more throughput under load. On an idle server a request starts at once.
     #[arg(long, env = "AITIER_MAX_BATCH_WAIT_MS", default_value_t = 2)]
     pub max_batch_wait_ms: u64,
 
