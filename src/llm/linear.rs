@@ -34,6 +34,15 @@ impl Compute {
         self.pool.as_ref().map_or(1, |p| p.current_num_threads())
     }
 
+    /// Runs `f` on one of the compute threads (on this one when there are none): the splits
+    /// inside it then start without waking a sleeping thread.
+    pub(crate) fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
     /// Runs `work` on every task, spread over the compute threads; each thread keeps one scratch
     /// value from `scratch` for all the tasks it runs.
     pub(crate) fn each<T: Send, S>(
