@@ -1,7 +1,7 @@
 //! Mixed load over HTTP: N concurrent clients for D seconds, each cycling through embed, classify,
 //! chat (streamed), search and ingest. Prints the count of every status per route, p50/p99 per
-//! route, the server's RSS at start and end, and flags any answer other than 2xx, 429 or 503 with
-//! `Retry-After`.
+//! route, the server's RSS at start and end, its peak and its steady range (sampled each second),
+//! and flags any answer other than 2xx, 429 or 503 with `Retry-After`.
 //!
 //! ```text
 //! benches/load.sh                     # starts the server twice (open; keys + rate limit) and runs this
@@ -131,6 +131,18 @@ async fn main() {
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap();
+    // The server's RSS once a second while the clients run.
+    let sampler = tokio::spawn({
+        let pid = o.pid;
+        async move {
+            let mut samples = Vec::new();
+            while Instant::now() < deadline {
+                samples.extend(rss_mib(pid));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            samples
+        }
+    });
     let mut tasks = Vec::new();
     for c in 0..o.clients {
         let (o, client) = (o.clone(), client.clone());
@@ -156,6 +168,7 @@ async fn main() {
         all.extend(task.await.unwrap());
     }
     let rss_end = rss_mib(o.pid);
+    let samples = sampler.await.unwrap();
     let mut counts: BTreeMap<(&str, u16), usize> = BTreeMap::new();
     let mut latencies: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     let mut unexpected = 0;
@@ -196,5 +209,24 @@ async fn main() {
     }
     let show = |r: Option<f64>| r.map_or("?".into(), |m| format!("{m:.0} MiB"));
     println!("  RSS start {}  end {}", show(rss_start), show(rss_end));
+    // Steady: after the first sixth of the run (10 s of 60), while the caches fill.
+    let steady = &samples[samples.len() / 6..];
+    if let (Some(peak), Some(low), Some(high)) = (
+        samples.iter().copied().reduce(f64::max),
+        steady.iter().copied().reduce(f64::min),
+        steady.iter().copied().reduce(f64::max),
+    ) {
+        let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+        let spread = (high - low) / mean * 100.0;
+        println!(
+            "  RSS peak {peak:.0} MiB; steady (after {} s) {low:.0}-{high:.0} MiB, spread {spread:.0}% of its mean ({})",
+            samples.len() / 6,
+            if spread <= 20.0 {
+                "flat within ±10%"
+            } else {
+                "not flat"
+            }
+        );
+    }
     println!("  unexpected answers (not 2xx, 429/503 with Retry-After): {unexpected}");
 }
