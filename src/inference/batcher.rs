@@ -36,10 +36,13 @@ pub struct Pooled {
     pub truncated: bool,
 }
 
+/// Up to this many bytes of text, a request is tokenized on the async thread that received it.
+const TOKENIZE_INLINE_BYTES: usize = 2048;
+
 type Reply = oneshot::Sender<Result<Vec<Pooled>, ModelError>>;
 
 struct Job {
-    texts: Vec<String>,
+    seqs: Vec<Tokenized>,
     reply: Reply,
     enqueued: Instant,
     /// When the job's batch started, for the request's `Server-Timing` (queue vs inference).
@@ -48,7 +51,7 @@ struct Job {
     waiting: Arc<AtomicUsize>,
 }
 
-/// A job after tokenization, ready to be batched.
+/// A job a worker has taken, ready to be batched.
 struct Prepared {
     seqs: Vec<Tokenized>,
     reply: Reply,
@@ -66,6 +69,8 @@ impl Prepared {
 #[derive(Clone)]
 pub struct Batcher {
     tx: SyncSender<Job>,
+    /// For tokenizing on the caller's side, before the queue (see [`Batcher::run`]).
+    model: Arc<dyn SequenceModel>,
     name: Arc<str>,
     /// Texts waiting in the queue: the bound is in texts, not requests, so that one request of
     /// 256 texts counts as the work it is.
@@ -91,6 +96,7 @@ impl Batcher {
         }
         Ok(Self {
             tx,
+            model,
             name,
             waiting: Arc::new(AtomicUsize::new(0)),
             capacity: config.queue_capacity,
@@ -98,10 +104,11 @@ impl Batcher {
     }
 
     /// Runs the model on `texts` (one output per text, in order), or refuses at once when the queue
-    /// is full. Dropping the future before it completes lets the worker skip the job.
+    /// is full. The texts are tokenized here, before the queue, so that a worker gathering a batch
+    /// (under the queue's lock) never waits on another's tokenization. Dropping the future before
+    /// it completes lets the worker skip the job.
     pub async fn run(&self, texts: Vec<String>) -> Result<Vec<Pooled>, InferenceError> {
         let (reply, rx) = oneshot::channel();
-        let (enqueued, started) = (Instant::now(), Arc::new(OnceLock::new()));
         let n = texts.len();
         // A request larger than the whole queue still runs when nothing waits.
         let before = self.waiting.fetch_add(n, Ordering::SeqCst);
@@ -116,8 +123,16 @@ impl Batcher {
             self.waiting.fetch_sub(n, Ordering::SeqCst);
             return Err(overloaded());
         }
+        let seqs = match self.tokenize(texts).await {
+            Ok(seqs) => seqs,
+            Err(e) => {
+                self.waiting.fetch_sub(n, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
+        let (enqueued, started) = (Instant::now(), Arc::new(OnceLock::new()));
         let job = Job {
-            texts,
+            seqs,
             reply,
             enqueued,
             started: started.clone(),
@@ -137,6 +152,29 @@ impl Batcher {
             crate::telemetry::record_model_time(batch - enqueued, batch.elapsed());
         }
         Ok(result?)
+    }
+
+    /// Tokenizes `texts`: on this thread when they are short (a few sentences take tens of
+    /// microseconds), else on the blocking pool, so that a large request does not hold up the
+    /// async runtime.
+    async fn tokenize(&self, texts: Vec<String>) -> Result<Vec<Tokenized>, ModelError> {
+        let inline = texts.iter().map(String::len).sum::<usize>() <= TOKENIZE_INLINE_BYTES;
+        let model = self.model.clone();
+        let all = move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                texts
+                    .iter()
+                    .map(|t| model.tokenize(t))
+                    .collect::<Result<Vec<_>, _>>()
+            }))
+            .unwrap_or_else(|panic| Err(ModelError::Panic(panic_message(panic.as_ref()))))
+        };
+        if inline {
+            return all();
+        }
+        tokio::task::spawn_blocking(all)
+            .await
+            .unwrap_or_else(|e| Err(ModelError::Panic(e.to_string())))
     }
 
     fn stopped(&self) -> InferenceError {
@@ -190,7 +228,7 @@ fn worker(model: &dyn SequenceModel, queue: &Mutex<Queue>, config: &BatchConfig)
                 carried,
                 running,
             } = &mut *queue;
-            let Some(jobs) = gather(model, rx, config, carried, running) else {
+            let Some(jobs) = gather(rx, config, carried, running) else {
                 return;
             };
             running.fetch_add(1, Ordering::SeqCst);
@@ -206,7 +244,6 @@ fn worker(model: &dyn SequenceModel, queue: &Mutex<Queue>, config: &BatchConfig)
 /// `max_wait`. A job that would overflow the batch is carried to the next one. `None` when every
 /// sender is gone.
 fn gather(
-    model: &dyn SequenceModel,
     rx: &Receiver<Job>,
     config: &BatchConfig,
     carried: &mut Option<Prepared>,
@@ -216,7 +253,7 @@ fn gather(
         if let Some(prepared) = carried.take() {
             break prepared;
         }
-        if let Some(prepared) = prepare(model, rx.recv().ok()?, &config.name) {
+        if let Some(prepared) = prepare(rx.recv().ok()?, &config.name) {
             break prepared;
         }
     };
@@ -240,7 +277,7 @@ fn gather(
                 }
             }
         };
-        let Some(prepared) = prepare(model, job, &config.name) else {
+        let Some(prepared) = prepare(job, &config.name) else {
             continue;
         };
         if seqs + prepared.seqs.len() > config.max_batch_size
@@ -256,32 +293,20 @@ fn gather(
     Some(jobs)
 }
 
-/// Tokenizes a job; `None` when its client has gone or tokenization failed (the client is told).
-fn prepare(model: &dyn SequenceModel, job: Job, name: &str) -> Option<Prepared> {
-    let left = job.waiting.fetch_sub(job.texts.len(), Ordering::SeqCst) - job.texts.len();
+/// A job as a worker takes it; `None` when its client has gone.
+fn prepare(job: Job, name: &str) -> Option<Prepared> {
+    let n = job.seqs.len();
+    let left = job.waiting.fetch_sub(n, Ordering::SeqCst) - n;
     metrics::gauge!("aitier_embedding_queue_depth", "model" => name.to_string()).set(left as f64);
     if job.reply.is_closed() {
         return None;
     }
-    let seqs = catch_unwind(AssertUnwindSafe(|| {
-        job.texts
-            .iter()
-            .map(|t| model.tokenize(t))
-            .collect::<Result<Vec<_>, _>>()
-    }))
-    .unwrap_or_else(|panic| Err(ModelError::Panic(panic_message(panic.as_ref()))));
-    match seqs {
-        Ok(seqs) => Some(Prepared {
-            seqs,
-            reply: job.reply,
-            enqueued: job.enqueued,
-            started: job.started,
-        }),
-        Err(e) => {
-            let _ = job.reply.send(Err(e));
-            None
-        }
-    }
+    Some(Prepared {
+        seqs: job.seqs,
+        reply: job.reply,
+        enqueued: job.enqueued,
+        started: job.started,
+    })
 }
 
 /// Runs the sequences of all `jobs` sorted by length, in sub-batches that respect the limits, so
@@ -418,6 +443,9 @@ mod tests {
 
     impl SequenceModel for Recorder {
         fn tokenize(&self, text: &str) -> Result<Tokenized, ModelError> {
+            if text == "panic" {
+                panic!("a tokenizer bug");
+            }
             let ids: Vec<u32> = text.bytes().map(u32::from).collect();
             Ok(Tokenized {
                 type_ids: vec![0; ids.len()],
@@ -534,6 +562,26 @@ mod tests {
         assert!(matches!(refused, Err(InferenceError::Overloaded { .. })));
         assert!(busy.await.unwrap().is_ok());
         assert!(queued.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_tokenizer_that_panics_fails_its_request_alone_inline_or_on_the_blocking_pool() {
+        let batcher = Batcher::spawn(recorder(0), config(64)).unwrap();
+        let long = "x".repeat(TOKENIZE_INLINE_BYTES);
+        for texts in [
+            vec!["panic".to_string()],
+            vec![long.clone(), "panic".into()],
+        ] {
+            let failed = batcher.run(texts).await;
+            assert!(
+                matches!(failed, Err(InferenceError::Model(ModelError::Panic(_)))),
+                "{failed:?}"
+            );
+        }
+        // Nothing of the failed requests stays counted against the queue.
+        assert_eq!(batcher.waiting.load(Ordering::SeqCst), 0);
+        let answers = batcher.run(vec!["fine".into(), long]).await.unwrap();
+        assert_eq!(answers[1].tokens, TOKENIZE_INLINE_BYTES);
     }
 
     #[tokio::test]
