@@ -82,17 +82,15 @@ impl Batcher {
     /// Starts the worker threads. They run until every handle is dropped.
     pub fn spawn(model: Arc<dyn SequenceModel>, config: BatchConfig) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
-        let rx = Arc::new(Mutex::new(Queue {
-            rx,
-            carried: None,
-            running: Arc::new(AtomicUsize::new(0)),
-        }));
+        let rx = Arc::new(Mutex::new(Queue { rx, carried: None }));
+        let running = Arc::new(AtomicUsize::new(0));
         let name: Arc<str> = config.name.clone().into();
         for i in 0..config.workers.max(1) {
-            let (model, rx, config) = (model.clone(), rx.clone(), config.clone());
+            let (model, rx, running, config) =
+                (model.clone(), rx.clone(), running.clone(), config.clone());
             std::thread::Builder::new()
                 .name(format!("aitier-{}-{i}", config.name))
-                .spawn(move || worker(model.as_ref(), &rx, &config))?;
+                .spawn(move || worker(model.as_ref(), &rx, &running, &config))?;
         }
         Ok(Self {
             tx,
@@ -160,15 +158,7 @@ impl Batcher {
     async fn tokenize(&self, texts: Vec<String>) -> Result<Vec<Tokenized>, ModelError> {
         let inline = texts.iter().map(String::len).sum::<usize>() <= TOKENIZE_INLINE_BYTES;
         let model = self.model.clone();
-        let all = move || {
-            catch_unwind(AssertUnwindSafe(|| {
-                texts
-                    .iter()
-                    .map(|t| model.tokenize(t))
-                    .collect::<Result<Vec<_>, _>>()
-            }))
-            .unwrap_or_else(|panic| Err(ModelError::Panic(panic_message(panic.as_ref()))))
-        };
+        let all = move || guarded(|| texts.iter().map(|t| model.tokenize(t)).collect());
         if inline {
             return all();
         }
@@ -190,15 +180,19 @@ impl Batcher {
 struct Queue {
     rx: Receiver<Job>,
     carried: Option<Prepared>,
-    /// Workers running a batch now. A batch waits for company only while another one runs: on an
-    /// idle server a lone request starts at once rather than after `max_wait` (2 of the 6 ms a
-    /// short sentence took), and under load the batches form as before.
-    running: Arc<AtomicUsize>,
 }
 
 /// Takes a batch from the shared queue (one worker at a time gathers), then runs it while the
-/// other workers gather theirs.
-fn worker(model: &dyn SequenceModel, queue: &Mutex<Queue>, config: &BatchConfig) {
+/// other workers gather theirs. `running` counts the workers running a batch now: a batch waits
+/// for company only while another one runs, so on an idle server a lone request starts at once
+/// rather than after `max_wait` (2 of the 6 ms a short sentence took), and under load the
+/// batches form as before.
+fn worker(
+    model: &dyn SequenceModel,
+    queue: &Mutex<Queue>,
+    running: &AtomicUsize,
+    config: &BatchConfig,
+) {
     // The forward passes run on a compute thread of the worker's own: candle's ops then run their
     // parallel loops where they are, rather than handing each one to rayon's global pool and
     // sleeping until it is done (≈100 such hand-offs in a pass of a short sentence, a third of
@@ -221,18 +215,14 @@ fn worker(model: &dyn SequenceModel, queue: &Mutex<Queue>, config: &BatchConfig)
         }
     };
     loop {
-        let (jobs, running) = {
+        let jobs = {
             let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
-            let Queue {
-                rx,
-                carried,
-                running,
-            } = &mut *queue;
+            let Queue { rx, carried } = &mut *queue;
             let Some(jobs) = gather(rx, config, carried, running) else {
                 return;
             };
             running.fetch_add(1, Ordering::SeqCst);
-            (jobs, running.clone())
+            jobs
         };
         run_jobs(model, jobs, config, compute.as_ref());
         running.fetch_sub(1, Ordering::SeqCst);
@@ -342,8 +332,7 @@ fn run_jobs(
             Some(pool) => pool.install(|| model.forward(&batch)),
             None => model.forward(&batch),
         };
-        let result = catch_unwind(AssertUnwindSafe(forward))
-            .unwrap_or_else(|panic| Err(ModelError::Panic(panic_message(panic.as_ref()))));
+        let result = guarded(forward);
         match result {
             Ok(vectors) if vectors.len() == chunk.len() => {
                 for (&(j, s), v) in chunk.iter().zip(vectors) {
@@ -419,6 +408,12 @@ fn sub_batches<'a, T>(
         chunks.push(&sorted[start..]);
     }
     chunks
+}
+
+/// `f`'s result, or its panic as [`ModelError::Panic`].
+fn guarded<T>(f: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|panic| Err(ModelError::Panic(panic_message(panic.as_ref()))))
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
