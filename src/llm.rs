@@ -23,7 +23,7 @@ pub use engine::{ChatEvent, EngineStats, RestartHold};
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use kernels::{Format, Isa, QActs, QMatrix, matmul};
 pub use kv::KvCache;
-pub use llama::{Input, Llama, LlamaConfig};
+pub use llama::{Architecture, Input, Llama, LlamaConfig};
 pub use local::LocalModel;
 pub use prefix::PrefixCache;
 pub use provider::{ChatError, ChatProvider, ChatStream};

@@ -97,16 +97,28 @@ pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) 
     }
 }
 
+/// Which dimensions of a head rotate together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i + 1)`: the GPT-J ("NORM") convention, which llama-architecture GGUF files
+    /// use (their converter permutes q and k into it), as candle's `rope_i`.
+    Interleaved,
+    /// Pairs `(i, i + half)`: the GPT-NeoX convention, which qwen2 GGUF files keep, as candle's
+    /// `rope`.
+    Halves,
+}
+
 /// Rotary position tables, `[position][pair]`, computed as candle computes them (f32 throughout)
-/// so that the logits match its `quantized_llama`.
+/// so that the logits match its `quantized_llama` and `quantized_qwen2`.
 pub(crate) struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
+    style: RopeStyle,
 }
 
 impl Rope {
-    pub fn new(rope_dim: usize, base: f32, positions: usize) -> Self {
+    pub fn new(rope_dim: usize, base: f32, positions: usize, style: RopeStyle) -> Self {
         let theta: Vec<f32> = (0..rope_dim)
             .step_by(2)
             .map(|i| 1f32 / base.powf(i as f32 / rope_dim as f32))
@@ -121,23 +133,39 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
-        Self { cos, sin, half }
+        Self {
+            cos,
+            sin,
+            half,
+            style,
+        }
     }
 
     pub fn positions(&self) -> usize {
         self.cos.len() / self.half
     }
 
-    /// Rotates each `head_dim` slice of `x` in place for position `pos`: the interleaved (GPT-J,
-    /// "NORM") convention, pairs `(2i, 2i + 1)`, which llama-architecture GGUF files use.
+    /// Rotates each `head_dim` slice of `x` in place for position `pos`, in the model's
+    /// [`RopeStyle`]; dimensions past the rotary ones (a partial rotary) are left as they are.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
-        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
-        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
+        let half = self.half;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let rotate =
+            |x0: f32, x1: f32, i: usize| (x0 * cos[i] - x1 * sin[i], x0 * sin[i] + x1 * cos[i]);
         for head in x.chunks_exact_mut(head_dim) {
-            for (i, pair) in head.chunks_exact_mut(2).take(self.half).enumerate() {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * cos[i] - x1 * sin[i];
-                pair[1] = x0 * sin[i] + x1 * cos[i];
+            match self.style {
+                RopeStyle::Interleaved => {
+                    for (i, pair) in head.chunks_exact_mut(2).take(half).enumerate() {
+                        (pair[0], pair[1]) = rotate(pair[0], pair[1], i);
+                    }
+                }
+                RopeStyle::Halves => {
+                    let (low, high) = head[..2 * half].split_at_mut(half);
+                    for (i, (a, b)) in low.iter_mut().zip(high).enumerate() {
+                        (*a, *b) = rotate(*a, *b, i);
+                    }
+                }
             }
         }
     }

@@ -1,4 +1,6 @@
-//! Our own forward pass of a quantised llama-architecture model, on our own int8 kernels.
+//! Our own forward pass of a quantised llama-family model, on our own int8 kernels: the `llama`
+//! architecture (SmolLM2, Llama) and `qwen2` (Qwen2 and Qwen2.5), which differs only in biases on
+//! q, k and v and in the rotary convention ([`Architecture`]).
 //! candle's `quantized_llama::ModelWeights` keeps its KV cache in private fields and takes one
 //! position for a whole batch; this one takes caches we own, so it can (a) start a prompt from the
 //! cache of a shared prefix and (b) advance several sequences, each at its own position, in one
@@ -16,21 +18,63 @@ use candle_core::quantized::gguf_file::Content;
 use super::LlmError;
 use super::kernels::attention::{Heads, QUERY_BLOCK, Queries};
 use super::kernels::{Isa, QMatrix, attend_tokens};
-use super::kv::{KvCache, Rope, rms_norm};
+use super::kv::{KvCache, Rope, RopeStyle, rms_norm};
 use super::linear::{Compute, Linear, load_matrix};
 
 struct Layer {
     attn_norm: Vec<f32>,
     qkv: Linear,
+    /// q|k|v biases side by side, as the columns of `qkv` (qwen2); `None` without biases (llama).
+    qkv_bias: Option<Vec<f32>>,
     wo: Linear,
     ffn_norm: Vec<f32>,
     gate_up: Linear,
     down: Linear,
 }
 
+/// The GGUF architectures this forward pass runs (`general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+}
+
+impl Architecture {
+    fn from_gguf(ct: &Content) -> Result<Self, LlmError> {
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .map_or("llama", String::as_str);
+        match arch {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            other => Err(LlmError::Load(format!(
+                "the GGUF architecture '{other}' is not supported (llama and qwen2 are)"
+            ))),
+        }
+    }
+
+    /// The prefix of its metadata keys.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    fn rope(self) -> RopeStyle {
+        match self {
+            Self::Llama => RopeStyle::Interleaved,
+            Self::Qwen2 => RopeStyle::Halves,
+        }
+    }
+}
+
 /// Shapes read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
 pub struct LlamaConfig {
+    pub arch: Architecture,
     pub n_layer: usize,
     pub dim: usize,
     pub n_head: usize,
@@ -74,10 +118,12 @@ impl Llama {
     /// the calling thread ([`Self::set_threads`] to split them).
     pub fn from_gguf<R: Read + Seek>(ct: &Content, r: &mut R, isa: Isa) -> Result<Self, LlmError> {
         let dev = Device::Cpu;
+        let arch = Architecture::from_gguf(ct)?;
         let meta = |key: &str| {
+            let key = format!("{}.{key}", arch.key());
             ct.metadata
-                .get(&format!("llama.{key}"))
-                .ok_or_else(|| LlmError::Load(format!("the GGUF metadata has no llama.{key}")))
+                .get(&key)
+                .ok_or_else(|| LlmError::Load(format!("the GGUF metadata has no {key}")))
         };
         let get = |key: &str| -> Result<usize, LlmError> { Ok(meta(key)?.to_u32()? as usize) };
         let (n_layer, dim, n_head) = (
@@ -109,12 +155,33 @@ impl Llama {
             let (gate, up) = (m("ffn_gate")?, m("ffn_up")?);
             let (wo, down) = (m("attn_output")?, m("ffn_down")?);
             ffn_dim = gate.rows();
-            let mut norm = |n: &str| f32_vec(ct.tensor(r, &format!("blk.{i}.{n}.weight"), &dev)?);
+            let mut vector = |n: &str| f32_vec(ct.tensor(r, &format!("blk.{i}.{n}"), &dev)?);
+            let qkv_bias = match arch {
+                Architecture::Llama => None,
+                Architecture::Qwen2 => Some(
+                    [
+                        vector("attn_q.bias")?,
+                        vector("attn_k.bias")?,
+                        vector("attn_v.bias")?,
+                    ]
+                    .concat(),
+                ),
+            };
+            if let Some(bias) = &qkv_bias
+                && bias.len() != q.rows() + k.rows() + v.rows()
+            {
+                return Err(LlmError::Load(format!(
+                    "blk.{i}: {} q, k and v biases for {} columns",
+                    bias.len(),
+                    q.rows() + k.rows() + v.rows()
+                )));
+            }
             layers.push(Layer {
-                attn_norm: norm("attn_norm")?,
+                attn_norm: vector("attn_norm.weight")?,
                 qkv: Linear::stacked(vec![q, k, v])?,
+                qkv_bias,
                 wo: Linear::stacked(vec![wo])?,
-                ffn_norm: norm("ffn_norm")?,
+                ffn_norm: vector("ffn_norm.weight")?,
                 gate_up: Linear::stacked(vec![gate, up])?,
                 down: Linear::stacked(vec![down])?,
             });
@@ -126,12 +193,14 @@ impl Llama {
                 .sum::<usize>()
                 + output.bytes(),
             ?isa,
-            "llama weights loaded"
+            ?arch,
+            "weights loaded"
         );
         let head_dim = dim / n_head;
         let rope_dim = get("rope.dimension_count").unwrap_or(head_dim);
         Ok(Self {
             config: LlamaConfig {
+                arch,
                 n_layer,
                 dim,
                 n_head,
@@ -145,7 +214,7 @@ impl Llama {
             layers,
             norm,
             output,
-            rope: Rope::new(rope_dim, base.unwrap_or(10_000.0), context),
+            rope: Rope::new(rope_dim, base.unwrap_or(10_000.0), context, arch.rope()),
             compute: Compute::new(isa, 1),
         })
     }
@@ -233,6 +302,11 @@ impl Llama {
             rms_norm(&x, &layer.attn_norm, c.eps, &mut h);
             let mut qkv = layer.qkv.forward(&self.compute, &h, rows);
             let width = q_dim + 2 * kv_dim;
+            if let Some(bias) = &layer.qkv_bias {
+                for row in qkv.chunks_exact_mut(width) {
+                    row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                }
+            }
             // Rotary positions, then each input's new keys and values join its cache.
             let mut row = 0;
             for input in inputs.iter_mut() {
