@@ -32,6 +32,8 @@ struct Options {
     reps: usize,
     max_tokens: usize,
     prefill: usize,
+    /// The chat model `/v1/models` lists first (OpenAI streams name it).
+    model: Value,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +51,7 @@ fn options() -> Options {
         reps: 3,
         max_tokens: 128,
         prefill: 0,
+        model: Value::Null,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -77,7 +80,7 @@ async fn one(
     max_tokens: usize,
 ) -> Result<Stream, String> {
     let (path, mut body) = if o.openai {
-        let body = json!({"model": "smollm2", "stream": true,
+        let body = json!({"model": o.model, "stream": true,
             "stream_options": {"include_usage": true}});
         ("/v1/chat/completions", body)
     } else {
@@ -213,12 +216,13 @@ async fn main() {
         eprintln!("benches/chat: a client for a running server; see the top of benches/chat.rs");
         return;
     }
-    let o = options();
+    let mut o = options();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .tcp_nodelay(true)
         .build()
         .unwrap();
+    o.model = first_model(&client, &o).await.expect("/v1/models");
     // Warm-up: connections, and the prompt in both servers' prefix caches.
     one(&client, &o, PROMPT, 8).await.expect("warm-up stream");
     for &n in &o.concurrency {
@@ -256,7 +260,7 @@ async fn main() {
         );
     }
     if o.prefill > 0 {
-        let model = first_model(&client, &o).await.expect("/v1/models");
+        let model = o.model.clone();
         let mut rates = Vec::new();
         for rep in 0..o.reps {
             let nonce = std::process::id() as usize * 100 + rep;

@@ -156,18 +156,21 @@ pub struct ServeArgs {
     #[arg(long, env = "AITIER_CLASSIFIER_CACHE", default_value_t = 3)]
     pub classifier_cache: usize,
 
-    /// Local chat model: a GGUF file (llama architecture), or `none` to serve no chat.
+    /// Local chat models: GGUF files of the llama or qwen2 architecture, comma-separated or the
+    /// flag repeated, each served by an engine of its own; the first answers requests that name
+    /// no model. `none` serves no chat.
     #[arg(
         long,
         env = "AITIER_CHAT_MODEL",
+        value_delimiter = ',',
         default_value = "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
-    pub chat_model: String,
+    pub chat_model: Vec<String>,
 
-    /// Name the chat model is served under (`model` in chat requests). Defaults to the GGUF file's
-    /// folder name.
-    #[arg(long, env = "AITIER_CHAT_MODEL_NAME")]
-    pub chat_model_name: Option<String>,
+    /// Names the chat models are served under (`model` in chat requests), in the order of
+    /// `--chat-model`. A model without one is named after its GGUF file's folder.
+    #[arg(long, env = "AITIER_CHAT_MODEL_NAME", value_delimiter = ',')]
+    pub chat_model_name: Vec<String>,
 
     /// Generations that run at once: the batch size of the chat engine, which decodes one token of
     /// every running generation per forward pass. A decode step reads all the weights whatever the
@@ -316,11 +319,6 @@ impl ServeArgs {
         Duration::from_secs(self.request_timeout_secs)
     }
 
-    /// The chat model's file, unless chat is turned off.
-    pub fn chat_model(&self) -> Option<&str> {
-        (self.chat_model != "none").then_some(self.chat_model.as_str())
-    }
-
     /// The model aliases, checked for form (whether they name served models is checked once the
     /// names are known, at start-up).
     pub fn aliases(&self) -> Result<crate::aliases::ModelAliases, crate::aliases::AliasError> {
@@ -341,17 +339,44 @@ impl ServeArgs {
         }))
     }
 
-    /// The served name of the chat model.
-    pub fn chat_model_name(&self) -> String {
-        self.chat_model_name.clone().unwrap_or_else(|| {
-            let path = std::path::Path::new(&self.chat_model);
-            path.parent()
-                .and_then(|p| p.file_name())
-                .or(path.file_stem())
-                .and_then(|n| n.to_str())
-                .unwrap_or("local")
-                .to_string()
-        })
+    /// The local chat models as `(name, file)`, the default first; none when chat is turned off.
+    pub fn chat_models(&self) -> Result<Vec<(String, String)>, String> {
+        let files: Vec<&String> = self.chat_model.iter().filter(|f| !f.is_empty()).collect();
+        if files.iter().any(|f| *f == "none") {
+            if files.len() > 1 {
+                return Err("--chat-model none turns chat off: it takes no other model".into());
+            }
+            return Ok(Vec::new());
+        }
+        if self.chat_model_name.len() > files.len() {
+            return Err(format!(
+                "--chat-model-name gives {} names for {} chat models",
+                self.chat_model_name.len(),
+                files.len()
+            ));
+        }
+        let mut models: Vec<(String, String)> = Vec::with_capacity(files.len());
+        for (i, file) in files.into_iter().enumerate() {
+            let name = self.chat_model_name.get(i).cloned().unwrap_or_else(|| {
+                let path = std::path::Path::new(file);
+                path.parent()
+                    .and_then(|p| p.file_name())
+                    .or(path.file_stem())
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("local")
+                    .to_string()
+            });
+            if name.trim().is_empty() {
+                return Err(format!("--chat-model-name: an empty name for {file}"));
+            }
+            if models.iter().any(|(n, _)| *n == name) {
+                return Err(format!(
+                    "two chat models are named '{name}': name them with --chat-model-name"
+                ));
+            }
+            models.push((name, file.clone()));
+        }
+        Ok(models)
     }
 
     /// Worker threads per model: as configured, else one per core.

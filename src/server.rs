@@ -66,26 +66,25 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         registry,
         Some(args.sentiment_model.clone()),
     );
-    let chat = match args.chat_model() {
-        Some(path) => {
-            if !std::path::Path::new(path).is_file() {
-                anyhow::bail!(
-                    "chat model {path} not found: run models/fetch, pass another GGUF file with --chat-model, or --chat-model none"
-                );
-            }
-            state = state.with_chat(args.chat_model_name());
-            Some(ChatConfig {
-                path: path.into(),
-                concurrent: args.max_concurrent_generations,
-                queue: args.generation_queue,
-                threads: args
-                    .chat_threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-                context: args.chat_context.map(|c| c as usize),
-            })
+    let threads = args
+        .chat_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut chat = Vec::new();
+    for (name, path) in args.chat_models().map_err(anyhow::Error::msg)? {
+        if !std::path::Path::new(&path).is_file() {
+            anyhow::bail!(
+                "chat model {path} not found: run models/fetch, pass another GGUF file with --chat-model, or --chat-model none"
+            );
         }
-        None => None,
-    };
+        state = state.with_chat(name);
+        chat.push(ChatConfig {
+            path: path.into(),
+            concurrent: args.max_concurrent_generations,
+            queue: args.generation_queue,
+            threads,
+            context: args.chat_context.map(|c| c as usize),
+        });
+    }
     state.max_tokens_limit = args.max_tokens_limit;
     if let Some(upstream) = args.upstream() {
         tracing::info!(upstream = %upstream.base_url(), "chat upstream configured");
@@ -156,7 +155,7 @@ async fn load_models(
     state: AppState,
     files: ModelFiles,
     batch: BatchConfig,
-    chat: Option<ChatConfig>,
+    chat: Vec<ChatConfig>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let name = batch.name.clone();
@@ -189,7 +188,8 @@ async fn load_models(
             .with_context(|| format!("sentiment classifier {}", sentiment.id))?;
         sentiment.mark_ready();
     }
-    if let (Some(slot), Some(chat)) = (&state.chat, chat) {
+    // One after the other: each model's engine and memory are its own.
+    for (slot, chat) in state.chat.iter().zip(chat) {
         let started = std::time::Instant::now();
         let path = chat.path.clone();
         let (threads, context) = (chat.threads, chat.context);

@@ -99,8 +99,9 @@ pub struct AppState {
     pub classifiers: Arc<Classifiers>,
     /// `None` when no sentiment classifier is configured (handler tests).
     pub sentiment: Option<Arc<Sentiment>>,
-    /// The local chat model; `None` when chat is turned off.
-    pub chat: Option<Arc<Slot<ChatService>>>,
+    /// The local chat models, each with its own engine, the default first; none when chat is
+    /// turned off.
+    pub chat: Vec<Arc<Slot<ChatService>>>,
     /// The OpenAI-compatible upstream for chat; `None` when none is configured.
     pub upstream: Option<Arc<Upstream>>,
     /// Most tokens a chat request generates, whatever it asks for.
@@ -128,7 +129,7 @@ impl AppState {
                     ready: AtomicBool::new(false),
                 })
             }),
-            chat: None,
+            chat: Vec::new(),
             upstream: None,
             max_tokens_limit: None,
             rag: None,
@@ -143,10 +144,19 @@ impl AppState {
         self
     }
 
-    /// Serves chat with the model that will fill this slot.
+    /// Serves chat with one more model, which will fill this slot; the first is the default.
     pub fn with_chat(mut self, name: impl Into<String>) -> Self {
-        self.chat = Some(Arc::new(Slot::empty(name)));
+        self.chat.push(Arc::new(Slot::empty(name)));
         self
+    }
+
+    /// The local chat model called `name` (its served name, aliases resolved), or the default
+    /// one for `None`.
+    pub fn chat_model(&self, name: Option<&str>) -> Option<&Arc<Slot<ChatService>>> {
+        match name {
+            None => self.chat.first(),
+            Some(name) => self.chat.iter().find(|slot| slot.name() == name),
+        }
     }
 
     /// Routes chat models this server does not run to `upstream`.
@@ -166,7 +176,7 @@ impl AppState {
         {
             pending.push(format!("classifier {}", sentiment.id));
         }
-        if let Some(chat) = &self.chat {
+        for chat in &self.chat {
             match chat.get() {
                 Err(_) => pending.push(format!("chat model {}", chat.name())),
                 Ok(service) if service.restarting() => pending.push(format!(

@@ -139,7 +139,7 @@ async fn over_the_limit_is_503_and_a_disconnect_stops_the_generation() {
         "0",
     ])
     .await;
-    let chat = server.state.chat.as_ref().unwrap().get().unwrap();
+    let chat = server.state.chat[0].get().unwrap();
     let long = json!({
         "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
         "max_tokens": 4096
@@ -213,7 +213,7 @@ async fn integral_numbers_are_integers_as_json_schema_says() {
 #[tokio::test]
 async fn a_panic_in_the_engine_fails_its_streams_and_the_engine_restarts() {
     let server = chat_server(&[]).await;
-    let chat = server.state.chat.as_ref().unwrap().get().unwrap();
+    let chat = server.state.chat[0].get().unwrap();
     let messages =
         json!([{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]);
     let mut ours = server

@@ -35,7 +35,7 @@ async fn a_stream_in_flight_ends_with_an_error_event_and_the_server_exits_in_tim
         let chunk = body.next().await.expect("stream open").unwrap();
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
-    let chat = server.state.chat.as_ref().unwrap().get().unwrap();
+    let chat = server.state.chat[0].get().unwrap();
     assert_eq!(chat.active(), 1);
 
     let started = Instant::now();

@@ -31,7 +31,7 @@ async fn a_slow_completion_is_a_504_and_streams_outlive_the_limit() {
         "{body}"
     );
     // The abandoned generation stops.
-    let chat = server.state.chat.as_ref().unwrap().get().unwrap();
+    let chat = server.state.chat[0].get().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while chat.active() > 0 {
         assert!(Instant::now() < deadline, "the generation kept running");

@@ -120,7 +120,7 @@ async fn a_second_aitier_is_a_real_upstream() {
 async fn a_client_that_leaves_drops_the_upstream_request() {
     let upstream = spawn(&["--chat-model", GGUF]).await;
     let server = relay(&upstream.url("/v1"), &[]).await;
-    let upstream_chat = upstream.state.chat.as_ref().unwrap().get().unwrap();
+    let upstream_chat = upstream.state.chat[0].get().unwrap();
     let relay_gauge = server.state.upstream.clone().unwrap();
 
     let mut long = paris();

@@ -364,15 +364,16 @@ pub(super) fn event(e: ChatEvent) -> Event {
 
 /// The provider for `model` ([`crate::llm::route`]), as an HTTP error when there is none.
 pub fn route(state: &AppState, model: Option<&str>) -> Result<Route, ApiError> {
-    let local = match state.chat.as_ref() {
-        None => Local::Off,
-        Some(slot) => match slot.get() {
+    let locals = state
+        .chat
+        .iter()
+        .map(|slot| match slot.get() {
             Ok(service) => Local::Ready(slot.name(), service),
             Err(_) => Local::Loading(slot.name()),
-        },
-    };
+        })
+        .collect();
     let model = model.map(|m| state.aliases.resolve(m));
-    crate::llm::route(model, local, state.upstream.as_ref()).map_err(|e| match e {
+    crate::llm::route(model, locals, state.upstream.as_ref()).map_err(|e| match e {
         e @ RouteError::ModelRequired => {
             ApiError::validation(body(&["model"]), e.to_string(), "missing")
         }

@@ -64,10 +64,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// Reads the gauges that live elsewhere (the chat engine's own counters, the database pool) at
 /// scrape time, so the hot paths pay nothing for them.
 fn sample(state: &AppState) {
-    if let Some(chat) = state.chat.as_ref().and_then(|slot| slot.get().ok()) {
+    let mut active = 0;
+    for chat in state.chat.iter().filter_map(|slot| slot.get().ok()) {
         let model = chat.name().to_string();
-        ::metrics::gauge!("aitier_chat_active_generations", "provider" => "local")
-            .set(chat.active() as f64);
+        active += chat.active();
         ::metrics::gauge!("aitier_chat_queue_depth", "model" => model.clone())
             .set(chat.waiting() as f64);
         let stats = chat.stats();
@@ -84,6 +84,10 @@ fn sample(state: &AppState) {
             .absolute(load(&stats.restarts));
         ::metrics::gauge!("aitier_chat_engine_restarting", "model" => model)
             .set(if chat.restarting() { 1.0 } else { 0.0 });
+    }
+    if !state.chat.is_empty() {
+        ::metrics::gauge!("aitier_chat_active_generations", "provider" => "local")
+            .set(active as f64);
     }
     if let Some(upstream) = &state.upstream {
         ::metrics::gauge!("aitier_chat_active_generations", "provider" => "upstream")

@@ -145,27 +145,30 @@ pub async fn tokenize(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let chat = state.chat.as_ref();
     let embedding = state.embeddings.name();
     let asked = req.model.as_deref().map(|m| state.aliases.resolve(m));
-    let to_chat = match (asked, chat) {
-        (None, chat) => chat.is_some(),
-        (Some(m), Some(slot)) if m == slot.name() => true,
-        (Some(m), _) if m == embedding => false,
-        (Some(m), _) => {
-            let served: Vec<String> = chat
-                .map(|slot| slot.name())
-                .into_iter()
-                .chain([embedding])
-                .map(|n| format!("'{n}'"))
-                .collect();
-            return Err(ApiError::NotFound(format!(
-                "Tokens are counted for {}, not '{m}'",
-                served.join(" and ")
-            )));
-        }
+    // No name: the default chat model (the embedding model when chat is off).
+    let chat = match asked {
+        None => state.chat.first(),
+        Some(m) => match state.chat_model(Some(m)) {
+            Some(slot) => Some(slot),
+            None if m == embedding => None,
+            None => {
+                let served: Vec<String> = state
+                    .chat
+                    .iter()
+                    .map(|slot| slot.name())
+                    .chain([embedding])
+                    .map(|n| format!("'{n}'"))
+                    .collect();
+                return Err(ApiError::NotFound(format!(
+                    "Tokens are counted for {}, not '{m}'",
+                    served.join(" and ")
+                )));
+            }
+        },
     };
-    let counted = match chat.filter(|_| to_chat) {
+    let counted = match chat {
         Some(slot) => {
             let service = slot.get()?;
             let model = service.model().clone();

@@ -1,26 +1,23 @@
-//! Which provider answers a request for a model name: the local model for its own name (or no
-//! name), the upstream for the names configured for it, the upstream's default when there is no
-//! local model. One router for every route that generates (`/api/chat/stream`,
+//! Which provider answers a request for a model name: a local model for its own name (the first
+//! one for no name), the upstream for the names configured for it, the upstream's default when
+//! there is no local model. One router for every route that generates (`/api/chat/stream`,
 //! `/v1/chat/completions`, `/api/rag/query`), so a name means the same everywhere.
 
 use std::sync::Arc;
 
 use super::{ChatProvider, ChatService, Upstream};
 
-/// The local model as the router sees it.
+/// A local model as the router sees it.
 pub enum Local<'a> {
-    /// Chat is turned off (`--chat-model none`).
-    Off,
     /// Configured under this name, still loading.
     Loading(&'a str),
     Ready(&'a str, Arc<ChatService>),
 }
 
 impl Local<'_> {
-    fn name(&self) -> Option<&str> {
+    fn name(&self) -> &str {
         match self {
-            Self::Off => None,
-            Self::Loading(name) | Self::Ready(name, _) => Some(name),
+            Self::Loading(name) | Self::Ready(name, _) => name,
         }
     }
 }
@@ -47,18 +44,27 @@ pub enum RouteError {
     Loading(String),
 }
 
-/// Routes `model` (none: the default) to its provider.
+/// Routes `model` (none: the default, the first local model) to its provider.
 pub fn route(
     model: Option<&str>,
-    local: Local<'_>,
+    locals: Vec<Local<'_>>,
     upstream: Option<&Arc<Upstream>>,
 ) -> Result<Route, RouteError> {
-    let to_local = match (model, local.name()) {
-        (None, Some(_)) => true,
-        (Some(m), Some(name)) => m == name,
-        _ => false,
+    let any_local = !locals.is_empty();
+    let served = if locals.is_empty() {
+        "no local model".to_string()
+    } else {
+        locals
+            .iter()
+            .map(|l| format!("'{}'", l.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    if to_local {
+    let local = match model {
+        None => locals.into_iter().next(),
+        Some(m) => locals.into_iter().find(|l| l.name() == m),
+    };
+    if let Some(local) = local {
         return match local {
             Local::Ready(name, service) => Ok(Route {
                 provider: service,
@@ -66,12 +72,8 @@ pub fn route(
                 upstream: false,
             }),
             Local::Loading(name) => Err(RouteError::Loading(name.to_string())),
-            Local::Off => Err(RouteError::NoProvider),
         };
     }
-    let served = local
-        .name()
-        .map_or("no local model".to_string(), |n| format!("'{n}'"));
     match (model, upstream) {
         (Some(m), Some(up)) if up.serves(m) => Ok(Route {
             provider: up.clone(),
@@ -86,11 +88,10 @@ pub fn route(
             }),
             None => Err(RouteError::ModelRequired),
         },
-        (_, None) if local.name().is_none() => Err(RouteError::NoProvider),
-        (Some(m), _) => Err(RouteError::Unknown {
+        (Some(m), up) if up.is_some() || any_local => Err(RouteError::Unknown {
             model: m.to_string(),
             served,
         }),
-        (None, None) => Err(RouteError::NoProvider),
+        _ => Err(RouteError::NoProvider),
     }
 }

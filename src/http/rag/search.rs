@@ -269,7 +269,7 @@ pub async fn ground(
     req: QueryRequest,
 ) -> Result<(Vec<Source>, chat::Started), ApiError> {
     let rag = rag_of(state)?;
-    if state.chat.is_none() && state.upstream.is_none() {
+    if state.chat.is_empty() && state.upstream.is_none() {
         return Err(ApiError::Unavailable(
             "This server has no chat model (--chat-model none): /api/rag/query cannot answer; /api/rag/search still works".into(),
         ));
@@ -301,8 +301,7 @@ pub async fn ground(
         )
     } else {
         let service = state
-            .chat
-            .as_ref()
+            .chat_model(Some(&route.model))
             .ok_or_else(|| {
                 ApiError::Internal(anyhow::anyhow!("a local route without a local model"))
             })?
