@@ -7,6 +7,8 @@ mod checkpoint;
 mod classifier;
 mod embeddings;
 mod encoder;
+#[doc(hidden)]
+pub mod second_core;
 pub mod source;
 
 pub use batcher::{BatchConfig, Batcher, Pooled};

@@ -329,8 +329,8 @@ fn run_jobs(
         passes += 1;
         let batch: Vec<&Tokenized> = chunk.iter().map(|&(j, s)| &jobs[j].seqs[s]).collect();
         let forward = || match compute {
-            Some(pool) => pool.install(|| model.forward(&batch)),
-            None => model.forward(&batch),
+            Some(pool) => pool.install(|| super::second_core::pass(|| model.forward(&batch))),
+            None => super::second_core::pass(|| model.forward(&batch)),
         };
         let result = guarded(forward);
         match result {

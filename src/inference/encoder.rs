@@ -386,6 +386,9 @@ impl Encoder {
 /// request's latency: 2 words 13.6-13.8 -> 8.2-8.7 ms, 10 words 15.0-15.1 -> 10.2-10.6 ms; at ≈50
 /// tokens the two were even, and at ≈56 candle's matmul was ahead.
 const DENSE_ROWS: usize = 32;
+/// ... when the pass runs alone, on two cores ([`super::second_core`]): candle's matmul then runs
+/// on one (each worker's compute thread), the few-rows kernel on both.
+const DENSE_ROWS_SPLIT: usize = 96;
 
 /// `x · weightᵀ + bias`: on [`Dense`] for a few rows outside training, else candle's matmul.
 fn project(linear: &Linear, x: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
@@ -393,7 +396,12 @@ fn project(linear: &Linear, x: &Tensor, grad: Grad) -> candle_core::Result<Tenso
         (Grad::No, Some(bias))
             if x.device().is_cpu()
                 && x.dtype() == DType::F32
-                && (1..=DENSE_ROWS).contains(&x.dim(0)?) =>
+                && (1..=if super::second_core::splitting() {
+                    DENSE_ROWS_SPLIT
+                } else {
+                    DENSE_ROWS
+                })
+                    .contains(&x.dim(0)?) =>
         {
             x.apply_op3_no_bwd(linear.weight(), bias, &Dense)
         }
@@ -445,17 +453,9 @@ impl CustomOp3 for Dense {
                 b1 - b0
             );
         }
-        // One thread: each embedding worker is one core's worth of compute (see
-        // `inference::use_one_compute_thread_per_worker`).
+        // On this worker's compute thread, and on the second core when this pass runs alone.
         let mut out = vec![0f32; rows * n];
-        aitier_kernels::dense(
-            aitier_kernels::Isa::detect(),
-            &x[x0..x1],
-            rows,
-            &w[w0..w1],
-            Some(&b[b0..b1]),
-            &mut out,
-        );
+        super::second_core::dense(&x[x0..x1], rows, &w[w0..w1], &b[b0..b1], &mut out);
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 }

@@ -1,0 +1,265 @@
+//! A lone pass on two cores. Each embedding worker runs its passes on one compute thread, which is
+//! right under load (every core runs a batch) but leaves a lone request on an idle server using one
+//! core of two: the few-rows projections, ≈80% of a short sentence's pass, are compute-bound.
+//!
+//! While exactly one pass runs in the process, [`dense`] hands half of each projection's columns to
+//! a helper thread that spins (`spin_loop`) for the length of that pass, so a hand-off costs
+//! about a microsecond instead of a sleeping thread's wake-up. A task the helper has not taken by
+//! the time the pass's own half is done is taken back and run by the pass itself: a helper starved
+//! of its core (chat generating, another process) costs at most the time of doing the work alone.
+//!
+//! Every output column is computed by the same kernel in the same order on either thread, so the
+//! vectors are the same bits with or without the helper. The unsafe sharing of the slices with the
+//! helper lives in this file: the pass waits (or takes the task back) before the slices go.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::thread::Thread;
+
+/// Columns below which a projection is not split: the hand-off would cost more than half of it.
+const MIN_SPLIT_COLUMNS: usize = 128;
+
+const IDLE: u8 = 0;
+const POSTED: u8 = 1;
+const TAKEN: u8 = 2;
+const DONE: u8 = 3;
+
+/// Half a projection, as raw parts of slices that outlive the task (see [`dense`]).
+#[derive(Clone, Copy)]
+struct Task {
+    x: *const f32,
+    x_len: usize,
+    rows: usize,
+    w: *const f32,
+    w_len: usize,
+    bias: *const f32,
+    bias_len: usize,
+    out: *mut f32,
+    out_len: usize,
+}
+
+// SAFETY: a task only travels to the helper while the pass that posted it waits for it to be done
+// (or takes it back), so the slices it points into are alive and not touched by the pass meanwhile.
+unsafe impl Send for Task {}
+
+struct Helper {
+    state: AtomicU8,
+    task: Mutex<Option<Task>>,
+    /// Set while a pass may post tasks: the helper spins; cleared, it parks.
+    active: AtomicBool,
+    thread: Thread,
+}
+
+/// Passes running now, in every embedding and classifier pool.
+static PASSES: AtomicUsize = AtomicUsize::new(0);
+static HELPER: OnceLock<Option<Helper>> = OnceLock::new();
+
+thread_local! {
+    /// Whether this thread's pass may use the helper.
+    static SPLIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Projections the helper has run since start-up.
+static HELPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Projections the helper has run since start-up (for tests and logs).
+pub fn helped() -> usize {
+    HELPED.load(Ordering::Relaxed)
+}
+
+fn helper() -> Option<&'static Helper> {
+    HELPER
+        .get_or_init(|| {
+            // No second core, no helper.
+            if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+                return None;
+            }
+            let spawned = std::thread::Builder::new()
+                .name("embed-second-core".into())
+                .spawn(|| {
+                    // HELPER is set as soon as the thread that spawned this one returns.
+                    loop {
+                        match HELPER.get() {
+                            Some(Some(helper)) => helper.serve(),
+                            Some(None) => return,
+                            None => std::thread::yield_now(),
+                        }
+                    }
+                });
+            match spawned {
+                Ok(handle) => Some(Helper {
+                    state: AtomicU8::new(IDLE),
+                    task: Mutex::new(None),
+                    active: AtomicBool::new(false),
+                    thread: handle.thread().clone(),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no second-core helper: lone passes use one core");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+impl Helper {
+    fn serve(&self) -> ! {
+        loop {
+            while !self.active.load(Ordering::Acquire) {
+                std::thread::park();
+            }
+            while self.active.load(Ordering::Acquire) {
+                if self
+                    .state
+                    .compare_exchange(POSTED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let task = self
+                        .task
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take();
+                    if let Some(t) = task {
+                        // A panic here would leave the pass waiting: the kernel's checks hold by
+                        // construction (the pass checked the same shapes), so catch and report.
+                        let run = std::panic::catch_unwind(|| {
+                            // SAFETY: see `Task`; the pass waits for DONE before these go.
+                            let (x, w, bias, out) = unsafe {
+                                (
+                                    std::slice::from_raw_parts(t.x, t.x_len),
+                                    std::slice::from_raw_parts(t.w, t.w_len),
+                                    std::slice::from_raw_parts(t.bias, t.bias_len),
+                                    std::slice::from_raw_parts_mut(t.out, t.out_len),
+                                )
+                            };
+                            aitier_kernels::dense(
+                                aitier_kernels::Isa::detect(),
+                                x,
+                                t.rows,
+                                w,
+                                Some(bias),
+                                out,
+                            );
+                        });
+                        if run.is_err() {
+                            tracing::error!("the second-core helper's projection panicked");
+                        }
+                        HELPED.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.state.store(DONE, Ordering::Release);
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+/// Runs one forward pass `f` on this thread, with the helper for its projections when no other
+/// pass runs in the process at its start.
+pub fn pass<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores this thread's state and counts the pass out on every way out, a panic included.
+    struct Leave {
+        split: bool,
+        outer: bool,
+    }
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            SPLIT.with(|s| s.set(self.outer));
+            if self.split
+                && let Some(helper) = helper()
+            {
+                helper.active.store(false, Ordering::Release);
+            }
+            PASSES.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let alone = PASSES.fetch_add(1, Ordering::AcqRel) == 0;
+    let split = alone && helper().is_some();
+    if split && let Some(helper) = helper() {
+        helper.active.store(true, Ordering::Release);
+        helper.thread.unpark();
+    }
+    let outer = SPLIT.with(|s| s.replace(split));
+    let _leave = Leave { split, outer };
+    f()
+}
+
+/// Whether this thread's pass may hand work to the helper now.
+pub fn splitting() -> bool {
+    SPLIT.with(Cell::get) && PASSES.load(Ordering::Acquire) == 1
+}
+
+/// `out = x · wᵀ + bias` ([`aitier_kernels::dense`]), the upper half of the columns on the helper
+/// when this thread's pass runs alone (see [`pass`]).
+pub fn dense(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out: &mut [f32]) {
+    let isa = aitier_kernels::Isa::detect();
+    let n = bias.len();
+    let split =
+        SPLIT.with(Cell::get) && n >= 2 * MIN_SPLIT_COLUMNS && PASSES.load(Ordering::Acquire) == 1;
+    let helper = match helper() {
+        Some(h) if split && h.state.load(Ordering::Acquire) == IDLE => h,
+        _ => return aitier_kernels::dense(isa, x, rows, w, Some(bias), out),
+    };
+    let k = x.len() / rows;
+    let low = (n / 2).next_multiple_of(16).min(n);
+    let mut high = vec![0f32; rows * (n - low)];
+    let (w_high, b_high) = (&w[low * k..], &bias[low..]);
+    *helper.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(Task {
+        x: x.as_ptr(),
+        x_len: x.len(),
+        rows,
+        w: w_high.as_ptr(),
+        w_len: w_high.len(),
+        bias: b_high.as_ptr(),
+        bias_len: b_high.len(),
+        out: high.as_mut_ptr(),
+        out_len: high.len(),
+    });
+    helper.state.store(POSTED, Ordering::Release);
+    /// Until the helper is done with the task or it is taken back, the slices stay borrowed: this
+    /// waits on every way out of the function, a panic included.
+    struct Wait<'a>(&'a Helper);
+    impl Wait<'_> {
+        /// Whether the helper ran the task (else it was taken back, and never will be).
+        fn finish(&self) -> bool {
+            if self
+                .0
+                .state
+                .compare_exchange(POSTED, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.0
+                    .task
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                return false;
+            }
+            while self.0.state.load(Ordering::Acquire) != DONE {
+                std::hint::spin_loop();
+            }
+            self.0.state.store(IDLE, Ordering::Release);
+            true
+        }
+    }
+    impl Drop for Wait<'_> {
+        fn drop(&mut self) {
+            if matches!(self.0.state.load(Ordering::Acquire), POSTED | TAKEN) {
+                self.finish();
+            }
+        }
+    }
+    let wait = Wait(helper);
+    let mut own = vec![0f32; rows * low];
+    aitier_kernels::dense(isa, x, rows, &w[..low * k], Some(&bias[..low]), &mut own);
+    if !wait.finish() {
+        aitier_kernels::dense(isa, x, rows, w_high, Some(b_high), &mut high);
+    }
+    drop(wait);
+    for (r, row) in out.chunks_exact_mut(n).enumerate() {
+        row[..low].copy_from_slice(&own[r * low..(r + 1) * low]);
+        row[low..].copy_from_slice(&high[r * (n - low)..(r + 1) * (n - low)]);
+    }
+}

@@ -1,0 +1,64 @@
+//! The second-core helper of lone embedding passes (`aitier::inference::second_core`), in a
+//! process of its own so that no other test's pass runs beside these: a projection split between
+//! the pass and the helper gives the same bits as the kernel alone, and the helper does take work.
+
+use aitier::inference::second_core::{dense, helped, pass, splitting};
+
+fn values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+        .collect()
+}
+
+#[test]
+fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
+    assert!(
+        std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2,
+        "the helper needs a second core"
+    );
+    let isa = aitier_kernels::Isa::detect();
+    // Wide ones are split (a 384-wide model's q|k|v and feed-forward), narrow ones are not.
+    for (rows, k, n) in [
+        (1, 384, 1152),
+        (7, 384, 1536),
+        (13, 1536, 384),
+        (3, 64, 200),
+    ] {
+        let (x, w, bias) = (values(rows * k, 1), values(n * k, 2), values(n, 3));
+        let mut alone = vec![0f32; rows * n];
+        aitier_kernels::dense(isa, &x, rows, &w, Some(&bias), &mut alone);
+        let before = helped();
+        pass(|| {
+            assert!(splitting(), "a lone pass uses the helper");
+            // Like a pass: many projections, while the helper wakes and spins; at least 300, and
+            // for a wide one until the helper has taken some (within 2 s: a freshly started or
+            // descheduled helper is simply not waited for).
+            let started = std::time::Instant::now();
+            let mut calls = 0;
+            while calls < 300
+                || (n >= 256
+                    && helped() == before
+                    && started.elapsed() < std::time::Duration::from_secs(2))
+            {
+                let mut split = vec![0f32; rows * n];
+                dense(&x, rows, &w, &bias, &mut split);
+                assert_eq!(split, alone, "{rows}x{k} by {n}");
+                calls += 1;
+            }
+        });
+        assert!(!splitting());
+        let took = helped() - before;
+        if n >= 256 {
+            assert!(took > 0, "{rows}x{k} by {n}: the helper took none in 2 s");
+        } else {
+            assert_eq!(took, 0, "{rows}x{k} by {n} is too narrow to split");
+        }
+        eprintln!("{rows}x{k} by {n}: {took} on the helper");
+    }
+    // A pass beside another one does not split.
+    pass(|| {
+        assert!(splitting());
+        pass(|| assert!(!splitting()));
+        assert!(splitting());
+    });
+}
