@@ -17,7 +17,7 @@ use candle_core::quantized::gguf_file::Content;
 
 use super::LlmError;
 use super::kernels::attention::{Heads, QUERY_BLOCK, Queries};
-use super::kernels::{Isa, QMatrix, attend_tokens};
+use super::kernels::{Isa, QMatrix, attend_tokens, silu_mul};
 use super::kv::{KvCache, Rope, RopeStyle, rms_norm};
 use super::linear::{Compute, Linear, load_matrix};
 
@@ -351,13 +351,8 @@ impl Llama {
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             rms_norm(&x, &layer.ffn_norm, c.eps, &mut h);
             let gu = layer.gate_up.forward(&self.compute, &h, rows);
-            let act: Vec<f32> = gu
-                .chunks_exact(2 * c.ffn_dim)
-                .flat_map(|r| {
-                    let (g, u) = r.split_at(c.ffn_dim);
-                    g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                })
-                .collect();
+            let mut act = vec![0f32; rows * c.ffn_dim];
+            silu_mul(&gu, c.ffn_dim, &mut act);
             let d = layer.down.forward(&self.compute, &act, rows);
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }

@@ -295,6 +295,16 @@ pub struct QActs {
     s: Vec<f32>,
 }
 
+/// `y.round()` (halves away from zero, as llama.cpp's `roundf`) for |y| ≤ 127, without a call
+/// to libm: the integer part by truncation, then one step away from zero when the rest is half
+/// or more (exact: both subtractions are exact in `f32`).
+#[inline(always)]
+fn round_half_away(y: f32) -> i32 {
+    let t = y as i32;
+    let rest = y - t as f32;
+    t + (rest >= 0.5) as i32 - (rest <= -0.5) as i32
+}
+
 impl QActs {
     /// Quantises `[rows, k]` values, each block on its own (llama.cpp's `quantize_row_q8_1`).
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
@@ -317,7 +327,7 @@ impl QActs {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in qs.iter_mut().zip(block) {
-                *q = (v * id).round() as i8;
+                *q = round_half_away(v * id) as i8;
                 sum += *q as i32;
             }
             let at = i / kb * kp + i % kb;
@@ -356,6 +366,24 @@ pub fn attend_tokens(
     x86::attend_tokens(heads, queries, keys, values, scores, out);
     #[cfg(not(target_arch = "x86_64"))]
     attention::attend_tokens(heads, queries, keys, values, scores, out);
+}
+
+/// `silu(g) × u` of each row of `gu` (`[rows, 2 × ffn]`: the gate's `ffn` values, then the up
+/// projection's) into `out` (`[rows, ffn]`): the llama feed-forward's activation. AVX2 + FMA
+/// where the CPU has them, else portable loops with the same operations and the same bits
+/// ([`attention::exp`]). Panics on mismatched lengths.
+pub fn silu_mul(gu: &[f32], ffn: usize, out: &mut [f32]) {
+    assert!(ffn > 0 && gu.len() == 2 * out.len() && out.len().is_multiple_of(ffn));
+    #[cfg(target_arch = "x86_64")]
+    if x86::silu_mul(gu, ffn, out) {
+        return;
+    }
+    for (row, o) in gu.chunks_exact(2 * ffn).zip(out.chunks_exact_mut(ffn)) {
+        let (g, u) = row.split_at(ffn);
+        for i in 0..ffn {
+            o[i] = g[i] / (1.0 + attention::exp(-g[i])) * u[i];
+        }
+    }
 }
 
 /// `out[r][j] = Σ w[j] · x[r]` for the columns `cols` of `w`: `out` holds `rows × cols.len()`
@@ -661,6 +689,55 @@ mod tests {
                             "{isa:?} rows {rows} k {k}: {got} vs {exact}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let exact = (x as f64).exp();
+            let got = attention::exp(x) as f64;
+            worst = worst.max(((got - exact) / exact).abs());
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        // Beyond the range, the value at its end; never infinite or NaN.
+        assert_eq!(attention::exp(-1000.0), attention::exp(-87.0));
+        assert!(attention::exp(1000.0).is_finite());
+        assert_eq!(attention::exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn silu_is_the_same_bits_on_every_path() {
+        let ffn = 43; // five lanes of eight and a tail
+        let gu: Vec<f32> = values(3 * 2 * ffn, 9).iter().map(|v| v * 12.0).collect();
+        let mut fast = vec![0f32; 3 * ffn];
+        silu_mul(&gu, ffn, &mut fast);
+        for (r, row) in gu.chunks_exact(2 * ffn).enumerate() {
+            let (g, u) = row.split_at(ffn);
+            for i in 0..ffn {
+                let portable = g[i] / (1.0 + attention::exp(-g[i])) * u[i];
+                assert_eq!(
+                    fast[r * ffn + i].to_bits(),
+                    portable.to_bits(),
+                    "row {r}, {i}"
+                );
+                let exact = g[i] as f64 / (1.0 + (-g[i] as f64).exp()) * u[i] as f64;
+                assert!((portable as f64 - exact).abs() <= 1e-6 * (1.0 + exact.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn activations_round_halves_away_from_zero_as_roundf() {
+        for i in -127_000..=127_000 {
+            let y = i as f32 / 1000.0;
+            for y in [y, y + 0.0005, f32::from_bits(y.to_bits() + 1)] {
+                if y.abs() <= 127.0 {
+                    assert_eq!(round_half_away(y), y.round() as i32, "{y}");
                 }
             }
         }

@@ -131,7 +131,7 @@ unsafe fn attend_avx2(
                 }
                 for hh in 0..group {
                     let s = &mut scores[hh * visible..(hh + 1) * visible];
-                    attention::softmax_visible(s, visible, heads.scale());
+                    softmax8(s, heads.scale());
                 }
                 // The heads of the group three at a time, 32 dimensions at a time: twelve sums
                 // in registers while the value rows go by once.
@@ -227,6 +227,120 @@ pub(super) fn matmul(vnni: bool, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f3
             matmul_avx2(w, acts, out, width)
         }
     }
+}
+
+/// [`attention::exp`] on eight lanes: the same operations, fused where it fuses, so the same
+/// bits.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    unsafe {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(attention::EXP_MIN)),
+            _mm256_set1_ps(attention::EXP_MAX),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(attention::LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(attention::LN2_LO), r);
+        let mut p = _mm256_set1_ps(attention::EXP_POLY[0]);
+        for c in &attention::EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+    }
+}
+
+/// Softmax of `row × scale` in place, eight lanes at a time (a short tail padded): the row's
+/// maximum, then `exp(v × scale − max)` and their sum in lanes folded by [`hsum`], then each
+/// divided by the sum. A row's result depends on its own values only.
+#[inline(always)]
+unsafe fn softmax8(row: &mut [f32], scale: f32) {
+    unsafe {
+        let n = row.len();
+        let (full, tail) = (n / 8 * 8, n % 8);
+        let mut pad = [f32::NEG_INFINITY; 8];
+        pad[..tail].copy_from_slice(&row[full..]);
+        let scale8 = _mm256_set1_ps(scale);
+        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..full).step_by(8) {
+            max = _mm256_max_ps(
+                max,
+                _mm256_mul_ps(_mm256_loadu_ps(row.as_ptr().add(i)), scale8),
+            );
+        }
+        max = _mm256_max_ps(max, _mm256_mul_ps(_mm256_loadu_ps(pad.as_ptr()), scale8));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), max);
+        let max = _mm256_set1_ps(lanes.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)));
+        let mut sum = _mm256_setzero_ps();
+        for i in (0..full).step_by(8) {
+            let p = row.as_mut_ptr().add(i);
+            let e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(p), scale8, max));
+            _mm256_storeu_ps(p, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if tail > 0 {
+            let e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(pad.as_ptr()), scale8, max));
+            _mm256_storeu_ps(pad.as_mut_ptr(), e);
+            pad[tail..].fill(0.0);
+            row[full..].copy_from_slice(&pad[..tail]);
+            sum = _mm256_add_ps(sum, _mm256_loadu_ps(pad.as_ptr()));
+        }
+        let sum = _mm256_set1_ps(hsum(sum));
+        for i in (0..full).step_by(8) {
+            let p = row.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_div_ps(_mm256_loadu_ps(p), sum));
+        }
+        for v in &mut row[full..] {
+            *v /= _mm256_cvtss_f32(sum);
+        }
+    }
+}
+
+/// `silu(g) × u` for each row of `gu` (its gate then its up halves, `ffn` each) into `out`, eight
+/// lanes at a time; a row's tail goes through [`attention::exp`] (the same bits).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(gu: &[f32], ffn: usize, out: &mut [f32]) {
+    unsafe {
+        let one = _mm256_set1_ps(1.0);
+        for (row, o) in gu.chunks_exact(2 * ffn).zip(out.chunks_exact_mut(ffn)) {
+            let (g, u) = row.split_at(ffn);
+            let full = ffn / 8 * 8;
+            for i in (0..full).step_by(8) {
+                let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(
+                    o.as_mut_ptr().add(i),
+                    _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i))),
+                );
+            }
+            for i in full..ffn {
+                o[i] = g[i] / (1.0 + attention::exp(-g[i])) * u[i];
+            }
+        }
+    }
+}
+
+/// Safe entry of [`silu_mul_avx2`]: false (and nothing written) without AVX2 + FMA.
+pub(super) fn silu_mul(gu: &[f32], ffn: usize, out: &mut [f32]) -> bool {
+    if !avx2_supported() || gu.len() != 2 * out.len() || ffn == 0 || !out.len().is_multiple_of(ffn)
+    {
+        return false;
+    }
+    // SAFETY: the CPU has AVX2 and FMA; each row reads `2 × ffn` values of `gu` and writes `ffn`
+    // of `out`, whose lengths were checked above.
+    unsafe { silu_mul_avx2(gu, ffn, out) };
+    true
 }
 
 /// Sum of the eight lanes, always in the same order.
