@@ -188,9 +188,12 @@ pub struct ServeArgs {
     /// Most tokens of a conversation, prompt and answer together (default: the model's own
     /// context, 8192 for SmolLM2), as llama.cpp's `-c` or vLLM's `--max-model-len`. A smaller
     /// context bounds each generation's KV cache and prefill time: a longer conversation gets 422
-    /// before any work, and `/api/tokenize` reports this limit.
-    #[arg(long, env = "AITIER_CHAT_CONTEXT", value_parser = clap::value_parser!(u32).range(16..))]
-    pub chat_context: Option<u32>,
+    /// before any work, and `/api/tokenize` reports this limit. One value for every chat model, or
+    /// one per model in the order of `--chat-model` (comma-separated): each model's memory
+    /// budget is its context × `--max-concurrent-generations` sequences of KV cache.
+    #[arg(long, env = "AITIER_CHAT_CONTEXT", value_delimiter = ',',
+        value_parser = clap::value_parser!(u32).range(16..))]
+    pub chat_context: Vec<u32>,
 
     /// Generations that may wait for a slot; beyond them a chat request gets 503 + Retry-After
     /// before its stream starts. A waiting client gets its headers and a `queued` comment at once.
@@ -377,6 +380,19 @@ impl ServeArgs {
             models.push((name, file.clone()));
         }
         Ok(models)
+    }
+
+    /// The context limit of chat model `i` of `models` (`--chat-context`), if any.
+    pub fn chat_context(&self, i: usize, models: usize) -> Result<Option<usize>, String> {
+        match self.chat_context.as_slice() {
+            [] => Ok(None),
+            [all] => Ok(Some(*all as usize)),
+            each if each.len() == models => Ok(Some(each[i] as usize)),
+            each => Err(format!(
+                "--chat-context gives {} limits for {models} chat models: give one, or one per model",
+                each.len()
+            )),
+        }
     }
 
     /// Worker threads per model: as configured, else one per core.

@@ -70,7 +70,9 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
         .chat_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut chat = Vec::new();
-    for (name, path) in args.chat_models().map_err(anyhow::Error::msg)? {
+    let models = args.chat_models().map_err(anyhow::Error::msg)?;
+    let count = models.len();
+    for (i, (name, path)) in models.into_iter().enumerate() {
         if !std::path::Path::new(&path).is_file() {
             anyhow::bail!(
                 "chat model {path} not found: run models/fetch, pass another GGUF file with --chat-model, or --chat-model none"
@@ -82,7 +84,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
             concurrent: args.max_concurrent_generations,
             queue: args.generation_queue,
             threads,
-            context: args.chat_context.map(|c| c as usize),
+            context: args.chat_context(i, count).map_err(anyhow::Error::msg)?,
         });
     }
     state.max_tokens_limit = args.max_tokens_limit;

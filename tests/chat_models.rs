@@ -26,7 +26,7 @@ async fn two_models() -> common::TestServer {
         "--chat-model-name",
         "smollm2,tiny-qwen2",
         "--chat-context",
-        "512",
+        "1024,512",
     ])
     .await
 }
@@ -131,6 +131,8 @@ async fn each_model_answers_under_its_own_name_and_the_first_is_the_default() {
         "{qwen}"
     );
     assert_ne!(small["ids"], qwen["ids"]);
+    // Each model's own context limit (`--chat-context 1024,512`).
+    assert_eq!(small["limit"], 1024);
     assert_eq!(qwen["limit"], 512);
 
     // An unknown name: 404 naming both models.
@@ -188,4 +190,24 @@ fn chat_model_flags_are_checked() {
     assert!(mixed.chat_models().is_err());
     let too_many = serve_args(&["aitier", "--chat-model-name", "a,b"]);
     assert!(too_many.chat_models().is_err());
+    // One context for all, one per model, or an error.
+    let one = serve_args(&["aitier", "--chat-model", &models, "--chat-context", "256"]);
+    assert_eq!(one.chat_context(1, 2).unwrap(), Some(256));
+    let each = serve_args(&[
+        "aitier",
+        "--chat-model",
+        &models,
+        "--chat-context",
+        "256,512",
+    ]);
+    assert_eq!(each.chat_context(1, 2).unwrap(), Some(512));
+    let three = serve_args(&[
+        "aitier",
+        "--chat-model",
+        &models,
+        "--chat-context",
+        "256,512,768",
+    ]);
+    assert!(three.chat_context(0, 2).is_err());
+    assert_eq!(named.chat_context(0, 2).unwrap(), None);
 }
