@@ -11,7 +11,7 @@ use std::ops::ControlFlow;
 use aitier::config::{Cli, Command, ServeArgs};
 use aitier::llm::{ChatMessage, GenerationParams, LocalModel};
 use clap::Parser;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const QWEN2: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -52,15 +52,7 @@ fn alone(question: &str, max_tokens: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_model_answers_under_its_own_name_and_the_first_is_the_default() {
     let server = two_models().await;
-    let models: Value = server
-        .client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = server.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

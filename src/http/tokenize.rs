@@ -148,26 +148,23 @@ pub async fn tokenize(
     let embedding = state.embeddings.name();
     let asked = req.model.as_deref().map(|m| state.aliases.resolve(m));
     // No name: the default chat model (the embedding model when chat is off).
-    let chat = match asked {
-        None => state.chat.first(),
-        Some(m) => match state.chat_model(Some(m)) {
-            Some(slot) => Some(slot),
-            None if m == embedding => None,
-            None => {
-                let served: Vec<String> = state
-                    .chat
-                    .iter()
-                    .map(|slot| slot.name())
-                    .chain([embedding])
-                    .map(|n| format!("'{n}'"))
-                    .collect();
-                return Err(ApiError::NotFound(format!(
-                    "Tokens are counted for {}, not '{m}'",
-                    served.join(" and ")
-                )));
-            }
-        },
-    };
+    let chat = state.chat_model(asked);
+    if chat.is_none()
+        && let Some(m) = asked
+        && m != embedding
+    {
+        let served: Vec<String> = state
+            .chat
+            .iter()
+            .map(|slot| slot.name())
+            .chain([embedding])
+            .map(|n| format!("'{n}'"))
+            .collect();
+        return Err(ApiError::NotFound(format!(
+            "Tokens are counted for {}, not '{m}'",
+            served.join(" and ")
+        )));
+    }
     let counted = match chat {
         Some(slot) => {
             let service = slot.get()?;

@@ -328,9 +328,10 @@ fn run_jobs(
     for chunk in sub_batches(&order, |&(j, s)| jobs[j].seqs[s].ids.len(), config) {
         passes += 1;
         let batch: Vec<&Tokenized> = chunk.iter().map(|&(j, s)| &jobs[j].seqs[s]).collect();
+        let pass = || super::second_core::pass(|| model.forward(&batch));
         let forward = || match compute {
-            Some(pool) => pool.install(|| super::second_core::pass(|| model.forward(&batch))),
-            None => super::second_core::pass(|| model.forward(&batch)),
+            Some(pool) => pool.install(pass),
+            None => pass(),
         };
         let result = guarded(forward);
         match result {

@@ -24,6 +24,8 @@ const IDLE: u8 = 0;
 const POSTED: u8 = 1;
 const TAKEN: u8 = 2;
 const DONE: u8 = 3;
+/// The helper's projection panicked: the pass runs that half itself (and meets the panic there).
+const FAILED: u8 = 4;
 
 /// Half a projection, as raw parts of slices that outlive the task (see [`dense`]).
 #[derive(Clone, Copy)]
@@ -121,8 +123,8 @@ impl Helper {
                         .unwrap_or_else(PoisonError::into_inner)
                         .take();
                     if let Some(t) = task {
-                        // A panic here would leave the pass waiting: the kernel's checks hold by
-                        // construction (the pass checked the same shapes), so catch and report.
+                        // A panic here must not leave the pass waiting, nor its half unwritten:
+                        // it is caught, and the pass runs the half itself.
                         let run = std::panic::catch_unwind(|| {
                             // SAFETY: see `Task`; the pass waits for DONE before these go.
                             let (x, w, bias, out) = unsafe {
@@ -144,6 +146,8 @@ impl Helper {
                         });
                         if run.is_err() {
                             tracing::error!("the second-core helper's projection panicked");
+                            self.state.store(FAILED, Ordering::Release);
+                            continue;
                         }
                         HELPED.fetch_add(1, Ordering::Relaxed);
                     }
@@ -196,8 +200,7 @@ pub fn splitting() -> bool {
 pub fn dense(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out: &mut [f32]) {
     let isa = aitier_kernels::Isa::detect();
     let n = bias.len();
-    let split =
-        SPLIT.with(Cell::get) && n >= 2 * MIN_SPLIT_COLUMNS && PASSES.load(Ordering::Acquire) == 1;
+    let split = n >= 2 * MIN_SPLIT_COLUMNS && splitting();
     let helper = match helper() {
         Some(h) if split && h.state.load(Ordering::Acquire) == IDLE => h,
         _ => return aitier_kernels::dense(isa, x, rows, w, Some(bias), out),
@@ -222,7 +225,7 @@ pub fn dense(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out: &mut [f32]) {
     /// waits on every way out of the function, a panic included.
     struct Wait<'a>(&'a Helper);
     impl Wait<'_> {
-        /// Whether the helper ran the task (else it was taken back, and never will be).
+        /// Whether the helper ran the task (else it was taken back, or failed: the pass runs it).
         fn finish(&self) -> bool {
             if self
                 .0
@@ -237,11 +240,15 @@ pub fn dense(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out: &mut [f32]) {
                     .take();
                 return false;
             }
-            while self.0.state.load(Ordering::Acquire) != DONE {
-                std::hint::spin_loop();
-            }
+            let done = loop {
+                match self.0.state.load(Ordering::Acquire) {
+                    DONE => break true,
+                    FAILED => break false,
+                    _ => std::hint::spin_loop(),
+                }
+            };
             self.0.state.store(IDLE, Ordering::Release);
-            true
+            done
         }
     }
     impl Drop for Wait<'_> {

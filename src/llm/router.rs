@@ -50,22 +50,13 @@ pub fn route(
     locals: Vec<Local<'_>>,
     upstream: Option<&Arc<Upstream>>,
 ) -> Result<Route, RouteError> {
-    let any_local = !locals.is_empty();
-    let served = if locals.is_empty() {
-        "no local model".to_string()
-    } else {
-        locals
-            .iter()
-            .map(|l| format!("'{}'", l.name()))
-            .collect::<Vec<_>>()
-            .join(", ")
+    let mut locals = locals;
+    let picked = match model {
+        None => (!locals.is_empty()).then_some(0),
+        Some(m) => locals.iter().position(|l| l.name() == m),
     };
-    let local = match model {
-        None => locals.into_iter().next(),
-        Some(m) => locals.into_iter().find(|l| l.name() == m),
-    };
-    if let Some(local) = local {
-        return match local {
+    if let Some(i) = picked {
+        return match locals.swap_remove(i) {
             Local::Ready(name, service) => Ok(Route {
                 provider: service,
                 model: name.to_string(),
@@ -88,9 +79,14 @@ pub fn route(
             }),
             None => Err(RouteError::ModelRequired),
         },
-        (Some(m), up) if up.is_some() || any_local => Err(RouteError::Unknown {
+        (Some(m), up) if up.is_some() || !locals.is_empty() => Err(RouteError::Unknown {
             model: m.to_string(),
-            served,
+            served: if locals.is_empty() {
+                "no local model".to_string()
+            } else {
+                let names: Vec<String> = locals.iter().map(|l| format!("'{}'", l.name())).collect();
+                names.join(", ")
+            },
         }),
         _ => Err(RouteError::NoProvider),
     }

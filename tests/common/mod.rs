@@ -130,6 +130,18 @@ impl TestServer {
         }
     }
 
+    /// GETs `path` and decodes its JSON answer.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// POSTs a JSON body; returns the status and the decoded JSON answer.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = self

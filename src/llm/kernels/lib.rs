@@ -381,9 +381,15 @@ pub fn silu_mul(gu: &[f32], ffn: usize, out: &mut [f32]) {
     for (row, o) in gu.chunks_exact(2 * ffn).zip(out.chunks_exact_mut(ffn)) {
         let (g, u) = row.split_at(ffn);
         for i in 0..ffn {
-            o[i] = g[i] / (1.0 + attention::exp(-g[i])) * u[i];
+            o[i] = silu_times(g[i], u[i]);
         }
     }
+}
+
+/// `silu(g) × u` of one value, in the operations the AVX2 lanes do.
+#[inline(always)]
+fn silu_times(g: f32, u: f32) -> f32 {
+    g / (1.0 + attention::exp(-g)) * u
 }
 
 /// `out[r][j] = Σ w[j] · x[r]` for the columns `cols` of `w`: `out` holds `rows × cols.len()`
@@ -719,7 +725,7 @@ mod tests {
         for (r, row) in gu.chunks_exact(2 * ffn).enumerate() {
             let (g, u) = row.split_at(ffn);
             for i in 0..ffn {
-                let portable = g[i] / (1.0 + attention::exp(-g[i])) * u[i];
+                let portable = silu_times(g[i], u[i]);
                 assert_eq!(
                     fast[r * ffn + i].to_bits(),
                     portable.to_bits(),

@@ -307,7 +307,7 @@ unsafe fn softmax8(row: &mut [f32], scale: f32) {
 }
 
 /// `silu(g) × u` for each row of `gu` (its gate then its up halves, `ffn` each) into `out`, eight
-/// lanes at a time; a row's tail goes through [`attention::exp`] (the same bits).
+/// lanes at a time; a row's tail goes through [`super::silu_times`] (the same bits).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn silu_mul_avx2(gu: &[f32], ffn: usize, out: &mut [f32]) {
     unsafe {
@@ -325,7 +325,7 @@ unsafe fn silu_mul_avx2(gu: &[f32], ffn: usize, out: &mut [f32]) {
                 );
             }
             for i in full..ffn {
-                o[i] = g[i] / (1.0 + attention::exp(-g[i])) * u[i];
+                o[i] = super::silu_times(g[i], u[i]);
             }
         }
     }
