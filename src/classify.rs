@@ -6,7 +6,7 @@ mod head;
 pub mod metrics;
 mod registry;
 mod rng;
-mod segment;
+pub mod segment;
 pub mod train;
 pub mod tune;
 
@@ -167,7 +167,7 @@ impl Classifier for HeadClassifier {
                         .take(parts.len())
                         .map(|e| self.head.probabilities(&e.vector, &self.meta.logit_bias))
                         .collect();
-                    segment::pool(&per, neutral)
+                    segment::pool(&per, neutral, self.meta.text_sharpening)
                 })
                 .collect())
         })

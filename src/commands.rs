@@ -1,5 +1,5 @@
-//! The `classifier` subcommands: training a head from a CSV, and evaluating any classifier on a
-//! labelled file.
+//! The `classifier` subcommands: training a head from a CSV, evaluating any classifier on a
+//! labelled file, and calibrating a head's confidence on texts of several sentences.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,13 +7,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 
+use crate::classify::metrics::{evaluate, print_metrics};
 use crate::classify::train::{self, Dataset, Example, TrainOptions};
 use crate::classify::tune::TuneOptions;
-use crate::classify::{Classifiers, InferenceMode, RegistryConfig};
-use crate::config::{EvalArgs, EvalMode, TrainArgs};
+use crate::classify::{Classifier, Classifiers, InferenceMode, META_FILE, RegistryConfig};
+use crate::config::{CalibrateArgs, EvalArgs, EvalMode, LabelledArgs, TrainArgs};
 use crate::inference::BatchConfig;
 use crate::inference::source::{HubOptions, model_name};
 use crate::state::Slot;
+use serde_json::Value;
 
 fn batch(name: &str) -> BatchConfig {
     BatchConfig {
@@ -66,34 +68,57 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let embeddings = Arc::new(Slot::empty(model_name(&args.embedding_model)));
+/// The classifier a labelled-set command works on, loaded as the server would.
+async fn open_classifier(set: &LabelledArgs) -> anyhow::Result<Arc<dyn Classifier>> {
+    let embeddings = Arc::new(Slot::empty(model_name(&set.embedding_model)));
     let hub = HubOptions::default();
     let service = train::embedding_service(
-        &args.embedding_model,
+        &set.embedding_model,
         &hub,
-        batch(&model_name(&args.embedding_model)),
+        batch(&model_name(&set.embedding_model)),
     )
     .await?;
     embeddings.fill_shared(service);
     let registry = Arc::new(Classifiers::new(
         RegistryConfig {
-            dir: args.classifiers_dir.clone(),
+            dir: set.classifiers_dir.clone(),
             capacity: 1,
-            batch: batch(&args.name),
+            batch: batch(&set.name),
             hub,
             hub_ids: true,
         },
         embeddings,
     ));
-    let classifier = registry.get(&args.name).await?;
+    Ok(registry.get(&set.name).await?)
+}
+
+/// A local classifier's `classifier.json`: its path and contents.
+fn read_meta(set: &LabelledArgs, flag: &str) -> anyhow::Result<(std::path::PathBuf, Value)> {
+    let file = set.classifiers_dir.join(&set.name).join(META_FILE);
+    let meta = serde_json::from_str(
+        &std::fs::read_to_string(&file)
+            .with_context(|| format!("{flag} needs a local classifier: {}", file.display()))?,
+    )?;
+    Ok((file, meta))
+}
+
+fn write_meta(file: &std::path::Path, meta: &Value) -> anyhow::Result<()> {
+    std::fs::write(file, serde_json::to_string_pretty(meta)? + "\n")?;
+    Ok(())
+}
+
+pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let classifier = open_classifier(&args.set).await?;
     let mode = args.mode.map(|m| match m {
         EvalMode::Whole => InferenceMode::Whole,
         EvalMode::Sentences => InferenceMode::Sentences,
     });
     let mut recorded = serde_json::Map::new();
     for path in &args.data {
-        let metrics = eval_set(&classifier, path, &args, mode).await?;
+        let data = read_labelled(path, &args.set)?;
+        let (truth, probabilities) = classify_set(&classifier, &data, mode).await?;
+        let metrics = evaluate(classifier.labels(), &truth, &probabilities);
+        print_metrics(&path.display().to_string(), classifier.labels(), &metrics);
         let set = path.file_stem().map_or_else(
             || path.display().to_string(),
             |s| s.to_string_lossy().into_owned(),
@@ -101,12 +126,7 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         recorded.insert(set, serde_json::to_value(&metrics)?);
     }
     if args.record {
-        let dir = args.classifiers_dir.join(&args.name);
-        let file = dir.join(crate::classify::META_FILE);
-        let mut meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| {
-                format!("--record needs a local classifier: {}", file.display())
-            })?)?;
+        let (file, mut meta) = read_meta(&args.set, "--record")?;
         let dev = &mut meta["metrics"]["dev"];
         if !dev.is_object() {
             *dev = serde_json::json!({});
@@ -114,20 +134,91 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         for (set, metrics) in recorded {
             dev[set] = metrics;
         }
-        std::fs::write(&file, serde_json::to_string_pretty(&meta)? + "\n")?;
+        write_meta(&file, &meta)?;
         println!("recorded in {}", file.display());
     }
     Ok(())
 }
 
-/// Classifies one labelled set and prints its metrics.
-async fn eval_set(
-    classifier: &Arc<dyn crate::classify::Classifier>,
-    path: &std::path::Path,
-    args: &EvalArgs,
+/// Sharpenings tried by `calibrate`, in hundredths: from none to very sharp.
+const TEXT_SHARPENINGS: std::ops::RangeInclusive<u32> = 0..=400;
+
+pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
+    let (file, mut meta) = read_meta(&args.set, "calibrate")?;
+    // The pooled probabilities as they are without sharpening.
+    if let Some(fields) = meta.as_object_mut() {
+        fields.remove("text_sharpening");
+    }
+    write_meta(&file, &meta)?;
+    let classifier = open_classifier(&args.set).await?;
+    let mut data = read_labelled(&args.data, &args.set)?;
+    let mut sentences = Vec::new();
+    data.examples.retain(|e| {
+        let n = crate::classify::segment::sentences(&e.text).len();
+        sentences.extend((n > 1).then_some(n));
+        n > 1
+    });
+    if data.examples.len() < 50 {
+        bail!(
+            "{} has {} texts of several sentences: too few to calibrate on",
+            args.data.display(),
+            data.examples.len()
+        );
+    }
+    let (truth, pooled) = classify_set(&classifier, &data, Some(InferenceMode::Sentences)).await?;
+    let sharpened = |a: f32| -> Vec<Vec<f32>> {
+        pooled
+            .iter()
+            .zip(&sentences)
+            .map(|(p, &n)| crate::classify::segment::sharpen(p, n, a))
+            .collect()
+    };
+    let loss = |a: f32| -> f64 {
+        sharpened(a)
+            .iter()
+            .zip(&truth)
+            .map(|(p, &y)| -f64::from(p[y].max(1e-12)).ln())
+            .sum::<f64>()
+            / truth.len() as f64
+    };
+    let sharpening = TEXT_SHARPENINGS
+        .map(|a| a as f32 / 100.0)
+        .min_by(|a, b| loss(*a).total_cmp(&loss(*b)))
+        .unwrap_or(0.0);
+    let labels = classifier.labels();
+    let before = evaluate(labels, &truth, &pooled);
+    let after = evaluate(labels, &truth, &sharpened(sharpening));
+    println!(
+        "{}: {} texts of several sentences; pooled probabilities raised to 1 + {sharpening:.2}·ln(sentences): \
+         calibration error {:.3} -> {:.3}, log-loss {:.3} -> {:.3} (accuracy {:.3} either way)",
+        args.data.display(),
+        truth.len(),
+        before.calibration_error,
+        after.calibration_error,
+        loss(0.0),
+        loss(sharpening),
+        after.accuracy,
+    );
+    meta["text_sharpening"] = serde_json::json!(sharpening);
+    meta["training"]["text_calibration"] = serde_json::json!({
+        "data": args.data.display().to_string(),
+        "texts": truth.len(),
+        "sharpening": sharpening,
+        "calibration_error_before": before.calibration_error,
+        "calibration_error_after": after.calibration_error,
+    });
+    write_meta(&file, &meta)?;
+    println!("wrote text_sharpening to {}", file.display());
+    Ok(())
+}
+
+/// Classifies a labelled set: each text's true label (as the classifier's label index) and its
+/// probabilities.
+async fn classify_set(
+    classifier: &Arc<dyn Classifier>,
+    data: &Dataset,
     mode: Option<InferenceMode>,
-) -> anyhow::Result<crate::classify::metrics::Metrics> {
-    let data = read_labelled(path, args)?;
+) -> anyhow::Result<(Vec<usize>, Vec<Vec<f32>>)> {
     let labels = classifier.labels().to_vec();
     let truth: Vec<usize> = data
         .examples
@@ -150,13 +241,11 @@ async fn eval_set(
                 .map(|p| p.scores.into_iter().map(|(_, s)| s).collect::<Vec<f32>>()),
         );
     }
-    let metrics = crate::classify::metrics::evaluate(&labels, &truth, &probabilities);
-    crate::classify::metrics::print_metrics(&path.display().to_string(), &labels, &metrics);
-    Ok(metrics)
+    Ok((truth, probabilities))
 }
 
 /// A labelled CSV, or JSON lines with the text and label fields.
-fn read_labelled(path: &std::path::Path, args: &EvalArgs) -> anyhow::Result<Dataset> {
+fn read_labelled(path: &std::path::Path, args: &LabelledArgs) -> anyhow::Result<Dataset> {
     let mut data = if path.extension().is_some_and(|e| e == "jsonl") {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;

@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod commands;
 
 pub use commands::{
-    ClassifierCommand, EvalArgs, EvalMode, IngestArgs, RagCommand, RagEvalArgs, TrainArgs,
+    CalibrateArgs, ClassifierCommand, EvalArgs, EvalMode, IngestArgs, LabelledArgs, RagCommand,
+    RagEvalArgs, TrainArgs,
 };
 
 /// aitier: an AI middle tier (embeddings, classification, streamed chat, RAG) in one binary.

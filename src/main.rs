@@ -25,6 +25,9 @@ fn main() -> anyhow::Result<()> {
             match command {
                 ClassifierCommand::Train(args) => runtime.block_on(aitier::commands::train(args)),
                 ClassifierCommand::Eval(args) => runtime.block_on(aitier::commands::eval(args)),
+                ClassifierCommand::Calibrate(args) => {
+                    runtime.block_on(aitier::commands::calibrate(args))
+                }
             }
         }
         Command::Ingest(args) => {

@@ -1,5 +1,5 @@
-//! `aitier classifier train` through the real binary: clear errors for bad data, and the same seed
-//! giving the same classifier.
+//! `aitier classifier train` and `calibrate` through the real binary: clear errors for bad data,
+//! the same seed giving the same classifier, and a calibration that makes long texts' scores honest.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -228,4 +228,85 @@ fn fine_tuned_layers_are_written_and_served() {
             .to_string()
     };
     assert_ne!(line(&tuned), line(&frozen));
+}
+
+/// `classifier calibrate` on the committed sentiment classifier and the calibration texts
+/// models/fetch builds (IMDB reviews first): it fits a sharpening that makes the scores of
+/// reviews honest, records it, and refuses a file with too few texts of several sentences.
+#[test]
+fn calibrate_fits_how_sure_a_head_is_of_long_texts() {
+    let dir = scratch("calibrate");
+    let classifier = dir.join("sentiment");
+    std::fs::create_dir_all(&classifier).unwrap();
+    for file in ["head.safetensors", "tuned.safetensors"] {
+        std::fs::copy(
+            format!("{ROOT}/models/classifiers/sentiment/{file}"),
+            classifier.join(file),
+        )
+        .unwrap();
+    }
+    let mut meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!(
+            "{ROOT}/models/classifiers/sentiment/classifier.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    meta.as_object_mut().unwrap().remove("text_sharpening");
+    std::fs::write(classifier.join("classifier.json"), meta.to_string()).unwrap();
+    let calibrate = |data: &Path| {
+        Command::new(BIN)
+            .current_dir(ROOT)
+            .args(["classifier", "calibrate", "--classifiers-dir"])
+            .arg(&dir)
+            .arg("--data")
+            .arg(data)
+            .args([
+                "--limit",
+                "120",
+                "--embedding-model",
+                "models/all-MiniLM-L6-v2",
+            ])
+            .output()
+            .unwrap()
+    };
+    let run = calibrate(Path::new(&format!(
+        "{ROOT}/models/sentiment-data/calibration.csv"
+    )));
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    // "... calibration error 0.25 -> 0.03, ..."
+    let errors: Vec<f64> = stdout
+        .split("calibration error ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .map(|s| s.split(" -> ").map(|x| x.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        errors[1] < errors[0] && errors[1] < 0.1,
+        "calibration error {errors:?}: {stdout}"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(classifier.join("classifier.json")).unwrap())
+            .unwrap();
+    let sharpening = meta["text_sharpening"].as_f64().unwrap();
+    assert!(sharpening > 0.0, "{meta}");
+    assert_eq!(
+        meta["training"]["text_calibration"]["sharpening"],
+        sharpening
+    );
+
+    let short = dir.join("short.csv");
+    std::fs::write(
+        &short,
+        "text,label\nGreat phone.,positive\nIt broke.,negative\n",
+    )
+    .unwrap();
+    let run = calibrate(&short);
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("too few to calibrate on"),
+        "{}",
+        stderr(&run)
+    );
 }

@@ -31,6 +31,11 @@ pub struct HeadMeta {
     /// Added to each label's logit (calibration), in label order.
     #[serde(default)]
     pub logit_bias: Vec<f32>,
+    /// How much the pooled probabilities of a text of several sentences are sharpened
+    /// (`segment::sharpen`), fitted on labelled texts by `aitier classifier calibrate`; none leaves
+    /// them as pooled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_sharpening: Option<f32>,
     /// Training data and parameters, for the record.
     pub training: serde_json::Value,
     /// Held-out metrics measured at training time.

@@ -401,6 +401,7 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
         normalize: true,
         inference: InferenceMode::default(),
         logit_bias: Vec::new(),
+        text_sharpening: None,
         training: json!({
             "data": options.data.display().to_string(),
             "text_column": options.text_column,

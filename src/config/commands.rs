@@ -69,6 +69,8 @@ pub enum ClassifierCommand {
     Train(TrainArgs),
     /// Classify a labelled CSV or JSON-lines file with a classifier and print its metrics.
     Eval(EvalArgs),
+    /// Fit how sure an embedding head is of texts of several sentences, on labelled texts.
+    Calibrate(CalibrateArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -137,27 +139,17 @@ pub struct TrainArgs {
     pub classifiers_dir: PathBuf,
 }
 
+/// A classifier and how to read labelled files for it: what `eval` and `calibrate` share.
 #[derive(Debug, Clone, Args)]
-pub struct EvalArgs {
+pub struct LabelledArgs {
     /// Classifier name (under --classifiers-dir) or Hugging Face repo id.
     #[arg(long, default_value = "sentiment")]
     pub name: String,
-    /// A CSV with a header row, or JSON lines (`.jsonl`) with the two fields. Repeat for several
-    /// sets: each is measured and reported on its own, named by its file stem.
-    #[arg(long, required = true)]
-    pub data: Vec<PathBuf>,
     #[arg(long, default_value = "text")]
     pub text_column: String,
     #[arg(long, default_value = "label")]
     pub label_column: String,
-    /// Write each set's metrics into the classifier's `classifier.json` (`metrics.dev.<set>`), where
-    /// `GET /api/classifiers` shows them. Only for sets the classifier was not trained or tuned on.
-    #[arg(long)]
-    pub record: bool,
-    /// For embedding heads: read whole texts or sentences (default: the classifier's own setting).
-    #[arg(long, value_enum)]
-    pub mode: Option<EvalMode>,
-    /// Evaluate only the first N rows.
+    /// Read only the first N rows of each file.
     #[arg(long)]
     pub limit: Option<usize>,
     #[arg(
@@ -172,6 +164,36 @@ pub struct EvalArgs {
         default_value = "models/classifiers"
     )]
     pub classifiers_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// A CSV with a header row, or JSON lines (`.jsonl`) with the two fields. Repeat for several
+    /// sets: each is measured and reported on its own, named by its file stem.
+    #[arg(long, required = true)]
+    pub data: Vec<PathBuf>,
+    /// Write each set's metrics into the classifier's `classifier.json` (`metrics.dev.<set>`), where
+    /// `GET /api/classifiers` shows them. Only for sets the classifier was not trained or tuned on.
+    #[arg(long)]
+    pub record: bool,
+    /// For embedding heads: read whole texts or sentences (default: the classifier's own setting).
+    #[arg(long, value_enum)]
+    pub mode: Option<EvalMode>,
+    #[command(flatten)]
+    pub set: LabelledArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// Labelled texts of several sentences (a CSV with a header row, or JSON lines), kept apart
+    /// from the sets the classifier is measured on: the pooled probabilities of each text are
+    /// sharpened by the temperature that fits these labels best (least negative log-likelihood),
+    /// written to the classifier's `classifier.json` as `text_temperature`. Texts of one sentence
+    /// are left out.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub set: LabelledArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
