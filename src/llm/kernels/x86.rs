@@ -719,6 +719,10 @@ macro_rules! dense_body {
     }};
 }
 
+/// Three weight rows against four rows of `x`: twelve accumulators, three weight vectors and one
+/// row vector fill the sixteen registers. Against two weight rows, all-MiniLM-L6-v2's projections
+/// of a 13-token sentence (`examples/dense_bench.rs`, one core, AMD EPYC Zen 3, A-B-A-B): 4.43-5.95
+/// -> 3.79-4.14 ms for the six layers. Each output's sum runs in the same order either way.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dense_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     unsafe {
@@ -730,7 +734,7 @@ unsafe fn dense_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out:
             n,
             out,
             8,
-            2,
+            3,
             _mm256_setzero_ps(),
             _mm256_loadu_ps,
             _mm256_fmadd_ps,
