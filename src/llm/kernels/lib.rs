@@ -671,8 +671,16 @@ mod tests {
 
     #[test]
     fn every_supported_dense_path_matches_the_exact_product() {
-        // k = 40 leaves a tail after the vectors of either width; 1-6 rows cover every block.
-        for (rows, k, n) in [(1, 384, 7), (6, 40, 5), (5, 1536, 3), (3, 8, 2)] {
+        // k = 40 leaves a tail after the vectors of either width; 1-6, 9 and 13 rows cover every
+        // block of rows, 2-7 weight rows every block of weight rows and the ones left.
+        for (rows, k, n) in [
+            (1, 384, 7),
+            (6, 40, 5),
+            (5, 1536, 3),
+            (3, 8, 2),
+            (9, 40, 6),
+            (13, 384, 4),
+        ] {
             let x = values(rows * k, 3);
             let w = values(n * k, 4);
             let bias = values(n, 5);
