@@ -145,12 +145,6 @@ const TEXT_SHARPENINGS: std::ops::RangeInclusive<u32> = 0..=400;
 
 pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
     let (file, mut meta) = read_meta(&args.set, "calibrate")?;
-    // The pooled probabilities as they are without sharpening.
-    if let Some(fields) = meta.as_object_mut() {
-        fields.remove("text_sharpening");
-    }
-    write_meta(&file, &meta)?;
-    let classifier = open_classifier(&args.set).await?;
     let mut data = read_labelled(&args.data, &args.set)?;
     let mut sentences = Vec::new();
     data.examples.retain(|e| {
@@ -165,7 +159,27 @@ pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
             data.examples.len()
         );
     }
-    let (truth, pooled) = classify_set(&classifier, &data, Some(InferenceMode::Sentences)).await?;
+    // The pooled probabilities as they are without sharpening: the classifier is loaded from a
+    // `classifier.json` without it, and the original is put back if that fails.
+    let original = meta.clone();
+    if let Some(fields) = meta.as_object_mut() {
+        fields.remove("text_sharpening");
+    }
+    write_meta(&file, &meta)?;
+    let classified = async {
+        let classifier = open_classifier(&args.set).await?;
+        let (truth, pooled) =
+            classify_set(&classifier, &data, Some(InferenceMode::Sentences)).await?;
+        anyhow::Ok((classifier, truth, pooled))
+    }
+    .await;
+    let (classifier, truth, pooled) = match classified {
+        Ok(done) => done,
+        Err(e) => {
+            write_meta(&file, &original)?;
+            return Err(e);
+        }
+    };
     let sharpened = |a: f32| -> Vec<Vec<f32>> {
         pooled
             .iter()
@@ -181,10 +195,10 @@ pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
             .sum::<f64>()
             / truth.len() as f64
     };
-    let sharpening = TEXT_SHARPENINGS
-        .map(|a| a as f32 / 100.0)
-        .min_by(|a, b| loss(*a).total_cmp(&loss(*b)))
-        .unwrap_or(0.0);
+    let (best_loss, sharpening) = TEXT_SHARPENINGS
+        .map(|a| (loss(a as f32 / 100.0), a as f32 / 100.0))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or((loss(0.0), 0.0));
     let labels = classifier.labels();
     let before = evaluate(labels, &truth, &pooled);
     let after = evaluate(labels, &truth, &sharpened(sharpening));
@@ -196,7 +210,7 @@ pub async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         before.calibration_error,
         after.calibration_error,
         loss(0.0),
-        loss(sharpening),
+        best_loss,
         after.accuracy,
     );
     meta["text_sharpening"] = serde_json::json!(sharpening);
