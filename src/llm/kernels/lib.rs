@@ -574,8 +574,13 @@ mod tests {
 
     #[test]
     fn every_supported_path_matches_the_exact_product_and_x86_paths_agree_bit_for_bit() {
-        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
-            let (n, k, rows) = (37, 576, 7);
+        // 7 rows take the few-rows loops; 30 rows of 17 blocks (an odd count: a lone last
+        // block) the prompt's tiles (22 rows, then 8) with four, three and two rows at a time.
+        for (format, k, rows) in [Format::Q4_0, Format::Q4_1, Format::Q8_0]
+            .into_iter()
+            .flat_map(|f| [(f, 576, 7), (f, 544, 30)])
+        {
+            let n = 37;
             let w = matrix(format, n, k, 1);
             let x = QActs::quantize(&values(rows * k, 2), rows, k);
             let want = exact(&w, &x);
@@ -590,7 +595,7 @@ mod tests {
                     let tol = 1e-4 * (1.0 + e.abs());
                     assert!(
                         (*g as f64 - e).abs() < tol,
-                        "{format:?} {isa:?}: {g} vs {e}"
+                        "{format:?} {isa:?} k {k} rows {rows}: {g} vs {e}"
                     );
                 }
                 if isa != Isa::Scalar {
@@ -606,8 +611,13 @@ mod tests {
 
     #[test]
     fn a_row_gives_the_same_bits_alone_in_a_batch_and_in_any_column_split() {
-        for format in [Format::Q4_1, Format::Q8_0] {
-            let (n, k, rows) = (24, 1536, 9);
+        for (format, k, rows) in [
+            (Format::Q4_1, 1536, 9),
+            (Format::Q8_0, 1536, 9),
+            (Format::Q4_0, 544, 31),
+            (Format::Q4_1, 544, 31),
+        ] {
+            let n = 24;
             let w = matrix(format, n, k, 3);
             let xs = values(rows * k, 4);
             let x = QActs::quantize(&xs, rows, k);

@@ -395,15 +395,20 @@ const PREFETCH: usize = 4096;
 /// From this many activation rows on, a column's weights are unpacked once for many rows.
 const UNPACK_ROWS: usize = 8;
 
-/// Activation rows a pass over the columns reads: 64 rows of even the widest input (1,536 bytes
-/// a row for SmolLM2's down projection) stay in L2 while every column is run against them.
-const ROW_TILE: usize = 64;
+/// Activation rows a pass over the columns reads: as many as fit in this many bytes of L1 (each
+/// row `k` quant bytes and eight bytes of scales a block), at least 8 and at most 64.
+const TILE_BYTES: usize = 16 * 1024;
+
+fn tile_len(blocks: usize) -> usize {
+    (TILE_BYTES / (blocks * (BLOCK + 8))).clamp(8, 64)
+}
 
 /// The loops for one instruction set, `$dot` forming the eight `i32` lanes of the products of
 /// unsigned bytes `$u` and signed bytes `$s`: every column, its activation rows four at a time
 /// (each weight block unpacked once for the four), then the one to three left.
 macro_rules! matmul_body {
-    ($w:ident, $acts:ident, $out:ident, $width:ident, |$u:ident, $s:ident| $dot:expr) => {{
+    ($w:ident, $acts:ident, $out:ident, $width:ident, |$u:ident, $s:ident| $dot:expr,
+     |$w0:ident, $a0:ident, $w1:ident, $a1:ident| $pair:expr) => {{
         let (kb, kp) = ($w.blocks, $w.blocks.next_multiple_of(GROUP));
         let qb = $w.format.quant_bytes();
         let cols = $w.d.len() / kp;
@@ -445,17 +450,13 @@ macro_rules! matmul_body {
                                 _mm256_setzero_si256()
                             };
                             for r in 0..R {
-                                let l0 = {
-                                    let ($u, $s) = (w0, act(r, b));
-                                    $dot
-                                };
-                                let l1 = if second {
-                                    let ($u, $s) = (w1, act(r, b + 1));
-                                    $dot
+                                let a1 = if second {
+                                    act(r, b + 1)
                                 } else {
                                     _mm256_setzero_si256()
                                 };
-                                pairs[r][p] = _mm256_hadd_epi32(l0, l1);
+                                let ($w0, $a0, $w1, $a1) = (w0, act(r, b), w1, a1);
+                                pairs[r][p] = $pair;
                             }
                         } else {
                             let w0 = _mm256_loadu_si256(wq.add(b * qb) as *const __m256i);
@@ -503,16 +504,99 @@ macro_rules! matmul_body {
             }};
         }
 
-        // Many rows (a prompt): each column's weights are unpacked once per tile of rows into
-        // `unpacked` (in L1), then every row of the tile runs against them alone, which keeps
-        // its few vectors in registers. The integer block sums are exact whatever the order,
-        // and the floats go through the same operations as in `rows!`, so a row gets the same
-        // bits on either path.
-        macro_rules! unpacked_rows {
+        // Many rows (a prompt). The rows go a tile at a time, few enough that their activations
+        // stay in L1 while every column runs against them ([`tile_len`]). Each column's weights
+        // are unpacked once per tile into `unpacked` (in L1), then run against the tile's rows
+        // four at a time: each weight vector is loaded once for the four rows, and the pairs of
+        // blocks fold as in `rows!`. The offsets (`m × s`), which do not depend on the products,
+        // take a pass of their own afterwards with the same operations in the same order, so
+        // that the accumulators of four rows fit in registers. The integer block sums are exact
+        // whatever the order, and the floats go through the same operations as in `rows!`, so
+        // a row gets the same bits on either path.
+        macro_rules! tile_rows {
+            ($R:expr, $c:ident, $r0:ident, $unpacked:ident, $four_bit:expr) => {{
+                const R: usize = $R;
+                let zero = _mm256_setzero_si256();
+                let mut acc = [_mm256_setzero_ps(); R];
+                for g in (0..kp).step_by(GROUP) {
+                    // Blocks `g..g + 4` and `g + 4..g + 8` of each row, folded.
+                    let mut quads = [[zero; R]; 2];
+                    for (h, quad) in quads.iter_mut().enumerate() {
+                        let mut first = [zero; R];
+                        for q in 0..2 {
+                            let b = g + 4 * h + 2 * q;
+                            let mut pr = [zero; R];
+                            if b < kb {
+                                let second = b + 1 < kb;
+                                let w0 = *$unpacked.get_unchecked(b);
+                                let w1 = if second {
+                                    *$unpacked.get_unchecked(b + 1)
+                                } else {
+                                    zero
+                                };
+                                let act = |r: usize, b: usize| {
+                                    _mm256_loadu_si256(
+                                        $acts.qs.as_ptr().add((($r0 + r) * kb + b) * BLOCK)
+                                            as *const __m256i,
+                                    )
+                                };
+                                if $four_bit {
+                                    for (r, p) in pr.iter_mut().enumerate() {
+                                        let a1 = if second { act(r, b + 1) } else { zero };
+                                        let ($w0, $a0, $w1, $a1) = (w0, act(r, b), w1, a1);
+                                        *p = $pair;
+                                    }
+                                } else {
+                                    let (m0, m1) =
+                                        (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
+                                    for (r, p) in pr.iter_mut().enumerate() {
+                                        let l0 = {
+                                            let ($u, $s) = (m0, _mm256_sign_epi8(act(r, b), w0));
+                                            $dot
+                                        };
+                                        let l1 = if second {
+                                            let ($u, $s) =
+                                                (m1, _mm256_sign_epi8(act(r, b + 1), w1));
+                                            $dot
+                                        } else {
+                                            zero
+                                        };
+                                        *p = _mm256_hadd_epi32(l0, l1);
+                                    }
+                                }
+                            }
+                            if q == 0 {
+                                first = pr;
+                            } else {
+                                for r in 0..R {
+                                    quad[r] = _mm256_hadd_epi32(first[r], pr[r]);
+                                }
+                            }
+                        }
+                    }
+                    let dw = halves($w.d.as_ptr().add($c * kp + g));
+                    for r in 0..R {
+                        let at = ($r0 + r) * kp + g;
+                        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps($acts.d.as_ptr().add(at)));
+                        let (a, b) = (quads[0][r], quads[1][r]);
+                        let totals = _mm256_add_epi32(
+                            _mm256_permute2x128_si256(a, b, 0x20),
+                            _mm256_permute2x128_si256(a, b, 0x31),
+                        );
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(totals), scale, acc[r]);
+                    }
+                }
+                for r in 0..R {
+                    dots[r] = hsum(acc[r]);
+                }
+            }};
+        }
+        macro_rules! prompt_rows {
             ($four_bit:expr) => {{
                 let mut unpacked = vec![_mm256_setzero_si256(); kb];
-                for tile in (0..$acts.rows).step_by(ROW_TILE) {
-                    let end = (tile + ROW_TILE).min($acts.rows);
+                let tile = tile_len(kb);
+                for t0 in (0..$acts.rows).step_by(tile) {
+                    let end = (t0 + tile).min($acts.rows);
                     for c in 0..cols {
                         let wq = $w.qs.as_ptr().add(c * kb * qb);
                         for (b, u) in unpacked.iter_mut().enumerate() {
@@ -522,51 +606,30 @@ macro_rules! matmul_body {
                                 _mm256_loadu_si256(wq.add(b * qb) as *const __m256i)
                             };
                         }
-                        for r in tile..end {
-                            let mut acc = _mm256_setzero_ps();
-                            let mut off = _mm256_setzero_ps();
-                            let act = $acts.qs.as_ptr().add(r * kb * BLOCK);
-                            for g in (0..kp).step_by(GROUP) {
-                                let mut pairs = [_mm256_setzero_si256(); 4];
-                                for (p, pair) in pairs.iter_mut().enumerate() {
-                                    let b = g + 2 * p;
-                                    if b >= kb {
-                                        break;
-                                    }
-                                    let lanes = |b: usize| {
-                                        let w = *unpacked.get_unchecked(b);
-                                        let a = _mm256_loadu_si256(
-                                            act.add(b * BLOCK) as *const __m256i
-                                        );
-                                        if $four_bit {
-                                            let ($u, $s) = (w, a);
-                                            $dot
-                                        } else {
-                                            let ($u, $s) =
-                                                (_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-                                            $dot
-                                        }
-                                    };
-                                    let l1 = if b + 1 < kb {
-                                        lanes(b + 1)
-                                    } else {
-                                        _mm256_setzero_si256()
-                                    };
-                                    *pair = _mm256_hadd_epi32(lanes(b), l1);
-                                }
-                                let at = r * kp + g;
-                                let dw = halves($w.d.as_ptr().add(c * kp + g));
-                                let scale =
-                                    _mm256_mul_ps(dw, _mm256_loadu_ps($acts.d.as_ptr().add(at)));
-                                let sums = _mm256_cvtepi32_ps(totals(&pairs));
-                                acc = _mm256_fmadd_ps(sums, scale, acc);
-                                if $four_bit {
-                                    let mw = halves($w.m.as_ptr().add(c * kp + g));
-                                    let s = _mm256_loadu_ps($acts.s.as_ptr().add(at));
-                                    off = _mm256_fmadd_ps(mw, s, off);
-                                }
+                        let mut r0 = t0;
+                        while r0 < end {
+                            let n = (end - r0).min(4);
+                            match n {
+                                4 => tile_rows!(4, c, r0, unpacked, $four_bit),
+                                3 => tile_rows!(3, c, r0, unpacked, $four_bit),
+                                2 => tile_rows!(2, c, r0, unpacked, $four_bit),
+                                _ => tile_rows!(1, c, r0, unpacked, $four_bit),
                             }
-                            *$out.get_unchecked_mut(r * $width + c) = hsum(acc) + hsum(off);
+                            for (i, d) in dots.iter().enumerate().take(n) {
+                                // The offsets' pass: the same operations as in `rows!`.
+                                let mut off = _mm256_setzero_ps();
+                                if $four_bit {
+                                    for g in (0..kp).step_by(GROUP) {
+                                        let mw = halves($w.m.as_ptr().add(c * kp + g));
+                                        let s = _mm256_loadu_ps(
+                                            $acts.s.as_ptr().add((r0 + i) * kp + g),
+                                        );
+                                        off = _mm256_fmadd_ps(mw, s, off);
+                                    }
+                                }
+                                *$out.get_unchecked_mut((r0 + i) * $width + c) = d + hsum(off);
+                            }
+                            r0 += n;
                         }
                     }
                 }
@@ -575,9 +638,9 @@ macro_rules! matmul_body {
 
         if $acts.rows >= UNPACK_ROWS {
             if four_bit {
-                unpacked_rows!(true)
+                prompt_rows!(true)
             } else {
-                unpacked_rows!(false)
+                prompt_rows!(false)
             }
         } else {
             for c in 0..cols {
@@ -607,10 +670,20 @@ macro_rules! matmul_body {
 unsafe fn matmul_avx2(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     unsafe {
         let ones = _mm256_set1_epi16(1);
-        matmul_body!(w, acts, out, width, |u, s| _mm256_madd_epi16(
-            _mm256_maddubs_epi16(u, s),
-            ones
-        ))
+        // A pair of 4-bit blocks: `vpmaddubsw` gives each block's products summed in twos,
+        // at most 2 × 15 × 127 = 3,810; `vphaddw` sums them in fours (at most 7,620: no
+        // overflow) and one `vpmaddwd` in eights, the lanes of `vphaddd` of two `vpmaddwd`.
+        matmul_body!(
+            w,
+            acts,
+            out,
+            width,
+            |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones),
+            |w0, a0, w1, a1| _mm256_madd_epi16(
+                _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(w1, a1)),
+                ones
+            )
+        )
     }
 }
 
@@ -618,7 +691,17 @@ unsafe fn matmul_avx2(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: 
 unsafe fn matmul_vnni(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     unsafe {
         let zero = _mm256_setzero_si256();
-        matmul_body!(w, acts, out, width, |u, s| _mm256_dpbusd_epi32(zero, u, s))
+        matmul_body!(
+            w,
+            acts,
+            out,
+            width,
+            |u, s| _mm256_dpbusd_epi32(zero, u, s),
+            |w0, a0, w1, a1| _mm256_hadd_epi32(
+                _mm256_dpbusd_epi32(zero, w0, a0),
+                _mm256_dpbusd_epi32(zero, w1, a1)
+            )
+        )
     }
 }
 
