@@ -1,10 +1,10 @@
 //! The chat engine's numeric core: our own quantised matmul, and attention over a KV cache
 //! ([`attention`]); and the encoders' few-rows `f32` projection ([`dense`]).
 //!
-//! The matmul: weights stay in their GGUF blocks (Q4_0, Q4_1, Q8_0: no padding, no
-//! second copy), activations are quantised once per projection to 8 bits per block of 32 (as
-//! llama.cpp's `q8_1`), and every block's dot product is an exact integer sum scaled into an `f32`
-//! accumulator.
+//! The matmul: weights stay in their GGUF blocks (Q4_0, Q4_1, Q8_0: no second copy, only
+//! regrouped by eight rows at load), activations are quantised once per projection to 8 bits per
+//! block of 32 (as llama.cpp's `q8_1`), and every block's dot product is an exact integer sum
+//! scaled into an `f32` accumulator, block after block.
 //!
 //! Determinism is the point as much as speed: an output element is computed by the same sequence
 //! of operations whatever the number of rows in the call, the other rows, or how the columns are
@@ -37,6 +37,9 @@ impl std::error::Error for ShapeError {}
 
 /// Values per quantisation block, for every format here.
 pub const BLOCK: usize = 32;
+
+/// Weight rows the x86 kernels run at once (a vector's `f32` lanes), and [`QMatrix`] groups.
+pub const LANES: usize = 8;
 
 /// The instruction sets the kernels come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,21 +92,20 @@ impl Format {
     }
 }
 
-/// Blocks whose scales are loaded together: the x86 kernels reduce eight blocks' integer sums into
-/// one vector and scale them with one multiply. Scale rows are zero-padded to a multiple of it.
-pub const GROUP: usize = 8;
-
-/// An `[n, k]` weight matrix, repacked at load from its GGUF blocks (same size: quant bytes and
-/// f16 scales, only apart): per row, the blocks' quant bytes back to back, and the scales (and
-/// the 4-bit formats' offsets) as contiguous f16 arrays, so that eight blocks' scales are one load.
+/// An `[n, k]` weight matrix, repacked at load from its GGUF blocks (the same bytes, only
+/// apart) for the kernels, which run eight rows of it at a time: rows in groups of [`LANES`]
+/// (the last one zero-padded), and per group and block, the eight rows' quant bytes one after the
+/// other, their eight f16 scales (and the 4-bit formats' offsets) together, so that a group
+/// streams from memory in one pass and a block's scales are one load.
 pub struct QMatrix {
     format: Format,
     n: usize,
     k: usize,
     /// 16 bytes a block for 4-bit formats (low nibbles weights 0–15, high ones 16–31, as GGUF),
-    /// 32 signed bytes for Q8_0.
+    /// 32 signed bytes for Q8_0: row `j`'s block `b` is the `j % 8`th of group `j / 8`'s block
+    /// `b`.
     qs: Vec<u8>,
-    /// f16 bits, `padded_blocks` per row: the block scales, then zeros.
+    /// f16 bits, in the same order: row `j`'s scale of block `b` at `(j / 8 * kb + b) * 8 + j % 8`.
     d: Vec<u16>,
     /// The same for the offsets (Q4_1's `m`, Q4_0's `−8d`); empty for Q8_0.
     m: Vec<u16>,
@@ -136,21 +138,22 @@ impl QMatrix {
                 data.len()
             )));
         }
-        let (kb, kp) = (k / BLOCK, (k / BLOCK).next_multiple_of(GROUP));
+        let (kb, qb) = (k / BLOCK, format.quant_bytes());
+        let padded = n.next_multiple_of(LANES);
         let mut m = Self {
             format,
             n,
             k,
-            qs: Vec::with_capacity(n * kb * format.quant_bytes()),
-            d: vec![0; n * kp],
+            qs: vec![0; padded * kb * qb],
+            d: vec![0; padded * kb],
             m: if format == Format::Q8_0 {
                 Vec::new()
             } else {
-                vec![0; n * kp]
+                vec![0; padded * kb]
             },
         };
         for (i, block) in data.chunks_exact(format.block_bytes()).enumerate() {
-            let at = i / kb * kp + i % kb;
+            let at = m.at(i / kb, i % kb);
             m.d[at] = u16::from_le_bytes([block[0], block[1]]);
             let quants = match format {
                 Format::Q8_0 => &block[2..],
@@ -164,9 +167,14 @@ impl QMatrix {
                     &block[2..]
                 }
             };
-            m.qs.extend_from_slice(quants);
+            m.qs[at * qb..(at + 1) * qb].copy_from_slice(quants);
         }
         Ok(m)
+    }
+
+    /// Where row `j`'s block `b` is, in blocks.
+    fn at(&self, j: usize, b: usize) -> usize {
+        (j / LANES * self.blocks() + b) * LANES + j % LANES
     }
 
     /// Quantises `[n, k]` values to Q8_0, as llama.cpp does (round to nearest, scale max/127).
@@ -206,61 +214,64 @@ impl QMatrix {
         self.k / BLOCK
     }
 
-    fn padded_blocks(&self) -> usize {
-        self.blocks().next_multiple_of(GROUP)
-    }
-
     /// Stacks matrices of the same format and width, rows of the first first.
     pub fn stack(parts: Vec<QMatrix>) -> Result<Self, ShapeError> {
         let (format, k) = (parts[0].format, parts[0].k);
         if parts.iter().any(|p| p.format != format || p.k != k) {
             return Err(ShapeError("projections of mixed types".into()));
         }
-        let n = parts.iter().map(|p| p.n).sum();
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let (kb, qb) = (k / BLOCK, format.quant_bytes());
+        let padded = n.next_multiple_of(LANES);
         let mut out = Self {
             format,
             n,
             k,
-            qs: Vec::new(),
-            d: Vec::new(),
-            m: Vec::new(),
+            qs: vec![0; padded * kb * qb],
+            d: vec![0; padded * kb],
+            m: if format == Format::Q8_0 {
+                Vec::new()
+            } else {
+                vec![0; padded * kb]
+            },
         };
-        for p in parts {
-            out.qs.extend(p.qs);
-            out.d.extend(p.d);
-            out.m.extend(p.m);
+        let mut j = 0;
+        for p in &parts {
+            for pj in 0..p.n {
+                for b in 0..kb {
+                    let (to, from) = (out.at(j, b), p.at(pj, b));
+                    out.qs[to * qb..(to + 1) * qb].copy_from_slice(p.quants(pj, b));
+                    out.d[to] = p.d[from];
+                    if let Some(m) = p.m.get(from) {
+                        out.m[to] = *m;
+                    }
+                }
+                j += 1;
+            }
         }
         Ok(out)
     }
 
-    /// Row `j`: its quant bytes, scales and offsets.
-    fn row(&self, j: usize) -> (&[u8], &[u16], &[u16]) {
-        let (qb, kp) = (
-            self.blocks() * self.format.quant_bytes(),
-            self.padded_blocks(),
-        );
-        let m = if self.m.is_empty() {
-            &[][..]
-        } else {
-            &self.m[j * kp..(j + 1) * kp]
-        };
+    /// Row `j`'s quant bytes of block `b`.
+    fn quants(&self, j: usize, b: usize) -> &[u8] {
+        let (at, qb) = (self.at(j, b), self.format.quant_bytes());
+        &self.qs[at * qb..(at + 1) * qb]
+    }
+
+    /// Row `j`'s scale and offset (zero for Q8_0) of block `b`.
+    fn scales(&self, j: usize, b: usize) -> (f32, f32) {
+        let at = self.at(j, b);
         (
-            &self.qs[j * qb..(j + 1) * qb],
-            &self.d[j * kp..(j + 1) * kp],
-            m,
+            f32_of(self.d[at]),
+            self.m.get(at).map_or(0.0, |m| f32_of(*m)),
         )
     }
 
     /// Writes row `j` as floats into `out` (`k` values): an embedding lookup.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        let (qs, d, m) = self.row(j);
-        let qb = self.format.quant_bytes();
-        for (b, (quants, out)) in qs
-            .chunks_exact(qb)
-            .zip(out.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
-            let scale = f32_of(d[b]);
+        for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let quants = self.quants(j, b);
+            let (scale, offset) = self.scales(j, b);
             match self.format {
                 Format::Q8_0 => {
                     for (o, q) in out.iter_mut().zip(quants) {
@@ -268,7 +279,6 @@ impl QMatrix {
                     }
                 }
                 Format::Q4_0 | Format::Q4_1 => {
-                    let offset = f32_of(m[b]);
                     for (i, q) in quants.iter().enumerate() {
                         out[i] = scale * (q & 0x0f) as f32 + offset;
                         out[i + 16] = scale * (q >> 4) as f32 + offset;
@@ -285,8 +295,7 @@ impl QMatrix {
 }
 
 /// `rows` activation rows quantised to 8 bits per block of 32: values `qs`, one scale `d` per
-/// block, and `s = d × Σ qs` per block (what the 4-bit formats' offsets multiply); `d` and `s`
-/// are zero-padded per row to a multiple of [`GROUP`] blocks, as the weights' scales are.
+/// block, and `s = d × Σ qs` per block (what the 4-bit formats' offsets multiply).
 pub struct QActs {
     rows: usize,
     k: usize,
@@ -309,13 +318,13 @@ impl QActs {
     /// Quantises `[rows, k]` values, each block on its own (llama.cpp's `quantize_row_q8_1`).
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
         assert!(k.is_multiple_of(BLOCK) && x.len() == rows * k);
-        let (kb, kp) = (k / BLOCK, (k / BLOCK).next_multiple_of(GROUP));
+        let kb = k / BLOCK;
         let mut acts = Self {
             rows,
             k,
             qs: vec![0; x.len()],
-            d: vec![0.0; rows * kp],
-            s: vec![0.0; rows * kp],
+            d: vec![0.0; rows * kb],
+            s: vec![0.0; rows * kb],
         };
         for (i, (block, qs)) in x
             .chunks_exact(BLOCK)
@@ -330,9 +339,8 @@ impl QActs {
                 *q = round_half_away(v * id) as i8;
                 sum += *q as i32;
             }
-            let at = i / kb * kp + i % kb;
-            acts.d[at] = d;
-            acts.s[at] = d * sum as f32;
+            acts.d[i] = d;
+            acts.s[i] = d * sum as f32;
         }
         acts
     }
@@ -343,11 +351,11 @@ impl QActs {
 
     /// Row `r`'s values, scales and scaled sums.
     fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
-        let kp = (self.k / BLOCK).next_multiple_of(GROUP);
+        let kb = self.k / BLOCK;
         (
             &self.qs[r * self.k..(r + 1) * self.k],
-            &self.d[r * kp..(r + 1) * kp],
-            &self.s[r * kp..(r + 1) * kp],
+            &self.d[r * kb..(r + 1) * kb],
+            &self.s[r * kb..(r + 1) * kb],
         )
     }
 }
@@ -409,22 +417,32 @@ pub fn matmul_cols(
         Isa::Scalar => {
             for (c, j) in cols.enumerate() {
                 for r in 0..x.rows {
-                    out[r * width + c] = dot_scalar(w.format, w.row(j), x.row(r));
+                    out[r * width + c] = dot_scalar(w, j, x.row(r));
                 }
             }
         }
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if !cols.start.is_multiple_of(LANES) => {
+            // The kernels start at a group: run from the group's start and keep the columns
+            // asked for (each column's value is the same whichever lane it has).
+            let from = cols.start / LANES * LANES;
+            let wide = cols.end - from;
+            let mut all = vec![0f32; x.rows * wide];
+            matmul_cols(isa, w, x, from..cols.end, &mut all);
+            for r in 0..x.rows {
+                out[r * width..(r + 1) * width]
+                    .copy_from_slice(&all[r * wide + cols.start - from..(r + 1) * wide]);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
-            let (qb, kp) = (w.blocks() * w.format.quant_bytes(), w.padded_blocks());
             let weights = x86::Weights {
                 format: w.format,
-                qs: &w.qs[cols.start * qb..cols.end * qb],
-                d: &w.d[cols.start * kp..cols.end * kp],
-                m: if w.m.is_empty() {
-                    &[]
-                } else {
-                    &w.m[cols.start * kp..cols.end * kp]
-                },
+                qs: &w.qs,
+                d: &w.d,
+                m: &w.m,
+                group: cols.start / LANES,
+                cols: width,
                 blocks: w.blocks(),
             };
             let acts = x86::Acts {
@@ -484,23 +502,20 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs) -> Vec<f32> {
 }
 
 /// The reference: one weight row against one activation row, block by block.
-fn dot_scalar(
-    format: Format,
-    (wq, wd, wm): (&[u8], &[u16], &[u16]),
-    (qs, d, s): (&[i8], &[f32], &[f32]),
-) -> f32 {
-    let qb = format.quant_bytes();
+fn dot_scalar(w: &QMatrix, j: usize, (qs, d, s): (&[i8], &[f32], &[f32])) -> f32 {
     let (mut acc, mut offsets) = (0f32, 0f32);
-    for (b, quants) in wq.chunks_exact(qb).enumerate() {
+    for b in 0..w.blocks() {
+        let quants = w.quants(j, b);
         let a = &qs[b * BLOCK..(b + 1) * BLOCK];
-        let isum: i32 = match format {
+        let (scale, offset) = w.scales(j, b);
+        let isum: i32 = match w.format {
             Format::Q8_0 => quants
                 .iter()
                 .zip(a)
                 .map(|(w, a)| (*w as i8) as i32 * *a as i32)
                 .sum(),
             Format::Q4_0 | Format::Q4_1 => {
-                offsets += f32_of(wm[b]) * s[b];
+                offsets += offset * s[b];
                 quants
                     .iter()
                     .enumerate()
@@ -510,7 +525,7 @@ fn dot_scalar(
                     .sum()
             }
         };
-        acc += f32_of(wd[b]) * d[b] * isum as f32;
+        acc += scale * d[b] * isum as f32;
     }
     acc + offsets
 }
@@ -617,15 +632,23 @@ mod tests {
             (Format::Q4_0, 544, 31),
             (Format::Q4_1, 544, 31),
         ] {
-            let n = 24;
+            let n = 29; // three groups of eight columns and one of five
             let w = matrix(format, n, k, 3);
             let xs = values(rows * k, 4);
             let x = QActs::quantize(&xs, rows, k);
             for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
                 let all = matmul(isa, &w, &x);
-                for r in 0..rows {
-                    let alone = QActs::quantize(&xs[r * k..(r + 1) * k], 1, k);
-                    assert_eq!(matmul(isa, &w, &alone), all[r * n..(r + 1) * n]);
+                // Alone, and two or three at a time, as decode steps run them.
+                for take in 1..=3 {
+                    for r in (0..rows - take).step_by(take) {
+                        let few = QActs::quantize(&xs[r * k..(r + take) * k], take, k);
+                        assert_eq!(
+                            matmul(isa, &w, &few),
+                            all[r * n..(r + take) * n],
+                            "{format:?} {isa:?}: rows {r}..{}",
+                            r + take
+                        );
+                    }
                 }
                 let mut split = vec![0f32; rows * 10];
                 matmul_cols(isa, &w, &x, 5..15, &mut split);

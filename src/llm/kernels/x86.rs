@@ -1,14 +1,13 @@
 //! The x86 SIMD kernels behind [`super::matmul_cols`]: the only unsafe code of the engine.
 //!
-//! One weight row against up to four activation rows, eight blocks of 32 at a time. Per block the
-//! weights are loaded (4-bit ones unpacked) once; for each activation row the products form an
-//! exact integer sum in eight `i32` lanes: AVX2 with `vpmaddubsw` + `vpmaddwd` (no overflow: |w| ≤
-//! 128, |a| ≤ 127 gives at most 32,512 per pair), AVX-512 VNNI with one `vpdpbusd`. The lanes hold
-//! the same integers either way, so both paths give the same bits. Horizontal adds fold eight
-//! blocks' lanes into one vector of eight block sums, converted to `f32` and multiplied by the
-//! eight weight × activation scales in one fused multiply-add; the 4-bit formats' offsets
-//! (`m × s`) take one more. Per row and block that is about a third of the instructions of
-//! scaling each block on its own (as llama.cpp's `vec_dot` kernels do).
+//! Eight weight rows (output columns) at a time, one per `f32` lane. Each block's exact integer
+//! sum of every column is formed in `i32` lanes: AVX2 with `vpmaddubsw` (+ `vpmaddwd`), AVX-512
+//! VNNI with `vpdpbusd`; the lanes hold the same integers either way, so both paths give the same
+//! bits. For a prompt the eight columns' weights are first laid out as a panel (lane `c` holds
+//! column `c`'s bytes) against which every row's bytes are broadcast, so no horizontal add is
+//! needed; for one to three rows (decode steps) horizontal adds fold the columns' products
+//! instead. Then per block one multiply of the scales and one fused multiply-add (two for the
+//! 4-bit formats' offsets) add the block to each column's lane, in the same order on every path.
 //!
 //! Safety: every function here is `unsafe` only because of `#[target_feature]`; the safe wrapper
 //! [`matmul`] checks the CPU first (once, cached by std) and the slice lengths before any load.
@@ -16,7 +15,7 @@
 use core::arch::x86_64::*;
 
 use super::attention::{self, Heads, Queries};
-use super::{BLOCK, Format, GROUP};
+use super::{BLOCK, Format, LANES};
 
 pub(super) fn avx2_supported() -> bool {
     is_x86_feature_detected!("avx2")
@@ -175,17 +174,21 @@ unsafe fn attend_avx2(
     }
 }
 
-/// One weight matrix's columns, as [`super::QMatrix`] lays them out.
+/// Columns `8 × group..8 × group + cols` of one weight matrix, as [`super::QMatrix`] lays them
+/// out: per group of eight columns and block, the eight columns' quant bytes, then in `d` (and
+/// `m`) their eight scales (offsets).
 pub(super) struct Weights<'a> {
     pub format: Format,
     pub qs: &'a [u8],
     pub d: &'a [u16],
     pub m: &'a [u16],
-    /// Blocks per row (the scale rows hold them padded to a multiple of [`GROUP`]).
+    pub group: usize,
+    pub cols: usize,
+    /// Blocks per column.
     pub blocks: usize,
 }
 
-/// Activation rows: all values, scales and scaled sums.
+/// Activation rows: all values, and per block a scale and a scaled sum.
 pub(super) struct Acts<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
@@ -193,33 +196,34 @@ pub(super) struct Acts<'a> {
     pub rows: usize,
 }
 
-/// Safe entry: writes `out[r * width + c]` = weight column `c` · activation row `r` for every
-/// column of `w` and row of `acts`.
+/// Safe entry: writes `out[r * width + c]` = weight column `c0 + c` · activation row `r` for
+/// every column of `w` and row of `acts`.
 pub(super) fn matmul(vnni: bool, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
-    let (kb, kp) = (w.blocks, w.blocks.next_multiple_of(GROUP));
+    let kb = w.blocks;
     let qb = w.format.quant_bytes();
-    let cols = w.d.len() / kp;
-    assert!(w.d.len() == cols * kp && w.qs.len() == cols * kb * qb && cols <= width);
+    assert!(kb > 0 && w.cols <= width);
+    assert!((w.group + w.cols.div_ceil(LANES)) * kb * LANES <= w.d.len());
+    assert!(w.qs.len() == w.d.len() * qb);
     assert!(
         w.m.len()
             == if w.format == Format::Q8_0 {
                 0
             } else {
-                cols * kp
+                w.d.len()
             }
     );
     assert!(acts.qs.len() == acts.rows * kb * BLOCK);
-    assert!(acts.d.len() == acts.rows * kp && acts.s.len() == acts.rows * kp);
+    assert!(acts.d.len() == acts.rows * kb && acts.s.len() == acts.rows * kb);
     assert!(out.len() >= acts.rows * width);
     assert!(if vnni {
         avx512_vnni_supported()
     } else {
         avx2_supported()
     });
-    // SAFETY: the CPU supports the target features (asserted above); the kernels read column
-    // `c < cols` of `w` (quant bytes of blocks `< kb`, scales `< kp`), the same blocks of
-    // activation rows `< acts.rows`, and write `out[r * width + c]`: all within the lengths
-    // checked above.
+    // SAFETY: the CPU supports the target features (asserted above); the kernels read the
+    // groups `group..group + ⌈cols / 8⌉` of `w` (eight columns' quant bytes, scales and offsets
+    // of blocks `< kb` each), the same blocks of activation rows `< acts.rows`, and write
+    // `out[r * width + c]` for `c < cols`: all within the lengths checked above.
     unsafe {
         if vnni {
             matmul_vnni(w, acts, out, width)
@@ -359,309 +363,342 @@ unsafe fn halves(p: *const u16) -> __m256 {
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
 }
 
-/// A block's 32 four-bit weights as bytes: low nibbles are weights 0–15, high ones 16–31.
+/// Eight vectors of eight `i32` lanes transposed: lane `c` of output `j` is lane `j` of input
+/// `c`.
 #[inline(always)]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+unsafe fn transpose8(v: &[__m256i; 8]) -> [__m256i; 8] {
     unsafe {
-        let q = _mm_loadu_si128(p as *const __m128i);
-        let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        _mm256_set_m128i(hi, lo)
+        let lo = |a, b| _mm256_unpacklo_epi32(a, b);
+        let hi = |a, b| _mm256_unpackhi_epi32(a, b);
+        let (t0, t1, t2, t3) = (
+            lo(v[0], v[1]),
+            hi(v[0], v[1]),
+            lo(v[2], v[3]),
+            hi(v[2], v[3]),
+        );
+        let (t4, t5, t6, t7) = (
+            lo(v[4], v[5]),
+            hi(v[4], v[5]),
+            lo(v[6], v[7]),
+            hi(v[6], v[7]),
+        );
+        let u = [
+            _mm256_unpacklo_epi64(t0, t2),
+            _mm256_unpackhi_epi64(t0, t2),
+            _mm256_unpacklo_epi64(t1, t3),
+            _mm256_unpackhi_epi64(t1, t3),
+            _mm256_unpacklo_epi64(t4, t6),
+            _mm256_unpackhi_epi64(t4, t6),
+            _mm256_unpacklo_epi64(t5, t7),
+            _mm256_unpackhi_epi64(t5, t7),
+        ];
+        [
+            _mm256_permute2x128_si256(u[0], u[4], 0x20),
+            _mm256_permute2x128_si256(u[1], u[5], 0x20),
+            _mm256_permute2x128_si256(u[2], u[6], 0x20),
+            _mm256_permute2x128_si256(u[3], u[7], 0x20),
+            _mm256_permute2x128_si256(u[0], u[4], 0x31),
+            _mm256_permute2x128_si256(u[1], u[5], 0x31),
+            _mm256_permute2x128_si256(u[2], u[6], 0x31),
+            _mm256_permute2x128_si256(u[3], u[7], 0x31),
+        ]
     }
 }
 
-/// Folds four pair sums (`hadd` of two blocks' lanes each, blocks `2p` and `2p + 1` in pair
-/// `p`) into one vector of the eight block totals (block `i` in lane `i`), always by the same
-/// additions.
+/// Four vectors of four `i32` lanes per 128-bit half transposed within each half: lane `c` of
+/// output `j`'s half is lane `j` of input `c`'s.
 #[inline(always)]
-unsafe fn totals(h: &[__m256i; 4]) -> __m256i {
+unsafe fn transpose4(v: &[__m256i; 4]) -> [__m256i; 4] {
     unsafe {
-        let a = _mm256_hadd_epi32(h[0], h[1]);
-        let b = _mm256_hadd_epi32(h[2], h[3]);
-        // a = [t0 t1 t2 t3 (low halves) | t0 t1 t2 t3 (high halves)], b likewise for 4–7.
-        _mm256_add_epi32(
-            _mm256_permute2x128_si256(a, b, 0x20),
-            _mm256_permute2x128_si256(a, b, 0x31),
-        )
+        let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+        let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+        let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+        let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+        [
+            _mm256_unpacklo_epi64(t0, t2),
+            _mm256_unpackhi_epi64(t0, t2),
+            _mm256_unpacklo_epi64(t1, t3),
+            _mm256_unpackhi_epi64(t1, t3),
+        ]
     }
 }
 
-/// How far ahead of the weight bytes in use the few-rows path asks for the next ones. Without
-/// it a decode step waited on memory: on an Intel Xeon (AVX-512, KVM) one thread read the
-/// weights at 6.6 GB/s of the 13-17 it can stream; 1, 2 and 16 KB ahead gave less than 4 KB.
+/// How far ahead of the weight bytes in use the panels ask for the next ones. Without it a
+/// decode step waited on memory: on an Intel Xeon (AVX-512, KVM) one thread read the weights at
+/// 6.6 GB/s of the 13-17 it can stream; 1, 2 and 16 KB ahead gave less than 4 KB.
 const PREFETCH: usize = 4096;
 
-/// From this many activation rows on, a column's weights are unpacked once for many rows.
-const UNPACK_ROWS: usize = 8;
-
-/// Activation rows a pass over the columns reads: as many as fit in this many bytes of L1 (each
-/// row `k` quant bytes and eight bytes of scales a block), at least 8 and at most 64.
-const TILE_BYTES: usize = 16 * 1024;
-
-fn tile_len(blocks: usize) -> usize {
-    (TILE_BYTES / (blocks * (BLOCK + 8))).clamp(8, 64)
+/// Asks for the `len` bytes `PREFETCH` past `p`: the weights stream from memory once per step,
+/// a group's blocks one after the other (past the matrix's end a prefetch reads nothing and
+/// cannot fault).
+#[inline(always)]
+unsafe fn prefetch(p: *const u8, len: usize) {
+    for at in (0..len).step_by(64) {
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + at) as *const i8) };
+    }
 }
 
-/// The loops for one instruction set, `$dot` forming the eight `i32` lanes of the products of
-/// unsigned bytes `$u` and signed bytes `$s`: every column, its activation rows four at a time
-/// (each weight block unpacked once for the four), then the one to three left.
-macro_rules! matmul_body {
-    ($w:ident, $acts:ident, $out:ident, $width:ident, |$u:ident, $s:ident| $dot:expr,
-     |$w0:ident, $a0:ident, $w1:ident, $a1:ident| $pair:expr) => {{
-        let (kb, kp) = ($w.blocks, $w.blocks.next_multiple_of(GROUP));
-        let qb = $w.format.quant_bytes();
-        let cols = $w.d.len() / kp;
-        let four_bit = $w.format != Format::Q8_0;
-        let mut dots = [0f32; 4];
+/// Activation rows run against one panel before the next panel is built: a prompt chunk's 256
+/// rows stay in L2 while the panels (a few KB each) pass through L1.
+const ROW_TILE: usize = 256;
 
-        // Column `c` against rows `r0..r0 + R` into `dots`.
+/// The loops for one instruction set. Eight columns at a time, their weights are laid out at
+/// once as a panel: per block, eight vectors, vector `j` holding weights `4j..4j + 4` of each of
+/// the eight columns (lane `c` is column `c`). An activation row's four bytes `4j..4j + 4` are
+/// broadcast to every lane, so that one multiply-add forms four products of each column, and
+/// the block's integer sum of every column builds up lane by lane, without horizontal adds:
+/// `$four` for 4-bit weights (with `$fin` to finish the sum in `i32`), `$eight` for Q8_0 (`$u`
+/// the weights' magnitudes, `$s` the activations with the weights' signs).
+///
+/// Each block then adds `sum × (d_w × d_a)`, and for the 4-bit formats `m × s`, to the column's
+/// `f32` lane, block after block. A column's value therefore goes through the same operations
+/// whatever the number of rows, which rows are run together, or which lane the column has.
+macro_rules! matmul_body {
+    ($w:ident, $acts:ident, $out:ident, $width:ident,
+     four: |$p4:ident, $w4:ident, $a4:ident| $four:expr,
+     fin: |$f:ident| $fin:expr,
+     eight: |$p8:ident, $u:ident, $s:ident| $eight:expr) => {{
+        let kb = $w.blocks;
+        let qb = $w.format.quant_bytes();
+        let four_bit = $w.format != Format::Q8_0;
+        let zero = _mm256_setzero_si256();
+        let mut panel = vec![zero; kb * 8];
+
+        // Rows `r0..r0 + R` against the panel of columns `g..g + live`.
         macro_rules! rows {
-            ($R:expr, $c:ident, $r0:ident) => {{
+            ($R:expr, $r0:expr, $g:expr, $live:expr, $dp:expr, $mp:expr, $stride:expr,
+                         $four_bit:expr) => {{
                 const R: usize = $R;
+                let (r0, g, live) = ($r0, $g, $live);
                 let mut acc = [_mm256_setzero_ps(); R];
-                let mut off = [_mm256_setzero_ps(); R];
-                let wq = $w.qs.as_ptr().add($c * kb * qb);
-                for g in (0..kp).step_by(GROUP) {
-                    // Blocks in pairs: each pair's lanes are folded at once (one `hadd`), so
-                    // that few vectors stay live across the group.
-                    let mut pairs = [[_mm256_setzero_si256(); 4]; R];
-                    for p in 0..GROUP / 2 {
-                        let b = g + 2 * p;
-                        if b >= kb {
-                            break;
-                        }
-                        let second = b + 1 < kb;
-                        // The weights stream from memory once per step: ask for them ahead
-                        // (past the column's end is the next column's start; a prefetch past
-                        // the matrix's end reads nothing and cannot fault).
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            wq.wrapping_add(b * qb + PREFETCH) as *const i8
-                        );
-                        let act = |r: usize, b: usize| {
-                            _mm256_loadu_si256($acts.qs.as_ptr().add((($r0 + r) * kb + b) * BLOCK)
-                                as *const __m256i)
+                for b in 0..kb {
+                    let mut p = [zero; R];
+                    for j in 0..8 {
+                        let wv = *panel.get_unchecked(b * 8 + j);
+                        let bytes = |r: usize| {
+                            _mm256_set1_epi32(
+                                ($acts.qs.as_ptr().add(((r0 + r) * kb + b) * BLOCK + 4 * j)
+                                    as *const i32)
+                                    .read_unaligned(),
+                            )
                         };
-                        if four_bit {
-                            let w0 = nibbles(wq.add(b * qb));
-                            let w1 = if second {
-                                nibbles(wq.add((b + 1) * qb))
-                            } else {
-                                _mm256_setzero_si256()
-                            };
-                            for r in 0..R {
-                                let a1 = if second {
-                                    act(r, b + 1)
-                                } else {
-                                    _mm256_setzero_si256()
-                                };
-                                let ($w0, $a0, $w1, $a1) = (w0, act(r, b), w1, a1);
-                                pairs[r][p] = $pair;
+                        if $four_bit {
+                            for (r, p) in p.iter_mut().enumerate() {
+                                let ($p4, $w4, $a4) = (*p, wv, bytes(r));
+                                *p = $four;
                             }
                         } else {
-                            let w0 = _mm256_loadu_si256(wq.add(b * qb) as *const __m256i);
-                            let w1 = if second {
-                                _mm256_loadu_si256(wq.add((b + 1) * qb) as *const __m256i)
-                            } else {
-                                _mm256_setzero_si256()
-                            };
-                            let (m0, m1) = (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
-                            for r in 0..R {
-                                let l0 = {
-                                    let ($u, $s) = (m0, _mm256_sign_epi8(act(r, b), w0));
-                                    $dot
-                                };
-                                let l1 = if second {
-                                    let ($u, $s) = (m1, _mm256_sign_epi8(act(r, b + 1), w1));
-                                    $dot
-                                } else {
-                                    _mm256_setzero_si256()
-                                };
-                                pairs[r][p] = _mm256_hadd_epi32(l0, l1);
+                            let magnitudes = _mm256_sign_epi8(wv, wv);
+                            for (r, p) in p.iter_mut().enumerate() {
+                                let ($p8, $u, $s) =
+                                    (*p, magnitudes, _mm256_sign_epi8(bytes(r), wv));
+                                *p = $eight;
                             }
                         }
                     }
-                    let dw = halves($w.d.as_ptr().add($c * kp + g));
-                    let mw = if four_bit {
-                        halves($w.m.as_ptr().add($c * kp + g))
+                    let dw = halves($dp.add(b * $stride));
+                    let mw = if $four_bit {
+                        halves($mp.add(b * $stride))
                     } else {
                         _mm256_setzero_ps()
                     };
                     for r in 0..R {
-                        let at = ($r0 + r) * kp + g;
-                        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps($acts.d.as_ptr().add(at)));
-                        let sums = _mm256_cvtepi32_ps(totals(&pairs[r]));
+                        let at = (r0 + r) * kb + b;
+                        let sums = if $four_bit {
+                            let $f = p[r];
+                            _mm256_cvtepi32_ps($fin)
+                        } else {
+                            _mm256_cvtepi32_ps(p[r])
+                        };
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*$acts.d.get_unchecked(at)));
                         acc[r] = _mm256_fmadd_ps(sums, scale, acc[r]);
-                        if four_bit {
-                            let s = _mm256_loadu_ps($acts.s.as_ptr().add(at));
-                            off[r] = _mm256_fmadd_ps(mw, s, off[r]);
+                        if $four_bit {
+                            let s = _mm256_set1_ps(*$acts.s.get_unchecked(at));
+                            acc[r] = _mm256_fmadd_ps(mw, s, acc[r]);
                         }
                     }
                 }
-                for r in 0..R {
-                    dots[r] = hsum(acc[r]) + hsum(off[r]);
+                for (r, a) in acc.iter().enumerate() {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                    let at = (r0 + r) * $width + g;
+                    $out[at..at + live].copy_from_slice(&lanes[..live]);
                 }
             }};
         }
 
-        // Many rows (a prompt). The rows go a tile at a time, few enough that their activations
-        // stay in L1 while every column runs against them ([`tile_len`]). Each column's weights
-        // are unpacked once per tile into `unpacked` (in L1), then run against the tile's rows
-        // four at a time: each weight vector is loaded once for the four rows, and the pairs of
-        // blocks fold as in `rows!`. The offsets (`m × s`), which do not depend on the products,
-        // take a pass of their own afterwards with the same operations in the same order, so
-        // that the accumulators of four rows fit in registers. The integer block sums are exact
-        // whatever the order, and the floats go through the same operations as in `rows!`, so
-        // a row gets the same bits on either path.
-        macro_rules! tile_rows {
-            ($R:expr, $c:ident, $r0:ident, $unpacked:ident, $four_bit:expr) => {{
+        // One to three rows (decode steps): no panel. Each column's block is multiplied with
+        // the row's block as it lies, and horizontal adds fold the eight columns' products into
+        // one vector, lane `c` column `c`'s block sum: the same exact integers as from a panel,
+        // then the same float operations, so the same bits.
+        macro_rules! few {
+            ($R:expr, $r0:expr, $g:expr, $gi:expr, $live:expr, $dp:expr, $mp:expr, $stride:expr,
+                         $four_bit:expr) => {{
                 const R: usize = $R;
-                let zero = _mm256_setzero_si256();
+                let (r0, g, gi, live) = ($r0, $g, $gi, $live);
                 let mut acc = [_mm256_setzero_ps(); R];
-                for g in (0..kp).step_by(GROUP) {
-                    // Blocks `g..g + 4` and `g + 4..g + 8` of each row, folded.
-                    let mut quads = [[zero; R]; 2];
-                    for (h, quad) in quads.iter_mut().enumerate() {
-                        let mut first = [zero; R];
-                        for q in 0..2 {
-                            let b = g + 4 * h + 2 * q;
-                            let mut pr = [zero; R];
-                            if b < kb {
-                                let second = b + 1 < kb;
-                                let w0 = *$unpacked.get_unchecked(b);
-                                let w1 = if second {
-                                    *$unpacked.get_unchecked(b + 1)
-                                } else {
-                                    zero
-                                };
-                                let act = |r: usize, b: usize| {
-                                    _mm256_loadu_si256(
-                                        $acts.qs.as_ptr().add((($r0 + r) * kb + b) * BLOCK)
-                                            as *const __m256i,
-                                    )
-                                };
-                                if $four_bit {
-                                    for (r, p) in pr.iter_mut().enumerate() {
-                                        let a1 = if second { act(r, b + 1) } else { zero };
-                                        let ($w0, $a0, $w1, $a1) = (w0, act(r, b), w1, a1);
-                                        *p = $pair;
-                                    }
-                                } else {
-                                    let (m0, m1) =
-                                        (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
-                                    for (r, p) in pr.iter_mut().enumerate() {
-                                        let l0 = {
-                                            let ($u, $s) = (m0, _mm256_sign_epi8(act(r, b), w0));
-                                            $dot
-                                        };
-                                        let l1 = if second {
-                                            let ($u, $s) =
-                                                (m1, _mm256_sign_epi8(act(r, b + 1), w1));
-                                            $dot
-                                        } else {
-                                            zero
-                                        };
-                                        *p = _mm256_hadd_epi32(l0, l1);
-                                    }
-                                }
-                            }
-                            if q == 0 {
-                                first = pr;
+                for b in 0..kb {
+                    let base = $w.qs.as_ptr().add((gi * kb + b) * LANES * qb);
+                    prefetch(base, LANES * qb);
+                    let column = |c: usize| {
+                        let q = base.add(c * qb);
+                        if $four_bit {
+                            let q = _mm_loadu_si128(q as *const __m128i);
+                            let mask = _mm_set1_epi8(0x0f);
+                            _mm256_set_m128i(
+                                _mm_and_si128(_mm_srli_epi16(q, 4), mask),
+                                _mm_and_si128(q, mask),
+                            )
+                        } else {
+                            _mm256_loadu_si256(q as *const __m256i)
+                        }
+                    };
+                    let act = |r: usize| {
+                        _mm256_loadu_si256(
+                            $acts.qs.as_ptr().add(((r0 + r) * kb + b) * BLOCK) as *const __m256i
+                        )
+                    };
+                    // A 4-bit block's products in eight `i32` lanes.
+                    #[allow(clippy::let_and_return)]
+                    let sum4 = |w: __m256i, a: __m256i| {
+                        let ($p4, $w4, $a4) = (zero, w, a);
+                        let $f = $four;
+                        $fin
+                    };
+                    // Per row, columns (2p, 2p + 1) folded into pair p's lanes.
+                    let mut pairs = [[zero; 4]; R];
+                    for p in 0..4 {
+                        let (w0, w1) = (column(2 * p), column(2 * p + 1));
+                        for r in 0..R {
+                            let a = act(r);
+                            pairs[r][p] = if $four_bit {
+                                _mm256_hadd_epi32(sum4(w0, a), sum4(w1, a))
                             } else {
-                                for r in 0..R {
-                                    quad[r] = _mm256_hadd_epi32(first[r], pr[r]);
-                                }
-                            }
+                                let ($p8, $u, $s) =
+                                    (zero, _mm256_sign_epi8(w0, w0), _mm256_sign_epi8(a, w0));
+                                let x = $eight;
+                                let ($p8, $u, $s) =
+                                    (zero, _mm256_sign_epi8(w1, w1), _mm256_sign_epi8(a, w1));
+                                _mm256_hadd_epi32(x, $eight)
+                            };
                         }
                     }
-                    let dw = halves($w.d.as_ptr().add($c * kp + g));
+                    let dw = halves($dp.add(b * $stride));
+                    let mw = if $four_bit {
+                        halves($mp.add(b * $stride))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
                     for r in 0..R {
-                        let at = ($r0 + r) * kp + g;
-                        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps($acts.d.as_ptr().add(at)));
-                        let (a, b) = (quads[0][r], quads[1][r]);
+                        let h = &pairs[r];
+                        let a = _mm256_hadd_epi32(h[0], h[1]);
+                        let c = _mm256_hadd_epi32(h[2], h[3]);
+                        // a = [c0 c1 c2 c3 (low halves) | c0 c1 c2 c3 (high halves)], c for 4-7.
                         let totals = _mm256_add_epi32(
-                            _mm256_permute2x128_si256(a, b, 0x20),
-                            _mm256_permute2x128_si256(a, b, 0x31),
+                            _mm256_permute2x128_si256(a, c, 0x20),
+                            _mm256_permute2x128_si256(a, c, 0x31),
                         );
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(totals), scale, acc[r]);
+                        let at = (r0 + r) * kb + b;
+                        let sums = _mm256_cvtepi32_ps(totals);
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*$acts.d.get_unchecked(at)));
+                        acc[r] = _mm256_fmadd_ps(sums, scale, acc[r]);
+                        if $four_bit {
+                            let s = _mm256_set1_ps(*$acts.s.get_unchecked(at));
+                            acc[r] = _mm256_fmadd_ps(mw, s, acc[r]);
+                        }
                     }
                 }
-                for r in 0..R {
-                    dots[r] = hsum(acc[r]);
+                for (r, a) in acc.iter().enumerate() {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                    let at = (r0 + r) * $width + g;
+                    $out[at..at + live].copy_from_slice(&lanes[..live]);
                 }
             }};
         }
-        macro_rules! prompt_rows {
+
+        macro_rules! groups {
             ($four_bit:expr) => {{
-                let mut unpacked = vec![_mm256_setzero_si256(); kb];
-                let tile = tile_len(kb);
-                for t0 in (0..$acts.rows).step_by(tile) {
-                    let end = (t0 + tile).min($acts.rows);
-                    for c in 0..cols {
-                        let wq = $w.qs.as_ptr().add(c * kb * qb);
-                        for (b, u) in unpacked.iter_mut().enumerate() {
-                            *u = if $four_bit {
-                                nibbles(wq.add(b * qb))
+                for t0 in (0..$acts.rows).step_by(ROW_TILE) {
+                    let end = (t0 + ROW_TILE).min($acts.rows);
+                    for g in (0..$w.cols).step_by(8) {
+                        let live = ($w.cols - g).min(LANES);
+                        let gi = $w.group + g / LANES;
+                        let (dp, mp, stride) = (
+                            $w.d.as_ptr().add(gi * kb * LANES),
+                            $w.m.as_ptr().wrapping_add(gi * kb * LANES),
+                            LANES,
+                        );
+                        match end - t0 {
+                            1 => {
+                                few!(1, t0, g, gi, live, dp, mp, stride, $four_bit);
+                                continue;
+                            }
+                            2 => {
+                                few!(2, t0, g, gi, live, dp, mp, stride, $four_bit);
+                                continue;
+                            }
+                            3 => {
+                                few!(3, t0, g, gi, live, dp, mp, stride, $four_bit);
+                                continue;
+                            }
+                            _ => {}
+                        }
+                        for b in 0..kb {
+                            let base = $w.qs.as_ptr().add((gi * kb + b) * LANES * qb);
+                            prefetch(base, LANES * qb);
+                            let q = |c: usize| base.add(c * qb);
+                            let chunks = if $four_bit {
+                                // Columns `c` and `c + 4` in the two halves of one vector; the
+                                // packed bytes are transposed first (half the data), then
+                                // split into low nibbles (chunks 0-3) and high (4-7).
+                                let mut v = [zero; 4];
+                                for (c, v) in v.iter_mut().enumerate() {
+                                    let half = |c: usize| _mm_loadu_si128(q(c) as *const __m128i);
+                                    *v = _mm256_set_m128i(half(c + 4), half(c));
+                                }
+                                let t = transpose4(&v);
+                                let mask = _mm256_set1_epi8(0x0f);
+                                let lo = |x| _mm256_and_si256(x, mask);
+                                let hi = |x| _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+                                [
+                                    lo(t[0]),
+                                    lo(t[1]),
+                                    lo(t[2]),
+                                    lo(t[3]),
+                                    hi(t[0]),
+                                    hi(t[1]),
+                                    hi(t[2]),
+                                    hi(t[3]),
+                                ]
                             } else {
-                                _mm256_loadu_si256(wq.add(b * qb) as *const __m256i)
+                                let mut v = [zero; 8];
+                                for (c, v) in v.iter_mut().enumerate() {
+                                    *v = _mm256_loadu_si256(q(c) as *const __m256i);
+                                }
+                                transpose8(&v)
                             };
+                            panel[b * 8..b * 8 + 8].copy_from_slice(&chunks);
                         }
                         let mut r0 = t0;
                         while r0 < end {
-                            let n = (end - r0).min(4);
-                            match n {
-                                4 => tile_rows!(4, c, r0, unpacked, $four_bit),
-                                3 => tile_rows!(3, c, r0, unpacked, $four_bit),
-                                2 => tile_rows!(2, c, r0, unpacked, $four_bit),
-                                _ => tile_rows!(1, c, r0, unpacked, $four_bit),
+                            match (end - r0).min(4) {
+                                4 => rows!(4, r0, g, live, dp, mp, stride, $four_bit),
+                                3 => rows!(3, r0, g, live, dp, mp, stride, $four_bit),
+                                2 => rows!(2, r0, g, live, dp, mp, stride, $four_bit),
+                                _ => rows!(1, r0, g, live, dp, mp, stride, $four_bit),
                             }
-                            for (i, d) in dots.iter().enumerate().take(n) {
-                                // The offsets' pass: the same operations as in `rows!`.
-                                let mut off = _mm256_setzero_ps();
-                                if $four_bit {
-                                    for g in (0..kp).step_by(GROUP) {
-                                        let mw = halves($w.m.as_ptr().add(c * kp + g));
-                                        let s = _mm256_loadu_ps(
-                                            $acts.s.as_ptr().add((r0 + i) * kp + g),
-                                        );
-                                        off = _mm256_fmadd_ps(mw, s, off);
-                                    }
-                                }
-                                *$out.get_unchecked_mut((r0 + i) * $width + c) = d + hsum(off);
-                            }
-                            r0 += n;
+                            r0 += (end - r0).min(4);
                         }
                     }
                 }
             }};
         }
 
-        if $acts.rows >= UNPACK_ROWS {
-            if four_bit {
-                prompt_rows!(true)
-            } else {
-                prompt_rows!(false)
-            }
+        if four_bit {
+            groups!(true)
         } else {
-            for c in 0..cols {
-                let mut r0 = 0;
-                while r0 + 4 <= $acts.rows {
-                    rows!(4, c, r0);
-                    for (i, d) in dots.iter().enumerate() {
-                        *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
-                    }
-                    r0 += 4;
-                }
-                match $acts.rows - r0 {
-                    0 => continue,
-                    1 => rows!(1, c, r0),
-                    2 => rows!(2, c, r0),
-                    _ => rows!(3, c, r0),
-                }
-                for (i, d) in dots.iter().enumerate().take($acts.rows - r0) {
-                    *$out.get_unchecked_mut((r0 + i) * $width + c) = *d;
-                }
-            }
+            groups!(false)
         }
     }};
 }
@@ -670,19 +707,18 @@ macro_rules! matmul_body {
 unsafe fn matmul_avx2(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     unsafe {
         let ones = _mm256_set1_epi16(1);
-        // A pair of 4-bit blocks: `vpmaddubsw` gives each block's products summed in twos,
-        // at most 2 × 15 × 127 = 3,810; `vphaddw` sums them in fours (at most 7,620: no
-        // overflow) and one `vpmaddwd` in eights, the lanes of `vphaddd` of two `vpmaddwd`.
+        // 4-bit weights: `vpmaddubsw` sums the products in twos (at most 2 × 15 × 127 = 3,810)
+        // and the eight chunks of a block add up in `i16` (at most 30,480: no overflow), one
+        // `vpmaddwd` per block to `i32`. Q8_0: twos reach 2 × 128 × 127 = 32,512, so each chunk
+        // goes to `i32` at once.
         matmul_body!(
             w,
             acts,
             out,
             width,
-            |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones),
-            |w0, a0, w1, a1| _mm256_madd_epi16(
-                _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(w1, a1)),
-                ones
-            )
+            four: |p, w, a| _mm256_add_epi16(p, _mm256_maddubs_epi16(w, a)),
+            fin: |p| _mm256_madd_epi16(p, ones),
+            eight: |p, u, s| _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones))
         )
     }
 }
@@ -690,17 +726,15 @@ unsafe fn matmul_avx2(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn matmul_vnni(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     unsafe {
-        let zero = _mm256_setzero_si256();
+        // `vpdpbusd` adds four products to each `i32` lane: the same sums as the AVX2 path.
         matmul_body!(
             w,
             acts,
             out,
             width,
-            |u, s| _mm256_dpbusd_epi32(zero, u, s),
-            |w0, a0, w1, a1| _mm256_hadd_epi32(
-                _mm256_dpbusd_epi32(zero, w0, a0),
-                _mm256_dpbusd_epi32(zero, w1, a1)
-            )
+            four: |p, w, a| _mm256_dpbusd_epi32(p, w, a),
+            fin: |p| p,
+            eight: |p, u, s| _mm256_dpbusd_epi32(p, u, s)
         )
     }
 }
