@@ -466,8 +466,7 @@ macro_rules! matmul_body {
 
         // Rows `r0..r0 + R` against the panel of columns `g..g + live`.
         macro_rules! rows {
-            ($R:expr, $r0:expr, $g:expr, $live:expr, $dp:expr, $mp:expr, $stride:expr,
-                         $four_bit:expr) => {{
+            ($R:expr, $r0:expr, $g:expr, $live:expr, $dp:expr, $mp:expr, $four_bit:expr) => {{
                 const R: usize = $R;
                 let (r0, g, live) = ($r0, $g, $live);
                 let mut acc = [_mm256_setzero_ps(); R];
@@ -496,9 +495,9 @@ macro_rules! matmul_body {
                             }
                         }
                     }
-                    let dw = halves($dp.add(b * $stride));
+                    let dw = halves($dp.add(b * LANES));
                     let mw = if $four_bit {
-                        halves($mp.add(b * $stride))
+                        halves($mp.add(b * LANES))
                     } else {
                         _mm256_setzero_ps()
                     };
@@ -532,8 +531,7 @@ macro_rules! matmul_body {
         // one vector, lane `c` column `c`'s block sum: the same exact integers as from a panel,
         // then the same float operations, so the same bits.
         macro_rules! few {
-            ($R:expr, $r0:expr, $g:expr, $gi:expr, $live:expr, $dp:expr, $mp:expr, $stride:expr,
-                         $four_bit:expr) => {{
+            ($R:expr, $r0:expr, $g:expr, $gi:expr, $live:expr, $dp:expr, $mp:expr, $four_bit:expr) => {{
                 const R: usize = $R;
                 let (r0, g, gi, live) = ($r0, $g, $gi, $live);
                 let mut acc = [_mm256_setzero_ps(); R];
@@ -583,9 +581,9 @@ macro_rules! matmul_body {
                             };
                         }
                     }
-                    let dw = halves($dp.add(b * $stride));
+                    let dw = halves($dp.add(b * LANES));
                     let mw = if $four_bit {
-                        halves($mp.add(b * $stride))
+                        halves($mp.add(b * LANES))
                     } else {
                         _mm256_setzero_ps()
                     };
@@ -624,22 +622,21 @@ macro_rules! matmul_body {
                     for g in (0..$w.cols).step_by(8) {
                         let live = ($w.cols - g).min(LANES);
                         let gi = $w.group + g / LANES;
-                        let (dp, mp, stride) = (
+                        let (dp, mp) = (
                             $w.d.as_ptr().add(gi * kb * LANES),
                             $w.m.as_ptr().wrapping_add(gi * kb * LANES),
-                            LANES,
                         );
                         match end - t0 {
                             1 => {
-                                few!(1, t0, g, gi, live, dp, mp, stride, $four_bit);
+                                few!(1, t0, g, gi, live, dp, mp, $four_bit);
                                 continue;
                             }
                             2 => {
-                                few!(2, t0, g, gi, live, dp, mp, stride, $four_bit);
+                                few!(2, t0, g, gi, live, dp, mp, $four_bit);
                                 continue;
                             }
                             3 => {
-                                few!(3, t0, g, gi, live, dp, mp, stride, $four_bit);
+                                few!(3, t0, g, gi, live, dp, mp, $four_bit);
                                 continue;
                             }
                             _ => {}
@@ -683,10 +680,10 @@ macro_rules! matmul_body {
                         let mut r0 = t0;
                         while r0 < end {
                             match (end - r0).min(4) {
-                                4 => rows!(4, r0, g, live, dp, mp, stride, $four_bit),
-                                3 => rows!(3, r0, g, live, dp, mp, stride, $four_bit),
-                                2 => rows!(2, r0, g, live, dp, mp, stride, $four_bit),
-                                _ => rows!(1, r0, g, live, dp, mp, stride, $four_bit),
+                                4 => rows!(4, r0, g, live, dp, mp, $four_bit),
+                                3 => rows!(3, r0, g, live, dp, mp, $four_bit),
+                                2 => rows!(2, r0, g, live, dp, mp, $four_bit),
+                                _ => rows!(1, r0, g, live, dp, mp, $four_bit),
                             }
                             r0 += (end - r0).min(4);
                         }
