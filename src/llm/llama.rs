@@ -142,6 +142,12 @@ impl Llama {
         let norm = f32_vec(tensor("output_norm.weight")?)?;
         let embeddings = Arc::new(load_matrix(ct, r, "token_embd.weight")?);
         let vocab = embeddings.rows();
+        if embeddings.cols() != dim {
+            return Err(LlmError::Load(format!(
+                "token_embd.weight has rows of {}, the model's width is {dim}",
+                embeddings.cols()
+            )));
+        }
         let output = if ct.tensor_infos.contains_key("output.weight") {
             Linear::stacked(vec![load_matrix(ct, r, "output.weight")?])?
         } else {

@@ -267,8 +267,15 @@ impl QMatrix {
         )
     }
 
-    /// Writes row `j` as floats into `out` (`k` values): an embedding lookup.
+    /// Writes row `j` as floats into `out` (`k` values): an embedding lookup. Panics on a row
+    /// out of range or an `out` of another length.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        assert!(
+            j < self.n && out.len() == self.k,
+            "row {j} of {}x{}",
+            self.n,
+            self.k
+        );
         for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
             let quants = self.quants(j, b);
             let (scale, offset) = self.scales(j, b);
@@ -589,11 +596,12 @@ mod tests {
 
     #[test]
     fn every_supported_path_matches_the_exact_product_and_x86_paths_agree_bit_for_bit() {
-        // 7 rows take the few-rows loops; 30 rows of 17 blocks (an odd count: a lone last
-        // block) the prompt's tiles (22 rows, then 8) with four, three and two rows at a time.
+        // 2 rows take the few-rows loops; 7 and 30 rows (17 blocks: an odd count) the panel,
+        // four rows at a time and then three or two; 258 rows a whole tile of 256, then two
+        // rows on the few-rows loops. 37 columns: four groups of eight and one of five.
         for (format, k, rows) in [Format::Q4_0, Format::Q4_1, Format::Q8_0]
             .into_iter()
-            .flat_map(|f| [(f, 576, 7), (f, 544, 30)])
+            .flat_map(|f| [(f, 576, 2), (f, 576, 7), (f, 544, 30), (f, 64, 258)])
         {
             let n = 37;
             let w = matrix(format, n, k, 1);
