@@ -669,12 +669,19 @@ mod tests {
 
     #[test]
     fn attention_gives_a_token_the_same_bits_in_a_prompt_as_alone_and_follows_the_portable_loops() {
+        // Groups of 3 query heads per key head (SmolLM2), 4 (three, then one) and 2.
+        for (n_head, n_kv_head) in [(9, 3), (8, 2), (4, 2)] {
+            check_attention(n_head, n_kv_head);
+        }
+    }
+
+    fn check_attention(n_head: usize, n_kv_head: usize) {
         let heads = Heads {
-            n_head: 9,
-            n_kv_head: 3,
+            n_head,
+            n_kv_head,
             head_dim: 64,
         };
-        let (q_dim, kv_dim) = (9 * 64, 3 * 64);
+        let (q_dim, kv_dim) = (n_head * 64, n_kv_head * 64);
         let width = q_dim + 2 * kv_dim;
         let (start, count) = (6, 11);
         let qkv = values(count * width, 7);
@@ -695,7 +702,11 @@ mod tests {
         let together = run(start, count, &qkv, &mut scores);
         for j in 0..count {
             let alone = run(start + j, 1, &qkv[j * width..(j + 1) * width], &mut scores);
-            assert_eq!(alone, together[j * q_dim..(j + 1) * q_dim], "token {j}");
+            assert_eq!(
+                alone,
+                together[j * q_dim..(j + 1) * q_dim],
+                "{n_head}/{n_kv_head} heads: token {j}"
+            );
         }
         let mut portable = vec![0f32; count * q_dim];
         let queries = Queries {
@@ -706,7 +717,10 @@ mod tests {
         };
         attention::attend_tokens(heads, &queries, &keys, &vals, &mut scores, &mut portable);
         for (a, b) in together.iter().zip(&portable) {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{n_head}/{n_kv_head} heads: {a} vs {b}"
+            );
         }
     }
 

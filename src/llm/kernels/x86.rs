@@ -114,18 +114,39 @@ unsafe fn attend_avx2(
                         keys.as_ptr().add((t + i).min(visible - 1) * kv_dim + off)
                     });
                     let n = (visible - t).min(4);
-                    for hh in 0..group {
-                        let q = row.add((g * group + hh) * hd);
-                        let mut acc = [_mm256_setzero_ps(); 4];
-                        for d in (0..hd).step_by(8) {
-                            let qv = _mm256_loadu_ps(q.add(d));
-                            for (a, k) in acc.iter_mut().zip(&k) {
-                                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add(d)), *a);
+                    // The heads of the group up to three at a time against the four key rows:
+                    // each key vector is loaded once for them (twelve sums in registers), and
+                    // each head's sums run as they would alone.
+                    macro_rules! dots {
+                        ($R:expr, $h0:ident) => {{
+                            const R: usize = $R;
+                            let q: [*const f32; R] =
+                                std::array::from_fn(|r| row.add((g * group + $h0 + r) * hd));
+                            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                            for d in (0..hd).step_by(8) {
+                                let qv: [__m256; R] =
+                                    std::array::from_fn(|r| _mm256_loadu_ps(q[r].add(d)));
+                                for (i, k) in k.iter().enumerate() {
+                                    let kv = _mm256_loadu_ps(k.add(d));
+                                    for r in 0..R {
+                                        acc[r][i] = _mm256_fmadd_ps(qv[r], kv, acc[r][i]);
+                                    }
+                                }
                             }
+                            for (r, acc) in acc.iter().enumerate() {
+                                let mut dots = [0f32; 4];
+                                _mm_storeu_ps(dots.as_mut_ptr(), sum4(acc));
+                                let at = ($h0 + r) * visible + t;
+                                scores[at..at + n].copy_from_slice(&dots[..n]);
+                            }
+                        }};
+                    }
+                    for h0 in (0..group).step_by(3) {
+                        match group - h0 {
+                            1 => dots!(1, h0),
+                            2 => dots!(2, h0),
+                            _ => dots!(3, h0),
                         }
-                        let mut dots = [0f32; 4];
-                        _mm_storeu_ps(dots.as_mut_ptr(), sum4(&acc));
-                        scores[hh * visible + t..hh * visible + t + n].copy_from_slice(&dots[..n]);
                     }
                 }
                 for hh in 0..group {
@@ -196,8 +217,8 @@ pub(super) struct Acts<'a> {
     pub rows: usize,
 }
 
-/// Safe entry: writes `out[r * width + c]` = weight column `c0 + c` · activation row `r` for
-/// every column of `w` and row of `acts`.
+/// Safe entry: writes `out[r * width + c]` = weight column `8 × group + c` · activation row `r`
+/// for every column of `w` and row of `acts`.
 pub(super) fn matmul(vnni: bool, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     let kb = w.blocks;
     let qb = w.format.quant_bytes();
