@@ -139,19 +139,7 @@ impl QMatrix {
             )));
         }
         let (kb, qb) = (k / BLOCK, format.quant_bytes());
-        let padded = n.next_multiple_of(LANES);
-        let mut m = Self {
-            format,
-            n,
-            k,
-            qs: vec![0; padded * kb * qb],
-            d: vec![0; padded * kb],
-            m: if format == Format::Q8_0 {
-                Vec::new()
-            } else {
-                vec![0; padded * kb]
-            },
-        };
+        let mut m = Self::zeroed(format, n, k);
         for (i, block) in data.chunks_exact(format.block_bytes()).enumerate() {
             let at = m.at(i / kb, i % kb);
             m.d[at] = u16::from_le_bytes([block[0], block[1]]);
@@ -170,6 +158,23 @@ impl QMatrix {
             m.qs[at * qb..(at + 1) * qb].copy_from_slice(quants);
         }
         Ok(m)
+    }
+
+    /// An `[n, k]` matrix of zeros in this layout, its last group padded to [`LANES`] rows.
+    fn zeroed(format: Format, n: usize, k: usize) -> Self {
+        let blocks = n.next_multiple_of(LANES) * (k / BLOCK);
+        Self {
+            format,
+            n,
+            k,
+            qs: vec![0; blocks * format.quant_bytes()],
+            d: vec![0; blocks],
+            m: if format == Format::Q8_0 {
+                Vec::new()
+            } else {
+                vec![0; blocks]
+            },
+        }
     }
 
     /// Where row `j`'s block `b` is, in blocks.
@@ -222,19 +227,7 @@ impl QMatrix {
         }
         let n: usize = parts.iter().map(|p| p.n).sum();
         let (kb, qb) = (k / BLOCK, format.quant_bytes());
-        let padded = n.next_multiple_of(LANES);
-        let mut out = Self {
-            format,
-            n,
-            k,
-            qs: vec![0; padded * kb * qb],
-            d: vec![0; padded * kb],
-            m: if format == Format::Q8_0 {
-                Vec::new()
-            } else {
-                vec![0; padded * kb]
-            },
-        };
+        let mut out = Self::zeroed(format, n, k);
         let mut j = 0;
         for p in &parts {
             for pj in 0..p.n {

@@ -426,6 +426,49 @@ unsafe fn transpose8(v: &[__m256i; 8]) -> [__m256i; 8] {
     }
 }
 
+/// A block's 32 four-bit weights as bytes: low nibbles are weights 0–15, high ones 16–31.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    unsafe {
+        let q = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(q, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+        _mm256_set_m128i(hi, lo)
+    }
+}
+
+/// Adds one block to eight columns' lanes: `acc + sums × (d_w × d_a)`, then for the 4-bit
+/// formats `+ m × s` (`mw` is `None` for Q8_0). Every path of the matmul goes through here, so a
+/// column's value does not depend on the path, the rows run with it or its lane.
+#[inline(always)]
+unsafe fn add_block(
+    acc: __m256,
+    sums: __m256i,
+    dw: __m256,
+    da: f32,
+    mw: Option<(__m256, f32)>,
+) -> __m256 {
+    unsafe {
+        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(da));
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+        match mw {
+            Some((mw, s)) => _mm256_fmadd_ps(mw, _mm256_set1_ps(s), acc),
+            None => acc,
+        }
+    }
+}
+
+/// Writes the first `out.len()` (at most eight) lanes of `acc` to `out`.
+#[inline(always)]
+unsafe fn store_lanes(acc: __m256, out: &mut [f32]) {
+    unsafe {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        out.copy_from_slice(&lanes[..out.len()]);
+    }
+}
+
 /// Four vectors of four `i32` lanes per 128-bit half transposed within each half: lane `c` of
 /// output `j`'s half is lane `j` of input `c`'s.
 #[inline(always)]
@@ -485,6 +528,42 @@ macro_rules! matmul_body {
         let zero = _mm256_setzero_si256();
         let mut panel = vec![zero; kb * 8];
 
+        // Block `b`'s scales (and 4-bit offsets) of a group's eight columns.
+        macro_rules! scales {
+            ($dp:expr, $mp:expr, $b:expr, $four_bit:expr) => {
+                (
+                    halves($dp.add($b * LANES)),
+                    if $four_bit {
+                        Some(halves($mp.add($b * LANES)))
+                    } else {
+                        None
+                    },
+                )
+            };
+        }
+        // Row `r`'s block `b` added to its accumulator (see [`add_block`]).
+        macro_rules! block {
+            ($acc:expr, $sums:expr, $dw:expr, $mw:expr, $r:expr, $b:expr) => {{
+                let at = $r * kb + $b;
+                add_block(
+                    $acc,
+                    $sums,
+                    $dw,
+                    *$acts.d.get_unchecked(at),
+                    $mw.map(|m| (m, *$acts.s.get_unchecked(at))),
+                )
+            }};
+        }
+        // The accumulators of rows `r0..` into their columns `g..g + live` of `out`.
+        macro_rules! store {
+            ($acc:expr, $r0:expr, $g:expr, $live:expr) => {
+                for (r, a) in $acc.iter().enumerate() {
+                    let at = ($r0 + r) * $width + $g;
+                    store_lanes(*a, &mut $out[at..at + $live]);
+                }
+            };
+        }
+
         // Rows `r0..r0 + R` against the panel of columns `g..g + live`.
         macro_rules! rows {
             ($R:expr, $r0:expr, $g:expr, $live:expr, $dp:expr, $mp:expr, $four_bit:expr) => {{
@@ -516,34 +595,18 @@ macro_rules! matmul_body {
                             }
                         }
                     }
-                    let dw = halves($dp.add(b * LANES));
-                    let mw = if $four_bit {
-                        halves($mp.add(b * LANES))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
+                    let (dw, mw) = scales!($dp, $mp, b, $four_bit);
                     for r in 0..R {
-                        let at = (r0 + r) * kb + b;
                         let sums = if $four_bit {
                             let $f = p[r];
-                            _mm256_cvtepi32_ps($fin)
+                            $fin
                         } else {
-                            _mm256_cvtepi32_ps(p[r])
+                            p[r]
                         };
-                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*$acts.d.get_unchecked(at)));
-                        acc[r] = _mm256_fmadd_ps(sums, scale, acc[r]);
-                        if $four_bit {
-                            let s = _mm256_set1_ps(*$acts.s.get_unchecked(at));
-                            acc[r] = _mm256_fmadd_ps(mw, s, acc[r]);
-                        }
+                        acc[r] = block!(acc[r], sums, dw, mw, r0 + r, b);
                     }
                 }
-                for (r, a) in acc.iter().enumerate() {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-                    let at = (r0 + r) * $width + g;
-                    $out[at..at + live].copy_from_slice(&lanes[..live]);
-                }
+                store!(acc, r0, g, live);
             }};
         }
 
@@ -562,12 +625,7 @@ macro_rules! matmul_body {
                     let column = |c: usize| {
                         let q = base.add(c * qb);
                         if $four_bit {
-                            let q = _mm_loadu_si128(q as *const __m128i);
-                            let mask = _mm_set1_epi8(0x0f);
-                            _mm256_set_m128i(
-                                _mm_and_si128(_mm_srli_epi16(q, 4), mask),
-                                _mm_and_si128(q, mask),
-                            )
+                            nibbles(q)
                         } else {
                             _mm256_loadu_si256(q as *const __m256i)
                         }
@@ -602,12 +660,7 @@ macro_rules! matmul_body {
                             };
                         }
                     }
-                    let dw = halves($dp.add(b * LANES));
-                    let mw = if $four_bit {
-                        halves($mp.add(b * LANES))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
+                    let (dw, mw) = scales!($dp, $mp, b, $four_bit);
                     for r in 0..R {
                         let h = &pairs[r];
                         let a = _mm256_hadd_epi32(h[0], h[1]);
@@ -617,22 +670,10 @@ macro_rules! matmul_body {
                             _mm256_permute2x128_si256(a, c, 0x20),
                             _mm256_permute2x128_si256(a, c, 0x31),
                         );
-                        let at = (r0 + r) * kb + b;
-                        let sums = _mm256_cvtepi32_ps(totals);
-                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*$acts.d.get_unchecked(at)));
-                        acc[r] = _mm256_fmadd_ps(sums, scale, acc[r]);
-                        if $four_bit {
-                            let s = _mm256_set1_ps(*$acts.s.get_unchecked(at));
-                            acc[r] = _mm256_fmadd_ps(mw, s, acc[r]);
-                        }
+                        acc[r] = block!(acc[r], totals, dw, mw, r0 + r, b);
                     }
                 }
-                for (r, a) in acc.iter().enumerate() {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-                    let at = (r0 + r) * $width + g;
-                    $out[at..at + live].copy_from_slice(&lanes[..live]);
-                }
+                store!(acc, r0, g, live);
             }};
         }
 
@@ -640,7 +681,7 @@ macro_rules! matmul_body {
             ($four_bit:expr) => {{
                 for t0 in (0..$acts.rows).step_by(ROW_TILE) {
                     let end = (t0 + ROW_TILE).min($acts.rows);
-                    for g in (0..$w.cols).step_by(8) {
+                    for g in (0..$w.cols).step_by(LANES) {
                         let live = ($w.cols - g).min(LANES);
                         let gi = $w.group + g / LANES;
                         let (dp, mp) = (
