@@ -3,6 +3,7 @@
 //! the pass and the helper gives the same bits as the kernel alone, and the helper does take work.
 
 use aitier::inference::second_core::{dense, helped, pass, splitting};
+use aitier_kernels::DenseWeights;
 
 fn values(len: usize, seed: usize) -> Vec<f32> {
     (0..len)
@@ -25,35 +26,42 @@ fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
         (3, 64, 200),
     ] {
         let (x, w, bias) = (values(rows * k, 1), values(n * k, 2), values(n, 3));
-        let mut alone = vec![0f32; rows * n];
-        aitier_kernels::dense(isa, &x, rows, &w, Some(&bias), &mut alone);
-        let before = helped();
-        pass(|| {
-            assert!(splitting(), "a lone pass uses the helper");
-            // Like a pass: many projections, while the helper wakes and spins; at least 300, and
-            // for a wide one until the helper has taken some (within 2 s: a freshly started or
-            // descheduled helper is simply not waited for).
-            let started = std::time::Instant::now();
-            let mut calls = 0;
-            while calls < 300
-                || (n >= 256
-                    && helped() == before
-                    && started.elapsed() < std::time::Duration::from_secs(2))
-            {
-                let mut split = vec![0f32; rows * n];
-                dense(&x, rows, &w, &bias, &mut split);
-                assert_eq!(split, alone, "{rows}x{k} by {n}");
-                calls += 1;
+        let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        // f32 weights, and f16 ones (the encoders' large projections).
+        for (kind, w) in [
+            ("f32", DenseWeights::F32(&w)),
+            ("f16", DenseWeights::F16(&half)),
+        ] {
+            let mut alone = vec![0f32; rows * n];
+            aitier_kernels::dense(isa, &x, rows, w, Some(&bias), &mut alone);
+            let before = helped();
+            pass(|| {
+                assert!(splitting(), "a lone pass uses the helper");
+                // Like a pass: many projections, while the helper wakes and spins; at least 300,
+                // and for a wide one until the helper has taken some (within 2 s: a freshly
+                // started or descheduled helper is simply not waited for).
+                let started = std::time::Instant::now();
+                let mut calls = 0;
+                while calls < 300
+                    || (n >= 256
+                        && helped() == before
+                        && started.elapsed() < std::time::Duration::from_secs(2))
+                {
+                    let mut split = vec![0f32; rows * n];
+                    dense(&x, rows, w, &bias, &mut split);
+                    assert_eq!(split, alone, "{rows}x{k} by {n}, {kind}");
+                    calls += 1;
+                }
+            });
+            assert!(!splitting());
+            let took = helped() - before;
+            if n >= 256 {
+                assert!(took > 0, "{rows}x{k} by {n}: the helper took none in 2 s");
+            } else {
+                assert_eq!(took, 0, "{rows}x{k} by {n} is too narrow to split");
             }
-        });
-        assert!(!splitting());
-        let took = helped() - before;
-        if n >= 256 {
-            assert!(took > 0, "{rows}x{k} by {n}: the helper took none in 2 s");
-        } else {
-            assert_eq!(took, 0, "{rows}x{k} by {n} is too narrow to split");
+            eprintln!("{rows}x{k} by {n}, {kind}: {took} on the helper");
         }
-        eprintln!("{rows}x{k} by {n}: {took} on the helper");
     }
     // A pass beside another one does not split.
     pass(|| {

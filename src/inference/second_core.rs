@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
 
+use aitier_kernels::DenseWeights;
+
 /// Columns below which a projection is not split: the hand-off would cost more than half of it.
 const MIN_SPLIT_COLUMNS: usize = 128;
 
@@ -33,12 +35,39 @@ struct Task {
     x: *const f32,
     x_len: usize,
     rows: usize,
-    w: *const f32,
-    w_len: usize,
+    w: RawWeights,
     bias: *const f32,
     bias_len: usize,
     out: *mut f32,
     out_len: usize,
+}
+
+/// A [`DenseWeights`] slice as raw parts.
+#[derive(Clone, Copy)]
+enum RawWeights {
+    F32(*const f32, usize),
+    F16(*const half::f16, usize),
+}
+
+impl RawWeights {
+    fn new(w: DenseWeights) -> Self {
+        match w {
+            DenseWeights::F32(w) => RawWeights::F32(w.as_ptr(), w.len()),
+            DenseWeights::F16(w) => RawWeights::F16(w.as_ptr(), w.len()),
+        }
+    }
+
+    /// # Safety
+    /// The slice these parts came from must be alive and not written for `'a`.
+    unsafe fn get<'a>(self) -> DenseWeights<'a> {
+        // SAFETY: the caller's.
+        unsafe {
+            match self {
+                RawWeights::F32(p, len) => DenseWeights::F32(std::slice::from_raw_parts(p, len)),
+                RawWeights::F16(p, len) => DenseWeights::F16(std::slice::from_raw_parts(p, len)),
+            }
+        }
+    }
 }
 
 // SAFETY: a task only travels to the helper while the pass that posted it waits for it to be done
@@ -130,7 +159,7 @@ impl Helper {
                             let (x, w, bias, out) = unsafe {
                                 (
                                     std::slice::from_raw_parts(t.x, t.x_len),
-                                    std::slice::from_raw_parts(t.w, t.w_len),
+                                    t.w.get(),
                                     std::slice::from_raw_parts(t.bias, t.bias_len),
                                     std::slice::from_raw_parts_mut(t.out, t.out_len),
                                 )
@@ -197,7 +226,7 @@ pub fn splitting() -> bool {
 
 /// `out = x · wᵀ + bias` ([`aitier_kernels::dense`]), the upper half of the columns on the helper
 /// when this thread's pass runs alone (see [`pass`]).
-pub fn dense(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out: &mut [f32]) {
+pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32], out: &mut [f32]) {
     let isa = aitier_kernels::Isa::detect();
     let n = bias.len();
     let split = n >= 2 * MIN_SPLIT_COLUMNS && splitting();
@@ -208,13 +237,12 @@ pub fn dense(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out: &mut [f32]) {
     let k = x.len() / rows;
     let low = (n / 2).next_multiple_of(16).min(n);
     let mut high = vec![0f32; rows * (n - low)];
-    let (w_high, b_high) = (&w[low * k..], &bias[low..]);
+    let (w_low, w_high, b_high) = (w.rows(0..low, k), w.rows(low..n, k), &bias[low..]);
     *helper.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(Task {
         x: x.as_ptr(),
         x_len: x.len(),
         rows,
-        w: w_high.as_ptr(),
-        w_len: w_high.len(),
+        w: RawWeights::new(w_high),
         bias: b_high.as_ptr(),
         bias_len: b_high.len(),
         out: high.as_mut_ptr(),
@@ -260,7 +288,7 @@ pub fn dense(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out: &mut [f32]) {
     }
     let wait = Wait(helper);
     let mut own = vec![0f32; rows * low];
-    aitier_kernels::dense(isa, x, rows, &w[..low * k], Some(&bias[..low]), &mut own);
+    aitier_kernels::dense(isa, x, rows, w_low, Some(&bias[..low]), &mut own);
     if !wait.finish() {
         aitier_kernels::dense(isa, x, rows, w_high, Some(b_high), &mut high);
     }

@@ -458,13 +458,61 @@ pub fn matmul_cols(
     }
 }
 
-/// An `f32` projection of few rows: `out[r * n + j] = bias[j] + x[r] · w[j]`, with `x` as `rows ×
-/// k` and `w` as `n × k`, row-major. For the encoders' short inputs (a sentence is 10-30 tokens),
-/// where a general matmul spends longer packing the weights into its own layout than multiplying:
-/// here each weight row is read once, straight from where it lies, against all the rows. AVX-512F
-/// or AVX2 + FMA when the CPU has them, else portable loops; the paths sum in different orders
-/// and agree within rounding. Panics on mismatched lengths.
-pub fn dense(isa: Isa, x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+/// The weights of a [`dense`] projection, `n × k` row-major: `f32`, or `f16` widened to `f32` as
+/// they are loaded (half the bytes to stream from memory, the same arithmetic after).
+#[derive(Debug, Clone, Copy)]
+pub enum DenseWeights<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> DenseWeights<'a> {
+    pub fn len(self) -> usize {
+        match self {
+            DenseWeights::F32(w) => w.len(),
+            DenseWeights::F16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `range`.
+    pub fn range(self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            DenseWeights::F32(w) => DenseWeights::F32(&w[range]),
+            DenseWeights::F16(w) => DenseWeights::F16(&w[range]),
+        }
+    }
+
+    /// Rows `range`, each `k` long.
+    pub fn rows(self, range: std::ops::Range<usize>, k: usize) -> Self {
+        self.range(range.start * k..range.end * k)
+    }
+
+    fn get(self, i: usize) -> f32 {
+        match self {
+            DenseWeights::F32(w) => w[i],
+            DenseWeights::F16(w) => w[i].to_f32(),
+        }
+    }
+}
+
+/// A projection of few rows: `out[r * n + j] = bias[j] + x[r] · w[j]`, with `x` as `rows × k`
+/// `f32` and `w` as `n × k` ([`DenseWeights`]), row-major. For the encoders' short inputs (a sentence is
+/// 10-30 tokens), where a general matmul spends longer packing the weights into its own layout
+/// than multiplying: here each weight row is read once, straight from where it lies, against all
+/// the rows. AVX-512F or AVX2 + FMA when the CPU has them, else portable loops; the paths sum in
+/// different orders and agree within rounding. Panics on mismatched lengths.
+pub fn dense(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    w: DenseWeights,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert!(isa.supported(), "{isa:?} is not supported on this CPU");
     assert!(rows > 0 && x.len().is_multiple_of(rows));
     let k = x.len() / rows;
@@ -475,8 +523,8 @@ pub fn dense(isa: Isa, x: &[f32], rows: usize, w: &[f32], bias: Option<&[f32]>, 
         Isa::Scalar => {
             for r in 0..rows {
                 for j in 0..n {
-                    let (xr, wj) = (&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]);
-                    out[r * n + j] = xr.iter().zip(wj).map(|(a, b)| a * b).sum::<f32>();
+                    let xr = &x[r * k..(r + 1) * k];
+                    out[r * n + j] = (0..k).map(|i| xr[i] * w.get(j * k + i)).sum::<f32>();
                 }
             }
         }
@@ -730,26 +778,40 @@ mod tests {
             (13, 384, 4),
         ] {
             let x = values(rows * k, 3);
-            let w = values(n * k, 4);
+            let w32 = values(n * k, 4);
+            // The same weights in f16, and their exact values (to compare with).
+            let w16: Vec<half::f16> = w32.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let bias = values(n, 5);
             for isa in Isa::ALL {
                 if !isa.supported() {
                     eprintln!("dense {isa:?}: not supported on this CPU, not run");
                     continue;
                 }
-                let mut out = vec![0f32; rows * n];
-                dense(isa, &x, rows, &w, Some(&bias), &mut out);
-                for r in 0..rows {
-                    for j in 0..n {
-                        let exact: f64 = bias[j] as f64
-                            + (0..k)
-                                .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
-                                .sum::<f64>();
-                        let got = out[r * n + j] as f64;
-                        assert!(
-                            (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * (k as f64).sqrt(),
-                            "{isa:?} rows {rows} k {k}: {got} vs {exact}"
-                        );
+                for (w, exact_w) in [
+                    (DenseWeights::F32(&w32), &w32),
+                    (DenseWeights::F16(&w16), &widened),
+                ] {
+                    let mut out = vec![0f32; rows * n];
+                    dense(isa, &x, rows, w, Some(&bias), &mut out);
+                    for r in 0..rows {
+                        for j in 0..n {
+                            let exact: f64 = bias[j] as f64
+                                + (0..k)
+                                    .map(|i| x[r * k + i] as f64 * exact_w[j * k + i] as f64)
+                                    .sum::<f64>();
+                            let got = out[r * n + j] as f64;
+                            let bound = 1e-5 * (1.0 + exact.abs()) * (k as f64).sqrt();
+                            assert!(
+                                (got - exact).abs() <= bound,
+                                "{isa:?} {} rows {rows} k {k}: {got} vs {exact}",
+                                if matches!(w, DenseWeights::F16(_)) {
+                                    "f16"
+                                } else {
+                                    "f32"
+                                }
+                            );
+                        }
                     }
                 }
             }

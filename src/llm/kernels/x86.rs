@@ -15,7 +15,7 @@
 use core::arch::x86_64::*;
 
 use super::attention::{self, Heads, Queries};
-use super::{BLOCK, Format, LANES};
+use super::{BLOCK, DenseWeights, Format, LANES};
 
 pub(super) fn avx2_supported() -> bool {
     is_x86_feature_detected!("avx2")
@@ -799,7 +799,7 @@ unsafe fn matmul_vnni(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: 
 }
 
 /// Safe entry of [`super::dense`] (bias aside): 16-lane vectors with `wide`, else 8.
-pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
+pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: DenseWeights, out: &mut [f32]) {
     let k = x.len() / rows;
     let n = w.len() / k;
     assert!(rows * k == x.len() && n * k == w.len() && out.len() == rows * n);
@@ -808,14 +808,15 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: &[f32], out: &mut [f3
     } else {
         avx2_supported()
     });
-    // SAFETY: the CPU has the features (asserted above); the kernels read `x[r * k + i]` and
-    // `w[j * k + i]` for `r < rows`, `j < n`, `i < k` and write `out[r * n + j]`: within the
-    // lengths asserted above.
+    // SAFETY: the CPU has the features (asserted above; `f16c` is part of `avx2_supported`, and
+    // AVX-512F has its own widening); the kernels read `x[r * k + i]` and `w[j * k + i]` for
+    // `r < rows`, `j < n`, `i < k` and write `out[r * n + j]`: within the lengths asserted above.
     unsafe {
-        if wide {
-            dense_avx512(x, rows, k, w, n, out)
-        } else {
-            dense_avx2(x, rows, k, w, n, out)
+        match (wide, w) {
+            (true, DenseWeights::F32(w)) => dense_avx512(x, rows, k, w, n, out),
+            (true, DenseWeights::F16(w)) => dense_avx512_f16(x, rows, k, w, n, out),
+            (false, DenseWeights::F32(w)) => dense_avx2(x, rows, k, w, n, out),
+            (false, DenseWeights::F16(w)) => dense_avx2_f16(x, rows, k, w, n, out),
         }
     }
 }
@@ -826,46 +827,48 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: &[f32], out: &mut [f3
 /// that its accumulators live in registers.
 macro_rules! dense_body {
     ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $out:ident, $lanes:expr, $wrows:expr,
-     $zero:expr, $load:path, $fma:path, $sum:path) => {{
+     $zero:expr, $load:path, $wload:ident, $fma:path, $sum:path) => {{
         let full = $k - $k % $lanes;
         // Weight rows `j..j + W` against rows `r0..r0 + R` of `x`: W × R accumulators in
         // registers, each vector loaded once for all the products it takes part in.
         macro_rules! block {
-            ($W:expr, $R:expr, $j:expr, $r0:expr) => {{
-                const W: usize = $W;
-                const R: usize = $R;
-                let (j, r0) = ($j, $r0);
-                let mut acc = [[$zero; R]; W];
-                let mut i = 0;
-                while i < full {
-                    let mut wv = [$zero; W];
-                    for (q, v) in wv.iter_mut().enumerate() {
-                        let at = $w.as_ptr().add((j + q) * $k + i);
-                        // The weights stream from memory; the rows of `x` stay in L1.
-                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH / 4) as *const i8);
-                        *v = $load(at);
+                ($W:expr, $R:expr, $j:expr, $r0:expr) => {{
+                    const W: usize = $W;
+                    const R: usize = $R;
+                    let (j, r0) = ($j, $r0);
+                    let mut acc = [[$zero; R]; W];
+                    let mut i = 0;
+                    while i < full {
+                        let mut wv = [$zero; W];
+                        for (q, v) in wv.iter_mut().enumerate() {
+                            let at = $w.as_ptr().add((j + q) * $k + i);
+                            // The weights stream from memory; the rows of `x` stay in L1.
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                (at as *const i8).wrapping_add(PREFETCH) as *const i8
+                            );
+                            *v = $wload!(at);
+                        }
+                        for r in 0..R {
+                            let xv = $load($x.as_ptr().add((r0 + r) * $k + i));
+                            for q in 0..W {
+                                acc[q][r] = $fma(xv, wv[q], acc[q][r]);
+                            }
+                        }
+                        i += $lanes;
                     }
-                    for r in 0..R {
-                        let xv = $load($x.as_ptr().add((r0 + r) * $k + i));
-                        for q in 0..W {
-                            acc[q][r] = $fma(xv, wv[q], acc[q][r]);
+                    for q in 0..W {
+                        let wj = $w.as_ptr().add((j + q) * $k);
+                        for r in 0..R {
+                            let xr = $x.as_ptr().add((r0 + r) * $k);
+                            let mut total = $sum(acc[q][r]);
+                            for t in full..$k {
+                                total += *xr.add(t) * $wload!(scalar wj.add(t));
+                            }
+                            *$out.get_unchecked_mut((r0 + r) * $n + j + q) = total;
                         }
                     }
-                    i += $lanes;
-                }
-                for q in 0..W {
-                    let wj = $w.as_ptr().add((j + q) * $k);
-                    for r in 0..R {
-                        let xr = $x.as_ptr().add((r0 + r) * $k);
-                        let mut total = $sum(acc[q][r]);
-                        for t in full..$k {
-                            total += *xr.add(t) * *wj.add(t);
-                        }
-                        *$out.get_unchecked_mut((r0 + r) * $n + j + q) = total;
-                    }
-                }
-            }};
-        }
+                }};
+            }
         // Against every row of `x`, four at a time, then the one to three left.
         macro_rules! rows {
             ($W:expr, $j:expr) => {{
@@ -895,6 +898,41 @@ macro_rules! dense_body {
     }};
 }
 
+// Weight loads for [`dense_body`]: eight or sixteen lanes (`f32` as they lie, or `f16` widened),
+// and one weight (`scalar`) for the tail.
+macro_rules! f32x8 {
+    (scalar $p:expr) => {
+        *$p
+    };
+    ($p:expr) => {
+        _mm256_loadu_ps($p)
+    };
+}
+macro_rules! f16x8 {
+    (scalar $p:expr) => {
+        (*$p).to_f32()
+    };
+    ($p:expr) => {
+        _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i))
+    };
+}
+macro_rules! f32x16 {
+    (scalar $p:expr) => {
+        *$p
+    };
+    ($p:expr) => {
+        _mm512_loadu_ps($p)
+    };
+}
+macro_rules! f16x16 {
+    (scalar $p:expr) => {
+        (*$p).to_f32()
+    };
+    ($p:expr) => {
+        _mm512_cvtph_ps(_mm256_loadu_si256($p as *const __m256i))
+    };
+}
+
 /// Three weight rows against four rows of `x`: twelve accumulators, three weight vectors and one
 /// row vector fill the sixteen registers. Against two weight rows, all-MiniLM-L6-v2's projections
 /// of a 13-token sentence (`examples/dense_bench.rs`, one core, AMD EPYC Zen 3, A-B-A-B): 4.43-5.95
@@ -913,6 +951,36 @@ unsafe fn dense_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out:
             3,
             _mm256_setzero_ps(),
             _mm256_loadu_ps,
+            f32x8,
+            _mm256_fmadd_ps,
+            hsum
+        )
+    }
+}
+
+/// [`dense_avx2`] on `f16` weights, widened as they are loaded (`vcvtph2ps`).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dense_avx2_f16(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[half::f16],
+    n: usize,
+    out: &mut [f32],
+) {
+    unsafe {
+        dense_body!(
+            x,
+            rows,
+            k,
+            w,
+            n,
+            out,
+            8,
+            3,
+            _mm256_setzero_ps(),
+            _mm256_loadu_ps,
+            f16x8,
             _mm256_fmadd_ps,
             hsum
         )
@@ -933,6 +1001,35 @@ unsafe fn dense_avx512(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, ou
             4,
             _mm512_setzero_ps(),
             _mm512_loadu_ps,
+            f32x16,
+            _mm512_fmadd_ps,
+            _mm512_reduce_add_ps
+        )
+    }
+}
+
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn dense_avx512_f16(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[half::f16],
+    n: usize,
+    out: &mut [f32],
+) {
+    unsafe {
+        dense_body!(
+            x,
+            rows,
+            k,
+            w,
+            n,
+            out,
+            16,
+            4,
+            _mm512_setzero_ps(),
+            _mm512_loadu_ps,
+            f16x16,
             _mm512_fmadd_ps,
             _mm512_reduce_add_ps
         )

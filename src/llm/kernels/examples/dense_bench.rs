@@ -4,7 +4,7 @@
 //! 32 MB L3 holds, as in a server), best and median of 50 passes.
 //!
 //!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|scalar|avx512]
-use aitier_kernels::{Isa, dense};
+use aitier_kernels::{DenseWeights, Isa, dense};
 use std::time::Instant;
 fn main() {
     let rows: usize = std::env::args().nth(1).map_or(13, |s| s.parse().unwrap());
@@ -26,7 +26,7 @@ fn main() {
             let mut out = vec![0f32; rows * n];
             let t = Instant::now();
             for _ in 0..300 {
-                dense(isa, &x, rows, &w, Some(&b), &mut out);
+                dense(isa, &x, rows, DenseWeights::F32(&w), Some(&b), &mut out);
             }
             let us = t.elapsed().as_secs_f64() * 1e6 / 300.0;
             best[s] = best[s].min(us);
@@ -52,23 +52,43 @@ fn main() {
                 .collect()
         })
         .collect();
-    let mut passes = Vec::new();
+    let halves: Vec<Vec<Vec<half::f16>>> = layers
+        .iter()
+        .map(|layer| {
+            layer
+                .iter()
+                .map(|(w, _)| w.iter().map(|&v| half::f16::from_f32(v)).collect())
+                .collect()
+        })
+        .collect();
+    // f32 and f16 weights alternately, so that a slow phase of the machine hits both alike.
+    let (mut passes, mut passes16) = (Vec::new(), Vec::new());
     for _ in 0..50 {
-        let t = Instant::now();
-        for layer in &layers {
-            for (&(k, n), (w, b)) in shapes.iter().zip(layer) {
-                let x = vec![0.01f32; rows * k];
-                let mut out = vec![0f32; rows * n];
-                dense(isa, &x, rows, w, Some(b), &mut out);
-                std::hint::black_box(&out);
+        for wide in [false, true] {
+            let t = Instant::now();
+            for (layer, half) in layers.iter().zip(&halves) {
+                for ((&(k, n), (w, b)), h) in shapes.iter().zip(layer).zip(half) {
+                    let x = vec![0.01f32; rows * k];
+                    let mut out = vec![0f32; rows * n];
+                    let w = if wide {
+                        DenseWeights::F32(w)
+                    } else {
+                        DenseWeights::F16(h)
+                    };
+                    dense(isa, &x, rows, w, Some(b), &mut out);
+                    std::hint::black_box(&out);
+                }
             }
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if wide { &mut passes } else { &mut passes16 }.push(ms);
         }
-        passes.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    passes.sort_by(f64::total_cmp);
-    println!(
-        "{isa:?}, {rows} rows, six layers of their own: best {:.2} ms, median {:.2} ms",
-        passes[0],
-        passes[passes.len() / 2]
-    );
+    for (name, mut passes) in [("f32", passes), ("f16", passes16)] {
+        passes.sort_by(f64::total_cmp);
+        println!(
+            "{isa:?}, {rows} rows, six layers of their own, {name} weights: best {:.2} ms, median {:.2} ms",
+            passes[0],
+            passes[passes.len() / 2]
+        );
+    }
 }
