@@ -832,43 +832,43 @@ macro_rules! dense_body {
         // Weight rows `j..j + W` against rows `r0..r0 + R` of `x`: W × R accumulators in
         // registers, each vector loaded once for all the products it takes part in.
         macro_rules! block {
-                ($W:expr, $R:expr, $j:expr, $r0:expr) => {{
-                    const W: usize = $W;
-                    const R: usize = $R;
-                    let (j, r0) = ($j, $r0);
-                    let mut acc = [[$zero; R]; W];
-                    let mut i = 0;
-                    while i < full {
-                        let mut wv = [$zero; W];
-                        for (q, v) in wv.iter_mut().enumerate() {
-                            let at = $w.as_ptr().add((j + q) * $k + i);
-                            // The weights stream from memory; the rows of `x` stay in L1.
-                            _mm_prefetch::<_MM_HINT_T0>(
-                                (at as *const i8).wrapping_add(PREFETCH) as *const i8
-                            );
-                            *v = $wload!(at);
-                        }
-                        for r in 0..R {
-                            let xv = $load($x.as_ptr().add((r0 + r) * $k + i));
-                            for q in 0..W {
-                                acc[q][r] = $fma(xv, wv[q], acc[q][r]);
-                            }
-                        }
-                        i += $lanes;
+            ($W:expr, $R:expr, $j:expr, $r0:expr) => {{
+                const W: usize = $W;
+                const R: usize = $R;
+                let (j, r0) = ($j, $r0);
+                let mut acc = [[$zero; R]; W];
+                let mut i = 0;
+                while i < full {
+                    let mut wv = [$zero; W];
+                    for (q, v) in wv.iter_mut().enumerate() {
+                        let at = $w.as_ptr().add((j + q) * $k + i);
+                        // The weights stream from memory; the rows of `x` stay in L1.
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            (at as *const i8).wrapping_add(PREFETCH) as *const i8
+                        );
+                        *v = $wload!(at);
                     }
-                    for q in 0..W {
-                        let wj = $w.as_ptr().add((j + q) * $k);
-                        for r in 0..R {
-                            let xr = $x.as_ptr().add((r0 + r) * $k);
-                            let mut total = $sum(acc[q][r]);
-                            for t in full..$k {
-                                total += *xr.add(t) * $wload!(scalar wj.add(t));
-                            }
-                            *$out.get_unchecked_mut((r0 + r) * $n + j + q) = total;
+                    for r in 0..R {
+                        let xv = $load($x.as_ptr().add((r0 + r) * $k + i));
+                        for q in 0..W {
+                            acc[q][r] = $fma(xv, wv[q], acc[q][r]);
                         }
                     }
-                }};
-            }
+                    i += $lanes;
+                }
+                for q in 0..W {
+                    let wj = $w.as_ptr().add((j + q) * $k);
+                    for r in 0..R {
+                        let xr = $x.as_ptr().add((r0 + r) * $k);
+                        let mut total = $sum(acc[q][r]);
+                        for t in full..$k {
+                            total += *xr.add(t) * (*wj.add(t)).widen();
+                        }
+                        *$out.get_unchecked_mut((r0 + r) * $n + j + q) = total;
+                    }
+                }
+            }};
+        }
         // Against every row of `x`, four at a time, then the one to three left.
         macro_rules! rows {
             ($W:expr, $j:expr) => {{
@@ -898,36 +898,42 @@ macro_rules! dense_body {
     }};
 }
 
-// Weight loads for [`dense_body`]: eight or sixteen lanes (`f32` as they lie, or `f16` widened),
-// and one weight (`scalar`) for the tail.
+/// A weight as `f32`, for the tail of [`dense_body`].
+trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+// Weight loads for [`dense_body`]: eight or sixteen lanes, `f32` as they lie or `f16` widened.
 macro_rules! f32x8 {
-    (scalar $p:expr) => {
-        *$p
-    };
     ($p:expr) => {
         _mm256_loadu_ps($p)
     };
 }
 macro_rules! f16x8 {
-    (scalar $p:expr) => {
-        (*$p).to_f32()
-    };
     ($p:expr) => {
         _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i))
     };
 }
 macro_rules! f32x16 {
-    (scalar $p:expr) => {
-        *$p
-    };
     ($p:expr) => {
         _mm512_loadu_ps($p)
     };
 }
 macro_rules! f16x16 {
-    (scalar $p:expr) => {
-        (*$p).to_f32()
-    };
     ($p:expr) => {
         _mm512_cvtph_ps(_mm256_loadu_si256($p as *const __m256i))
     };
