@@ -814,9 +814,9 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: DenseWeights, out: &m
     unsafe {
         match (wide, w) {
             (true, DenseWeights::F32(w)) => dense_avx512(x, rows, k, w, n, out),
-            (true, DenseWeights::F16(w)) => dense_avx512_f16(x, rows, k, w, n, out),
+            (true, DenseWeights::F16(w)) => dense_avx512(x, rows, k, w, n, out),
             (false, DenseWeights::F32(w)) => dense_avx2(x, rows, k, w, n, out),
-            (false, DenseWeights::F16(w)) => dense_avx2_f16(x, rows, k, w, n, out),
+            (false, DenseWeights::F16(w)) => dense_avx2(x, rows, k, w, n, out),
         }
     }
 }
@@ -827,7 +827,7 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: DenseWeights, out: &m
 /// that its accumulators live in registers.
 macro_rules! dense_body {
     ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $out:ident, $lanes:expr, $wrows:expr,
-     $zero:expr, $load:path, $wload:ident, $fma:path, $sum:path) => {{
+     $zero:expr, $load:path, $wload:path, $fma:path, $sum:path) => {{
         let full = $k - $k % $lanes;
         // Weight rows `j..j + W` against rows `r0..r0 + R` of `x`: W × R accumulators in
         // registers, each vector loaded once for all the products it takes part in.
@@ -846,7 +846,7 @@ macro_rules! dense_body {
                         _mm_prefetch::<_MM_HINT_T0>(
                             (at as *const i8).wrapping_add(PREFETCH) as *const i8
                         );
-                        *v = $wload!(at);
+                        *v = $wload(at);
                     }
                     for r in 0..R {
                         let xv = $load($x.as_ptr().add((r0 + r) * $k + i));
@@ -898,79 +898,61 @@ macro_rules! dense_body {
     }};
 }
 
-/// A weight as `f32`, for the tail of [`dense_body`].
-trait Widen: Copy {
+/// A weight type of [`dense_body`], read as `f32`: `f32` as it lies, or `f16` widened.
+trait Weight: Copy {
+    /// One weight, for the tail.
     fn widen(self) -> f32;
+    /// Eight weights from `p`, for AVX2 (with F16C for `f16`).
+    unsafe fn load8(p: *const Self) -> __m256;
+    /// Sixteen weights from `p`, for AVX-512F.
+    unsafe fn load16(p: *const Self) -> __m512;
 }
 
-impl Widen for f32 {
+impl Weight for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
     }
+
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
+    }
 }
 
-impl Widen for half::f16 {
+impl Weight for half::f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self.to_f32()
     }
-}
 
-// Weight loads for [`dense_body`]: eight or sixteen lanes, `f32` as they lie or `f16` widened.
-macro_rules! f32x8 {
-    ($p:expr) => {
-        _mm256_loadu_ps($p)
-    };
-}
-macro_rules! f16x8 {
-    ($p:expr) => {
-        _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i))
-    };
-}
-macro_rules! f32x16 {
-    ($p:expr) => {
-        _mm512_loadu_ps($p)
-    };
-}
-macro_rules! f16x16 {
-    ($p:expr) => {
-        _mm512_cvtph_ps(_mm256_loadu_si256($p as *const __m256i))
-    };
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
 }
 
 /// Three weight rows against four rows of `x`: twelve accumulators, three weight vectors and one
 /// row vector fill the sixteen registers. Against two weight rows, all-MiniLM-L6-v2's projections
 /// of a 13-token sentence (`examples/dense_bench.rs`, one core, AMD EPYC Zen 3, A-B-A-B): 4.43-5.95
-/// -> 3.79-4.14 ms for the six layers. Each output's sum runs in the same order either way.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dense_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    unsafe {
-        dense_body!(
-            x,
-            rows,
-            k,
-            w,
-            n,
-            out,
-            8,
-            3,
-            _mm256_setzero_ps(),
-            _mm256_loadu_ps,
-            f32x8,
-            _mm256_fmadd_ps,
-            hsum
-        )
-    }
-}
-
-/// [`dense_avx2`] on `f16` weights, widened as they are loaded (`vcvtph2ps`).
+/// -> 3.79-4.14 ms for the six layers. Each output's sum runs in the same order either way. `f16`
+/// weights are widened as they are loaded (`vcvtph2ps`).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dense_avx2_f16(
+unsafe fn dense_avx2<T: Weight>(
     x: &[f32],
     rows: usize,
     k: usize,
-    w: &[half::f16],
+    w: &[T],
     n: usize,
     out: &mut [f32],
 ) {
@@ -986,7 +968,7 @@ unsafe fn dense_avx2_f16(
             3,
             _mm256_setzero_ps(),
             _mm256_loadu_ps,
-            f16x8,
+            T::load8,
             _mm256_fmadd_ps,
             hsum
         )
@@ -994,32 +976,11 @@ unsafe fn dense_avx2_f16(
 }
 
 #[target_feature(enable = "avx2,fma,avx512f")]
-unsafe fn dense_avx512(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    unsafe {
-        dense_body!(
-            x,
-            rows,
-            k,
-            w,
-            n,
-            out,
-            16,
-            4,
-            _mm512_setzero_ps(),
-            _mm512_loadu_ps,
-            f32x16,
-            _mm512_fmadd_ps,
-            _mm512_reduce_add_ps
-        )
-    }
-}
-
-#[target_feature(enable = "avx2,fma,avx512f")]
-unsafe fn dense_avx512_f16(
+unsafe fn dense_avx512<T: Weight>(
     x: &[f32],
     rows: usize,
     k: usize,
-    w: &[half::f16],
+    w: &[T],
     n: usize,
     out: &mut [f32],
 ) {
@@ -1035,7 +996,7 @@ unsafe fn dense_avx512_f16(
             4,
             _mm512_setzero_ps(),
             _mm512_loadu_ps,
-            f16x16,
+            T::load16,
             _mm512_fmadd_ps,
             _mm512_reduce_add_ps
         )

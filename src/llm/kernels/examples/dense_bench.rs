@@ -64,23 +64,23 @@ fn main() {
     // f32 and f16 weights alternately, so that a slow phase of the machine hits both alike.
     let (mut passes, mut passes16) = (Vec::new(), Vec::new());
     for _ in 0..50 {
-        for wide in [false, true] {
+        for in_f16 in [true, false] {
             let t = Instant::now();
             for (layer, half) in layers.iter().zip(&halves) {
                 for ((&(k, n), (w, b)), h) in shapes.iter().zip(layer).zip(half) {
                     let x = vec![0.01f32; rows * k];
                     let mut out = vec![0f32; rows * n];
-                    let w = if wide {
-                        DenseWeights::F32(w)
-                    } else {
+                    let w = if in_f16 {
                         DenseWeights::F16(h)
+                    } else {
+                        DenseWeights::F32(w)
                     };
                     dense(isa, &x, rows, w, Some(b), &mut out);
                     std::hint::black_box(&out);
                 }
             }
             let ms = t.elapsed().as_secs_f64() * 1e3;
-            if wide { &mut passes } else { &mut passes16 }.push(ms);
+            if in_f16 { &mut passes16 } else { &mut passes }.push(ms);
         }
     }
     for (name, mut passes) in [("f32", passes), ("f16", passes16)] {
