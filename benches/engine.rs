@@ -1,5 +1,5 @@
 //! The chat engine's forward pass without HTTP, on the real SmolLM2 GGUF: one decode step for 1
-//! and 4 sequences (a 64-token context each), and the prefill of a ≈1,000-token prompt, on every
+//! and 4 sequences (a 64-token context each) and for 1 sequence of 512 tokens, and the prefill of a ≈1,000-token prompt, on every
 //! kernel path this CPU supports. Prints the CPU model and milliseconds per call (median of runs).
 //!
 //! ```text
@@ -79,8 +79,9 @@ fn main() {
             .unwrap_or(1);
         model.set_threads(threads);
         println!("{isa:?}: {threads} thread(s) (AITIER_CHAT_THREADS)");
-        for batch in [1usize, 4] {
-            let mut caches: Vec<KvCache> = (0..batch).map(|_| context(&model, 64)).collect();
+        // A long context shows what a step pays for the tokens before it (attention).
+        for (batch, len) in [(1usize, 64usize), (4, 64), (1, 512)] {
+            let mut caches: Vec<KvCache> = (0..batch).map(|_| context(&model, len)).collect();
             let mut times = Vec::new();
             for step in 0..40 {
                 let tokens: Vec<u32> = (0..batch as u32).map(|i| 2000 + i + step).collect();
@@ -98,7 +99,7 @@ fn main() {
             }
             let ms = median(times);
             println!(
-                "{isa:?}: decode step, {batch} sequence(s): {ms:.2} ms ({:.0} tok/s)",
+                "{isa:?}: decode step, {batch} sequence(s) of {len} tokens: {ms:.2} ms ({:.0} tok/s)",
                 batch as f64 * 1e3 / ms
             );
         }

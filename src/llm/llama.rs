@@ -329,7 +329,9 @@ impl Llama {
                 row += input.tokens.len();
             }
             // Attention: every input's tokens in blocks of QUERY_BLOCK over the compute threads.
-            // A block computes its rows exactly as it would within its whole prompt.
+            // A block computes its rows exactly as it would within its whole prompt. A decode
+            // step's one token goes by key/value head instead, so that a lone sequence's
+            // attention, which grows with its length, runs on every thread too.
             let mut tasks = Vec::new();
             let (mut rest, mut row) = (&mut attn[..], 0);
             for input in inputs.iter() {
@@ -337,21 +339,34 @@ impl Llama {
                 let (start, count) = (input.cache.len(), input.tokens.len());
                 let (mine, tail) = rest.split_at_mut(count * q_dim);
                 rest = tail;
-                for (b, out) in mine.chunks_mut(QUERY_BLOCK * q_dim).enumerate() {
-                    let (j0, n) = (b * QUERY_BLOCK, out.len() / q_dim);
+                let decode = count == 1;
+                let chunk = if decode {
+                    q_dim / c.n_kv_head
+                } else {
+                    QUERY_BLOCK * q_dim
+                };
+                for (b, out) in mine.chunks_mut(chunk).enumerate() {
+                    // (first token, tokens, key/value heads) of the task.
+                    let (j0, n, kv_heads) = if decode {
+                        (0, 1, b..b + 1)
+                    } else {
+                        (b * QUERY_BLOCK, out.len() / q_dim, 0..c.n_kv_head)
+                    };
                     let queries = Queries {
                         qkv: &qkv[(row + j0) * width..(row + j0 + n) * width],
                         width,
                         start: start + j0,
                         count: n,
+                        kv_heads,
                     };
                     tasks.push((queries, keys.as_slice(), values.as_slice(), out));
                 }
                 row += count;
             }
+            let isa = self.compute.isa;
             self.compute
                 .each(tasks, Vec::new, |scores, (queries, keys, values, out)| {
-                    attend_tokens(heads, &queries, keys, values, scores, out)
+                    attend_tokens(isa, heads, &queries, keys, values, scores, out)
                 });
             let o = layer.wo.forward(&self.compute, &attn, rows);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);

@@ -76,12 +76,23 @@ pub(crate) fn softmax_visible(row: &mut [f32], visible: usize, scale: f32) {
     row[visible..].fill(0.0);
 }
 
-/// One input's new tokens: token `j`'s heads at `qkv[j * width..]`, at position `start + j`.
+/// One input's new tokens: token `j`'s heads at `qkv[j * width..]`, at position `start + j`; and
+/// the key/value heads to attend with, whose query heads only are written, token after token.
+/// A decode step's heads can so be split between threads: a head's rows go through the same
+/// operations whichever others run with it.
 pub struct Queries<'a> {
     pub qkv: &'a [f32],
     pub width: usize,
     pub start: usize,
     pub count: usize,
+    pub kv_heads: std::ops::Range<usize>,
+}
+
+impl Queries<'_> {
+    /// Values written per token: the query heads of `kv_heads`.
+    pub(crate) fn out_dim(&self, heads: Heads) -> usize {
+        self.kv_heads.len() * heads.group() * heads.head_dim
+    }
 }
 
 /// Query tokens of a prompt attended together: each key and value row is then read once for all
@@ -89,7 +100,7 @@ pub struct Queries<'a> {
 pub const QUERY_BLOCK: usize = 4;
 
 /// Every token of `queries` over the cache that holds it and the ones before, writing `count`
-/// rows of `n_head × head_dim` to `out`. Tokens go in blocks of [`QUERY_BLOCK`], and the query
+/// rows of [`Queries::out_dim`] to `out` (`n_head × head_dim` for every head). Tokens go in blocks of [`QUERY_BLOCK`], and the query
 /// heads that share a key/value head go together, but each (token, head) row gets exactly the
 /// operations, in the same order, that it gets alone (a decode step is a block of one): its
 /// scores are [`dot`]s in position order, its softmax is its own, its output sums the values in
@@ -108,19 +119,22 @@ pub fn attend_tokens(
     out: &mut [f32],
 ) {
     let (hd, kv_dim, group) = (heads.head_dim, heads.kv_dim(), heads.group());
-    let q_dim = heads.n_head * hd;
-    let Queries {
+    let out_dim = queries.out_dim(heads);
+    let &Queries {
         qkv,
         width,
         start,
         count,
-    } = *queries;
+        ref kv_heads,
+    } = queries;
+    // The first query head written: output column `(h - first) × head_dim`.
+    let first = kv_heads.start * group;
     for j0 in (0..count).step_by(QUERY_BLOCK) {
         let nj = QUERY_BLOCK.min(count - j0);
         // Positions the block's last token sees; token j0 + jj sees `start + j0 + jj + 1`.
         let span = start + j0 + nj;
         let visible = |jj: usize| start + j0 + jj + 1;
-        for g in 0..heads.n_kv_head {
+        for g in kv_heads.clone() {
             let off = g * hd;
             scores.clear();
             scores.resize(nj * group * span, 0.0);
@@ -138,18 +152,17 @@ pub fn attend_tokens(
                 for hh in 0..group {
                     let at = (jj * group + hh) * span;
                     softmax_visible(&mut scores[at..at + span], visible(jj), heads.scale());
-                    let h = g * group + hh;
-                    out[(j0 + jj) * q_dim + h * hd..(j0 + jj) * q_dim + (h + 1) * hd].fill(0.0);
+                    let at = (j0 + jj) * out_dim + (g * group + hh - first) * hd;
+                    out[at..at + hd].fill(0.0);
                 }
             }
             for t in 0..span {
                 let v = &values[t * kv_dim + off..t * kv_dim + off + hd];
                 for jj in (0..nj).filter(|&jj| t < visible(jj)) {
                     for hh in 0..group {
-                        let h = g * group + hh;
                         let w = scores[(jj * group + hh) * span + t];
-                        let o =
-                            &mut out[(j0 + jj) * q_dim + h * hd..(j0 + jj) * q_dim + (h + 1) * hd];
+                        let at = (j0 + jj) * out_dim + (g * group + hh - first) * hd;
+                        let o = &mut out[at..at + hd];
                         for (o, v) in o.iter_mut().zip(v) {
                             *o += w * v;
                         }

@@ -360,9 +360,11 @@ impl QActs {
     }
 }
 
-/// Attention of one input's new tokens (see [`attention::attend_tokens`]), on the widest
-/// vectors the CPU has: the same bits on every path.
+/// Attention of one input's new tokens (see [`attention::attend_tokens`]) on the loops of `isa`:
+/// the portable ones for [`Isa::Scalar`] (or a CPU without the set); on x86 the AVX2 ones, which
+/// give the same bits with or without AVX-512's registers.
 pub fn attend_tokens(
+    isa: Isa,
     heads: Heads,
     queries: &Queries<'_>,
     keys: &[f32],
@@ -370,10 +372,19 @@ pub fn attend_tokens(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    x86::attend_tokens(heads, queries, keys, values, scores, out);
-    #[cfg(not(target_arch = "x86_64"))]
-    attention::attend_tokens(heads, queries, keys, values, scores, out);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::attend_tokens(
+            isa == Isa::Avx512Vnni,
+            heads,
+            queries,
+            keys,
+            values,
+            scores,
+            out,
+        ),
+        _ => attention::attend_tokens(heads, queries, keys, values, scores, out),
+    }
 }
 
 /// `silu(g) × u` of each row of `gu` (`[rows, 2 × ffn]`: the gate's `ffn` values, then the up
@@ -709,7 +720,7 @@ mod tests {
     }
 
     #[test]
-    fn attention_gives_a_token_the_same_bits_in_a_prompt_as_alone_and_follows_the_portable_loops() {
+    fn attention_gives_a_token_the_same_bits_in_a_prompt_alone_or_by_head_on_every_path() {
         // Groups of 3 query heads per key head (SmolLM2), 4 (three, then one) and 2.
         for (n_head, n_kv_head) in [(9, 3), (8, 2), (4, 2)] {
             check_attention(n_head, n_kv_head);
@@ -729,39 +740,56 @@ mod tests {
         let keys = values((start + count) * kv_dim, 8);
         let vals = values((start + count) * kv_dim, 9);
         let mut scores = Vec::new();
-        let run = |start: usize, count: usize, qkv: &[f32], scores: &mut Vec<f32>| {
-            let mut out = vec![0f32; count * q_dim];
+        let mut run = |isa, start, count, qkv, kv_heads: std::ops::Range<usize>| {
+            let mut out = vec![0f32; count * kv_heads.len() * q_dim / n_kv_head];
             let queries = Queries {
                 qkv,
                 width,
                 start,
                 count,
+                kv_heads,
             };
-            attend_tokens(heads, &queries, &keys, &vals, scores, &mut out);
+            attend_tokens(isa, heads, &queries, &keys, &vals, &mut scores, &mut out);
             out
         };
-        let together = run(start, count, &qkv, &mut scores);
-        for j in 0..count {
-            let alone = run(start + j, 1, &qkv[j * width..(j + 1) * width], &mut scores);
-            assert_eq!(
-                alone,
-                together[j * q_dim..(j + 1) * q_dim],
-                "{n_head}/{n_kv_head} heads: token {j}"
-            );
-        }
-        let mut portable = vec![0f32; count * q_dim];
-        let queries = Queries {
-            qkv: &qkv,
-            width,
-            start,
-            count,
-        };
-        attention::attend_tokens(heads, &queries, &keys, &vals, &mut scores, &mut portable);
-        for (a, b) in together.iter().zip(&portable) {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "{n_head}/{n_kv_head} heads: {a} vs {b}"
-            );
+        let portable = run(Isa::Scalar, start, count, &qkv, 0..n_kv_head);
+        let mut x86: Option<Vec<f32>> = None;
+        for isa in Isa::ALL {
+            if !isa.supported() {
+                eprintln!("attention {isa:?}: not supported on this CPU, not run");
+                continue;
+            }
+            let together = run(isa, start, count, &qkv, 0..n_kv_head);
+            let head_dims = q_dim / n_kv_head;
+            for j in 0..count {
+                let row = &qkv[j * width..(j + 1) * width];
+                let alone = run(isa, start + j, 1, row, 0..n_kv_head);
+                assert_eq!(
+                    alone,
+                    together[j * q_dim..(j + 1) * q_dim],
+                    "{isa:?}, {n_head}/{n_kv_head} heads: token {j}"
+                );
+                // Each key/value head on its own, as a decode step splits them between threads.
+                for g in 0..n_kv_head {
+                    assert_eq!(
+                        run(isa, start + j, 1, row, g..g + 1),
+                        alone[g * head_dims..(g + 1) * head_dims],
+                        "{isa:?}, {n_head}/{n_kv_head} heads: token {j}, key/value head {g} alone"
+                    );
+                }
+            }
+            for (a, b) in together.iter().zip(&portable) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{isa:?}, {n_head}/{n_kv_head} heads: {a} vs {b}"
+                );
+            }
+            if isa != Isa::Scalar {
+                match &x86 {
+                    Some(first) => assert_eq!(first, &together, "x86 attention paths differ"),
+                    None => x86 = Some(together),
+                }
+            }
         }
     }
 

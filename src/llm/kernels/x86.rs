@@ -30,13 +30,15 @@ pub(super) fn avx512_vnni_supported() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Attention of one input's new tokens on AVX2 + FMA, else the portable loops. Token by token,
-/// and per key/value head the query heads that share it: the dot products of a query row with
-/// four key rows at a time (each key row read once for all the heads of its group), the softmax
-/// of [`attention::softmax_visible`], then the weighted sum of the value rows held in registers.
-/// A (token, head) row's operations depend only on its position, never on the tokens computed
-/// with it, so a prompt token gets the same bits prefilled in a batch or decoded alone.
+/// Attention of one input's new tokens on AVX2 + FMA (with AVX-512VL's 32 registers if `wide`
+/// and the CPU has them), else the portable loops. Token by token, and per key/value head the
+/// query heads that share it: the dot products of a query row with four key rows at a time (each
+/// key row read once for all the heads of its group), the softmax of
+/// [`attention::softmax_visible`], then the weighted sum of the value rows held in registers. A
+/// (token, head) row's operations depend only on its position, never on the tokens or heads
+/// computed with it, so a prompt token gets the same bits prefilled in a batch or decoded alone.
 pub(super) fn attend_tokens(
+    wide: bool,
     heads: Heads,
     queries: &Queries<'_>,
     keys: &[f32],
@@ -45,27 +47,36 @@ pub(super) fn attend_tokens(
     out: &mut [f32],
 ) {
     let (hd, kv_dim) = (heads.head_dim, heads.kv_dim());
-    let Queries {
+    let &Queries {
         qkv,
         width,
         start,
         count,
-    } = *queries;
+        ref kv_heads,
+    } = queries;
     let fits = hd.is_multiple_of(VALUE_DIMS)
         && heads.n_head.is_multiple_of(heads.n_kv_head)
         && count > 0
+        && !kv_heads.is_empty()
+        && kv_heads.end <= heads.n_kv_head
         && keys.len() >= (start + count) * kv_dim
         && values.len() >= (start + count) * kv_dim
         && qkv.len() >= (count - 1) * width + heads.n_head * hd
-        && out.len() >= count * heads.n_head * hd;
-    if fits && avx2_supported() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above), and every read and write is within
-        // the lengths checked above: key and value rows `< start + count`, query rows `< count`,
-        // output rows `< count`, head offsets `< n_head * head_dim`.
+        && out.len() >= count * queries.out_dim(heads);
+    // SAFETY (both calls): the CPU has the features (checked first), and every read and write is
+    // within the lengths checked above: key and value rows `< start + count`, query rows
+    // `< count`, output rows `< count` of `out_dim`, heads `< n_head`.
+    if fits && wide && avx512_vl_supported() {
+        unsafe { attend_avx512(heads, queries, keys, values, scores, out) }
+    } else if fits && avx2_supported() {
         unsafe { attend_avx2(heads, queries, keys, values, scores, out) }
     } else {
         attention::attend_tokens(heads, queries, keys, values, scores, out)
     }
+}
+
+fn avx512_vl_supported() -> bool {
+    avx2_supported() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
 }
 
 /// Head dimensions a value pass holds in registers (four vectors).
@@ -92,19 +103,50 @@ unsafe fn attend_avx2(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    unsafe { attend_body(heads, queries, keys, values, scores, out) }
+}
+
+/// [`attend_avx2`]'s instructions with AVX-512VL's sixteen more vector registers: the value
+/// pass's twelve sums, four value vectors and a weight no longer spill to the stack. The same
+/// operations in the same order, so the same bits.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn attend_avx512(
+    heads: Heads,
+    queries: &Queries<'_>,
+    keys: &[f32],
+    values: &[f32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    unsafe { attend_body(heads, queries, keys, values, scores, out) }
+}
+
+/// The loops of [`attend_tokens`], compiled into each caller's instruction set.
+#[inline(always)]
+unsafe fn attend_body(
+    heads: Heads,
+    queries: &Queries<'_>,
+    keys: &[f32],
+    values: &[f32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let (hd, kv_dim, group) = (heads.head_dim, heads.kv_dim(), heads.group());
-    let q_dim = heads.n_head * hd;
-    let Queries {
+    let out_dim = queries.out_dim(heads);
+    let &Queries {
         qkv,
         width,
         start,
         count,
-    } = *queries;
+        ref kv_heads,
+    } = queries;
+    // The first query head written: output column `(h - first) × head_dim`.
+    let first = kv_heads.start * group;
     unsafe {
         for j in 0..count {
             let visible = start + j + 1;
             let row = qkv.as_ptr().add(j * width);
-            for g in 0..heads.n_kv_head {
+            for g in kv_heads.clone() {
                 let off = g * hd;
                 scores.clear();
                 scores.resize(group * visible, 0.0);
@@ -174,7 +216,7 @@ unsafe fn attend_avx2(
                         for (r, acc) in acc.iter().enumerate() {
                             let o = out
                                 .as_mut_ptr()
-                                .add(j * q_dim + (g * group + $h0 + r) * hd + $d);
+                                .add(j * out_dim + (g * group + $h0 + r - first) * hd + $d);
                             for (i, a) in acc.iter().enumerate() {
                                 _mm256_storeu_ps(o.add(8 * i), *a);
                             }
