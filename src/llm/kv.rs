@@ -3,12 +3,18 @@
 //! `f32` slices: at SmolLM2's size a candle op costs more in dispatch and allocation than in
 //! arithmetic, and a batched decode step would otherwise run hundreds of them per layer.
 
+use half::f16;
+
 /// The keys and values one sequence has seen, one `[tokens, kv_dim]` buffer per layer. Owning it
 /// (instead of candle's `ModelWeights` keeping it privately) is what lets sequences at different
 /// positions share a forward pass and lets a prompt's cache be kept and reused by a later prompt.
+///
+/// Held in `f16`, as llama.cpp holds its cache: a decode step reads every cached row of every
+/// layer, so its cost grows with the answer's length by half as much as in `f32`, and so does a
+/// sequence's memory. A row is rounded once, as it joins, on every path alike.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<(Vec<f16>, Vec<f16>)>,
     kv_dim: usize,
     len: usize,
 }
@@ -69,16 +75,19 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+            .map(|(k, v)| (k.capacity() + v.capacity()) * size_of::<f16>())
             .sum()
     }
 
-    pub(crate) fn layer(&self, layer: usize) -> &(Vec<f32>, Vec<f32>) {
+    pub(crate) fn layer(&self, layer: usize) -> &(Vec<f16>, Vec<f16>) {
         &self.layers[layer]
     }
 
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> &mut (Vec<f32>, Vec<f32>) {
-        &mut self.layers[layer]
+    /// Appends one token's `kv_dim` keys and values to `layer`, rounded to `f16`.
+    pub(crate) fn push(&mut self, layer: usize, keys: &[f32], values: &[f32]) {
+        let (k, v) = &mut self.layers[layer];
+        k.extend(keys.iter().map(|&x| f16::from_f32(x)));
+        v.extend(values.iter().map(|&x| f16::from_f32(x)));
     }
 
     /// Called once all layers have appended `tokens` rows.

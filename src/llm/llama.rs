@@ -317,14 +317,13 @@ impl Llama {
             let mut row = 0;
             for input in inputs.iter_mut() {
                 let start = input.cache.len();
-                let (keys, values) = input.cache.layer_mut(l);
                 for j in 0..input.tokens.len() {
                     let r = &mut qkv[(row + j) * width..(row + j + 1) * width];
                     let (q, kv) = r.split_at_mut(q_dim);
                     self.rope.apply(q, c.head_dim, start + j);
                     self.rope.apply(&mut kv[..kv_dim], c.head_dim, start + j);
-                    keys.extend_from_slice(&kv[..kv_dim]);
-                    values.extend_from_slice(&kv[kv_dim..]);
+                    let (k, v) = kv.split_at(kv_dim);
+                    input.cache.push(l, k, v);
                 }
                 row += input.tokens.len();
             }

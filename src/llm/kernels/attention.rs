@@ -4,6 +4,8 @@
 //! (Prompt attention once ran as blocks of candle matmuls, whose rounding depends on the block's
 //! shape: the cold and the cached path gave different logits, and on a near-tie different text.)
 
+use half::f16;
+
 /// Attention head layout. Query head `h` reads key/value head `h / group`, as candle's `repeat_kv`
 /// arranges them, without copying the cache.
 #[derive(Debug, Clone, Copy)]
@@ -113,8 +115,8 @@ pub const QUERY_BLOCK: usize = 4;
 pub fn attend_tokens(
     heads: Heads,
     queries: &Queries<'_>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -129,6 +131,8 @@ pub fn attend_tokens(
     } = queries;
     // The first query head written: output column `(h - first) × head_dim`.
     let first = kv_heads.start * group;
+    // A key or value row of the cache, widened.
+    let mut row32 = vec![0f32; hd];
     for j0 in (0..count).step_by(QUERY_BLOCK) {
         let nj = QUERY_BLOCK.min(count - j0);
         // Positions the block's last token sees; token j0 + jj sees `start + j0 + jj + 1`.
@@ -139,7 +143,8 @@ pub fn attend_tokens(
             scores.clear();
             scores.resize(nj * group * span, 0.0);
             for t in 0..span {
-                let k = &keys[t * kv_dim + off..t * kv_dim + off + hd];
+                widen(&keys[t * kv_dim + off..t * kv_dim + off + hd], &mut row32);
+                let k = &row32[..];
                 for jj in (0..nj).filter(|&jj| t < visible(jj)) {
                     let row = &qkv[(j0 + jj) * width..];
                     for hh in 0..group {
@@ -157,7 +162,8 @@ pub fn attend_tokens(
                 }
             }
             for t in 0..span {
-                let v = &values[t * kv_dim + off..t * kv_dim + off + hd];
+                widen(&values[t * kv_dim + off..t * kv_dim + off + hd], &mut row32);
+                let v = &row32[..];
                 for jj in (0..nj).filter(|&jj| t < visible(jj)) {
                     for hh in 0..group {
                         let w = scores[(jj * group + hh) * span + t];
@@ -171,6 +177,12 @@ pub fn attend_tokens(
             }
         }
     }
+}
+
+/// `f16` values as `f32` (exactly).
+#[inline(always)]
+fn widen(from: &[f16], to: &mut [f32]) {
+    to.iter_mut().zip(from).for_each(|(t, f)| *t = f.to_f32());
 }
 
 /// Dot product with eight independent accumulators, so that the compiler vectorises it (a single

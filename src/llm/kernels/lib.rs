@@ -367,8 +367,8 @@ pub fn attend_tokens(
     isa: Isa,
     heads: Heads,
     queries: &Queries<'_>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[half::f16],
+    values: &[half::f16],
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -737,8 +737,10 @@ mod tests {
         let width = q_dim + 2 * kv_dim;
         let (start, count) = (6, 11);
         let qkv = values(count * width, 7);
-        let keys = values((start + count) * kv_dim, 8);
-        let vals = values((start + count) * kv_dim, 9);
+        let half =
+            |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
+        let keys = half(values((start + count) * kv_dim, 8));
+        let vals = half(values((start + count) * kv_dim, 9));
         let mut scores = Vec::new();
         let mut run = |isa, start, count, qkv, kv_heads: std::ops::Range<usize>| {
             let mut out = vec![0f32; count * kv_heads.len() * q_dim / n_kv_head];

@@ -14,6 +14,8 @@
 
 use core::arch::x86_64::*;
 
+use half::f16;
+
 use super::attention::{self, Heads, Queries};
 use super::{BLOCK, DenseWeights, Format, LANES};
 
@@ -41,8 +43,8 @@ pub(super) fn attend_tokens(
     wide: bool,
     heads: Heads,
     queries: &Queries<'_>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -94,12 +96,12 @@ unsafe fn sum4(acc: &[__m256; 4]) -> __m128 {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2(
     heads: Heads,
     queries: &Queries<'_>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -109,12 +111,12 @@ unsafe fn attend_avx2(
 /// [`attend_avx2`]'s instructions with AVX-512VL's sixteen more vector registers: the value
 /// pass's twelve sums, four value vectors and a weight no longer spill to the stack. The same
 /// operations in the same order, so the same bits.
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 unsafe fn attend_avx512(
     heads: Heads,
     queries: &Queries<'_>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -126,8 +128,8 @@ unsafe fn attend_avx512(
 unsafe fn attend_body(
     heads: Heads,
     queries: &Queries<'_>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -152,8 +154,10 @@ unsafe fn attend_body(
                 scores.resize(group * visible, 0.0);
                 for t in (0..visible).step_by(4) {
                     // Past the last visible row, the last one again (its dots are dropped).
-                    let k: [*const f32; 4] = std::array::from_fn(|i| {
-                        keys.as_ptr().add((t + i).min(visible - 1) * kv_dim + off)
+                    let k: [*const u16; 4] = std::array::from_fn(|i| {
+                        keys.as_ptr()
+                            .cast::<u16>()
+                            .add((t + i).min(visible - 1) * kv_dim + off)
                     });
                     let n = (visible - t).min(4);
                     // The heads of the group up to three at a time against the four key rows:
@@ -169,7 +173,7 @@ unsafe fn attend_body(
                                 let qv: [__m256; R] =
                                     std::array::from_fn(|r| _mm256_loadu_ps(q[r].add(d)));
                                 for (i, k) in k.iter().enumerate() {
-                                    let kv = _mm256_loadu_ps(k.add(d));
+                                    let kv = halves(k.add(d));
                                     for r in 0..R {
                                         acc[r][i] = _mm256_fmadd_ps(qv[r], kv, acc[r][i]);
                                     }
@@ -202,9 +206,8 @@ unsafe fn attend_body(
                         const R: usize = $R;
                         let mut acc = [[_mm256_setzero_ps(); 4]; R];
                         for t in 0..visible {
-                            let v = values.as_ptr().add(t * kv_dim + off + $d);
-                            let vs: [__m256; 4] =
-                                std::array::from_fn(|i| _mm256_loadu_ps(v.add(8 * i)));
+                            let v = values.as_ptr().cast::<u16>().add(t * kv_dim + off + $d);
+                            let vs: [__m256; 4] = std::array::from_fn(|i| halves(v.add(8 * i)));
                             for (r, acc) in acc.iter_mut().enumerate() {
                                 let w =
                                     _mm256_set1_ps(*scores.get_unchecked(($h0 + r) * visible + t));
