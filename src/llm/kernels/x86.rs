@@ -29,6 +29,7 @@ pub(super) fn avx512_vnni_supported() -> bool {
     avx2_supported()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
 }
 
@@ -291,10 +292,28 @@ pub(super) fn matmul(vnni: bool, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f3
     // of blocks `< kb` each), the same blocks of activation rows `< acts.rows`, and write
     // `out[r * width + c]` for `c < cols`: all within the lengths checked above.
     unsafe {
-        if vnni {
-            matmul_vnni(w, acts, out, width)
+        if !vnni {
+            return matmul_avx2(w, acts, out, width);
+        }
+        // A prompt's full pairs of groups on 512-bit vectors, the columns left on 256-bit ones.
+        let pairs = if acts.rows >= WIDE_ROWS {
+            w.cols / (2 * LANES)
         } else {
-            matmul_avx2(w, acts, out, width)
+            0
+        };
+        if pairs > 0 {
+            matmul_vnni_wide(w, pairs, acts, out, width);
+        }
+        let done = 2 * LANES * pairs;
+        if done < w.cols {
+            let rest = Weights {
+                group: w.group + 2 * pairs,
+                cols: w.cols - done,
+                ..*w
+            };
+            // Column `done + c` of `out` is column `c` of `rest`: the writes stay below
+            // `(rows - 1) × width + w.cols - done`, within `out[done..]`.
+            matmul_vnni(&rest, acts, &mut out[done..], width)
         }
     }
 }
@@ -547,6 +566,44 @@ unsafe fn prefetch(p: *const u8, len: usize) {
     }
 }
 
+/// One block of a group's eight columns (their quant bytes at `base`, `qb` each) as a panel:
+/// vector `j` holds weights `4j..4j + 4` of each column, lane `c` column `c`. 4-bit weights:
+/// columns `c` and `c + 4` in the two halves of one vector, the packed bytes transposed first
+/// (half the data), then split into low nibbles (chunks 0-3) and high (4-7).
+#[inline(always)]
+unsafe fn panel_block(four_bit: bool, base: *const u8, qb: usize) -> [__m256i; 8] {
+    unsafe {
+        let q = |c: usize| base.add(c * qb);
+        if four_bit {
+            let mut v = [_mm256_setzero_si256(); 4];
+            for (c, v) in v.iter_mut().enumerate() {
+                let half = |c: usize| _mm_loadu_si128(q(c) as *const __m128i);
+                *v = _mm256_set_m128i(half(c + 4), half(c));
+            }
+            let t = transpose4(&v);
+            let mask = _mm256_set1_epi8(0x0f);
+            let lo = |x| _mm256_and_si256(x, mask);
+            let hi = |x| _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+            [
+                lo(t[0]),
+                lo(t[1]),
+                lo(t[2]),
+                lo(t[3]),
+                hi(t[0]),
+                hi(t[1]),
+                hi(t[2]),
+                hi(t[3]),
+            ]
+        } else {
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (c, v) in v.iter_mut().enumerate() {
+                *v = _mm256_loadu_si256(q(c) as *const __m256i);
+            }
+            transpose8(&v)
+        }
+    }
+}
+
 /// Activation rows run against one panel before the next panel is built: a prompt chunk's 256
 /// rows stay in L2 while the panels (a few KB each) pass through L1.
 const ROW_TILE: usize = 256;
@@ -751,37 +808,7 @@ macro_rules! matmul_body {
                         for b in 0..kb {
                             let base = $w.qs.as_ptr().add((gi * kb + b) * LANES * qb);
                             prefetch(base, LANES * qb);
-                            let q = |c: usize| base.add(c * qb);
-                            let chunks = if $four_bit {
-                                // Columns `c` and `c + 4` in the two halves of one vector; the
-                                // packed bytes are transposed first (half the data), then
-                                // split into low nibbles (chunks 0-3) and high (4-7).
-                                let mut v = [zero; 4];
-                                for (c, v) in v.iter_mut().enumerate() {
-                                    let half = |c: usize| _mm_loadu_si128(q(c) as *const __m128i);
-                                    *v = _mm256_set_m128i(half(c + 4), half(c));
-                                }
-                                let t = transpose4(&v);
-                                let mask = _mm256_set1_epi8(0x0f);
-                                let lo = |x| _mm256_and_si256(x, mask);
-                                let hi = |x| _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
-                                [
-                                    lo(t[0]),
-                                    lo(t[1]),
-                                    lo(t[2]),
-                                    lo(t[3]),
-                                    hi(t[0]),
-                                    hi(t[1]),
-                                    hi(t[2]),
-                                    hi(t[3]),
-                                ]
-                            } else {
-                                let mut v = [zero; 8];
-                                for (c, v) in v.iter_mut().enumerate() {
-                                    *v = _mm256_loadu_si256(q(c) as *const __m256i);
-                                }
-                                transpose8(&v)
-                            };
+                            let chunks = panel_block($four_bit, base, qb);
                             panel[b * 8..b * 8 + 8].copy_from_slice(&chunks);
                         }
                         let mut r0 = t0;
@@ -840,6 +867,121 @@ unsafe fn matmul_vnni(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: 
             fin: |p| p,
             eight: |p, u, s| _mm256_dpbusd_epi32(p, u, s)
         )
+    }
+}
+
+/// Rows from which [`matmul_vnni_wide`] runs. A prompt gains (AMD EPYC Zen 5, `benches/engine`,
+/// 2 threads, A-B: a 1,000-token prefill 1.16-1.26 -> 0.85-1.04 s); a decode step of four
+/// sequences did not (6.1-8.8 against 5.6-9.8 ms, seven rounds), its weights streaming from
+/// memory for little arithmetic, so a few rows stay on 256-bit vectors.
+const WIDE_ROWS: usize = 16;
+
+/// Prompt rows ([`WIDE_ROWS`] or more) on AVX-512 VNNI, for `pairs` pairs of full groups from the first:
+/// the panels of two groups side by side in 512-bit vectors, lane `c` column `c` of sixteen,
+/// against which each row's four bytes are broadcast, as [`matmul_body`] does with eight. Each
+/// column's block sum is the same integer, and each lane then goes through [`add_block`]'s
+/// operations in the same order, so a column gets the same bits as on the 256-bit paths.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+unsafe fn matmul_vnni_wide(
+    w: &Weights<'_>,
+    pairs: usize,
+    acts: &Acts<'_>,
+    out: &mut [f32],
+    width: usize,
+) {
+    unsafe {
+        let kb = w.blocks;
+        let qb = w.format.quant_bytes();
+        let four_bit = w.format != Format::Q8_0;
+        let zero = _mm512_setzero_si512();
+        let mut panel = vec![zero; kb * 8];
+        // Sixteen f16 of two groups' block `b` (scales or offsets at `p`) as f32.
+        let sixteen = |p: *const u16, gi: usize, b: usize| {
+            let lo = _mm_loadu_si128(p.add((gi * kb + b) * LANES) as *const __m128i);
+            let hi = _mm_loadu_si128(p.add(((gi + 1) * kb + b) * LANES) as *const __m128i);
+            _mm512_cvtph_ps(_mm256_set_m128i(hi, lo))
+        };
+        for t0 in (0..acts.rows).step_by(ROW_TILE) {
+            let end = (t0 + ROW_TILE).min(acts.rows);
+            for pair in 0..pairs {
+                let gi = w.group + 2 * pair;
+                for b in 0..kb {
+                    let block = |gi: usize| {
+                        let base = w.qs.as_ptr().add((gi * kb + b) * LANES * qb);
+                        prefetch(base, LANES * qb);
+                        panel_block(four_bit, base, qb)
+                    };
+                    let (lo, hi) = (block(gi), block(gi + 1));
+                    for j in 0..8 {
+                        panel[b * 8 + j] =
+                            _mm512_inserti64x4(_mm512_castsi256_si512(lo[j]), hi[j], 1);
+                    }
+                }
+                macro_rules! rows {
+                    ($R:expr, $r0:expr) => {{
+                        const R: usize = $R;
+                        let r0 = $r0;
+                        let mut acc = [_mm512_setzero_ps(); R];
+                        for b in 0..kb {
+                            let mut p = [zero; R];
+                            for j in 0..8 {
+                                let wv = *panel.get_unchecked(b * 8 + j);
+                                let bytes = |r: usize| {
+                                    _mm512_set1_epi32(
+                                        (acts.qs.as_ptr().add(((r0 + r) * kb + b) * BLOCK + 4 * j)
+                                            as *const i32)
+                                            .read_unaligned(),
+                                    )
+                                };
+                                if four_bit {
+                                    for (r, p) in p.iter_mut().enumerate() {
+                                        *p = _mm512_dpbusd_epi32(*p, wv, bytes(r));
+                                    }
+                                } else {
+                                    // Q8_0: the weights' magnitudes against the activations
+                                    // with the weights' signs (`vpsignb` has no 512-bit form:
+                                    // negated where a weight is negative; where it is zero the
+                                    // magnitude is, and the product too).
+                                    let magnitudes = _mm512_abs_epi8(wv);
+                                    let negative = _mm512_movepi8_mask(wv);
+                                    for (r, p) in p.iter_mut().enumerate() {
+                                        let a = bytes(r);
+                                        let signed = _mm512_mask_sub_epi8(a, negative, zero, a);
+                                        *p = _mm512_dpbusd_epi32(*p, magnitudes, signed);
+                                    }
+                                }
+                            }
+                            let dw = sixteen(w.d.as_ptr(), gi, b);
+                            let mw = four_bit.then(|| sixteen(w.m.as_ptr(), gi, b));
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                let at = (r0 + r) * kb + b;
+                                let scale =
+                                    _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(at)));
+                                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[r]), scale, *acc);
+                                if let Some(mw) = mw {
+                                    let s = _mm512_set1_ps(*acts.s.get_unchecked(at));
+                                    *acc = _mm512_fmadd_ps(mw, s, *acc);
+                                }
+                            }
+                        }
+                        for (r, a) in acc.iter().enumerate() {
+                            let at = (r0 + r) * width + 2 * LANES * pair;
+                            _mm512_storeu_ps(out[at..at + 2 * LANES].as_mut_ptr(), *a);
+                        }
+                    }};
+                }
+                let mut r0 = t0;
+                while r0 < end {
+                    match (end - r0).min(4) {
+                        4 => rows!(4, r0),
+                        3 => rows!(3, r0),
+                        2 => rows!(2, r0),
+                        _ => rows!(1, r0),
+                    }
+                    r0 += (end - r0).min(4);
+                }
+            }
+        }
     }
 }
 
