@@ -1,6 +1,7 @@
 //! The chat engine's forward pass without HTTP, on the real SmolLM2 GGUF: one decode step for 1
-//! and 4 sequences (a 64-token context each) and for 1 sequence of 512 tokens, and the prefill of a ≈1,000-token prompt, on every
-//! kernel path this CPU supports. Prints the CPU model and milliseconds per call (median of runs).
+//! and 4 sequences (a 64-token context each) and for 1 sequence of 512 tokens, and the prefill
+//! of a ≈1,000-token prompt, on every kernel path this CPU supports. Prints the CPU model and
+//! milliseconds per call (median of runs).
 //!
 //! ```text
 //! cargo bench --bench engine        # needs models/fetch

@@ -95,6 +95,12 @@ impl Queries<'_> {
     pub(crate) fn out_dim(&self, heads: Heads) -> usize {
         self.kv_heads.len() * heads.group() * heads.head_dim
     }
+
+    /// The first query head written: query head `h` goes to output column `(h - first) ×
+    /// head_dim`.
+    pub(crate) fn first_head(&self, heads: Heads) -> usize {
+        self.kv_heads.start * heads.group()
+    }
 }
 
 /// Query tokens of a prompt attended together: each key and value row is then read once for all
@@ -102,12 +108,12 @@ impl Queries<'_> {
 pub const QUERY_BLOCK: usize = 4;
 
 /// Every token of `queries` over the cache that holds it and the ones before, writing `count`
-/// rows of [`Queries::out_dim`] to `out` (`n_head × head_dim` for every head). Tokens go in blocks of [`QUERY_BLOCK`], and the query
-/// heads that share a key/value head go together, but each (token, head) row gets exactly the
-/// operations, in the same order, that it gets alone (a decode step is a block of one): its
-/// scores are [`dot`]s in position order, its softmax is its own, its output sums the values in
-/// position order from zero. So a prompt token's attention is the same bits whether it was
-/// prefilled with others or after a cached prefix.
+/// rows of [`Queries::out_dim`] to `out` (`n_head × head_dim` for every head). Tokens go in
+/// blocks of [`QUERY_BLOCK`], and the query heads that share a key/value head go together, but
+/// each (token, head) row gets exactly the operations, in the same order, that it gets alone (a
+/// decode step is a block of one): its scores are [`dot`]s in position order, its softmax is its
+/// own, its output sums the values in position order from zero. So a prompt token's attention
+/// is the same bits whether it was prefilled with others or after a cached prefix.
 ///
 /// The portable path of [`crate::attend_tokens`]; x86 CPUs with AVX2 run their own loops, which
 /// keep the same rule (a row's operations do not depend on the rows beside it).
@@ -129,8 +135,7 @@ pub fn attend_tokens(
         count,
         ref kv_heads,
     } = queries;
-    // The first query head written: output column `(h - first) × head_dim`.
-    let first = kv_heads.start * group;
+    let first = queries.first_head(heads);
     // A key or value row of the cache, widened.
     let mut row32 = vec![0f32; hd];
     for j0 in (0..count).step_by(QUERY_BLOCK) {

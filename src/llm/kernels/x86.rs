@@ -69,17 +69,13 @@ pub(super) fn attend_tokens(
     // SAFETY (both calls): the CPU has the features (checked first), and every read and write is
     // within the lengths checked above: key and value rows `< start + count`, query rows
     // `< count`, output rows `< count` of `out_dim`, heads `< n_head`.
-    if fits && wide && avx512_vl_supported() {
+    if fits && wide && avx512_vnni_supported() {
         unsafe { attend_avx512(heads, queries, keys, values, scores, out) }
     } else if fits && avx2_supported() {
         unsafe { attend_avx2(heads, queries, keys, values, scores, out) }
     } else {
         attention::attend_tokens(heads, queries, keys, values, scores, out)
     }
-}
-
-fn avx512_vl_supported() -> bool {
-    avx2_supported() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
 }
 
 /// Head dimensions a value pass holds in registers (four vectors).
@@ -143,8 +139,7 @@ unsafe fn attend_body(
         count,
         ref kv_heads,
     } = queries;
-    // The first query head written: output column `(h - first) × head_dim`.
-    let first = kv_heads.start * group;
+    let first = queries.first_head(heads);
     unsafe {
         for j in 0..count {
             let visible = start + j + 1;
@@ -876,8 +871,8 @@ unsafe fn matmul_vnni(w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: 
 /// memory for little arithmetic, so a few rows stay on 256-bit vectors.
 const WIDE_ROWS: usize = 16;
 
-/// Prompt rows ([`WIDE_ROWS`] or more) on AVX-512 VNNI, for `pairs` pairs of full groups from the first:
-/// the panels of two groups side by side in 512-bit vectors, lane `c` column `c` of sixteen,
+/// Prompt rows ([`WIDE_ROWS`] or more) on AVX-512 VNNI, for `pairs` pairs of full groups from
+/// the first: the panels of two groups side by side in 512-bit vectors, lane `c` column `c` of sixteen,
 /// against which each row's four bytes are broadcast, as [`matmul_body`] does with eight. Each
 /// column's block sum is the same integer, and each lane then goes through [`add_block`]'s
 /// operations in the same order, so a column gets the same bits as on the 256-bit paths.
