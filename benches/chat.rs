@@ -9,6 +9,8 @@
 //! chat-<hash> --url http://127.0.0.1:8101 --api openai ...           # llama.cpp
 //! ```
 //!
+//! `--temperature T --top-p P` samples instead (the default is greedy, no `top_p`).
+//!
 //! `--prefill N` also sends prompts of about N tokens, a new one each time (no prefix cache), to
 //! `/v1/chat/completions` with `max_tokens` 1, and prints the prompt's tokens / time to the answer.
 //!
@@ -32,6 +34,9 @@ struct Options {
     reps: usize,
     max_tokens: usize,
     prefill: usize,
+    /// 0: greedy. Above it, each stream samples with its own seed.
+    temperature: f64,
+    top_p: Option<f64>,
     /// The chat model `/v1/models` lists first (OpenAI streams name it).
     model: Value,
 }
@@ -51,6 +56,8 @@ fn options() -> Options {
         reps: 3,
         max_tokens: 128,
         prefill: 0,
+        temperature: 0.0,
+        top_p: None,
         model: Value::Null,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -66,6 +73,8 @@ fn options() -> Options {
             "--reps" => o.reps = value().parse().unwrap_or(3),
             "--max-tokens" => o.max_tokens = value().parse().unwrap_or(128),
             "--prefill" => o.prefill = value().parse().unwrap_or(0),
+            "--temperature" => o.temperature = value().parse().unwrap_or(0.0),
+            "--top-p" => o.top_p = value().parse().ok(),
             // `cargo bench` passes `--bench`; anything else is ignored too.
             _ => {}
         }
@@ -88,7 +97,10 @@ async fn one(
     };
     body["messages"] = json!([{"role": "user", "content": prompt}]);
     body["max_tokens"] = json!(max_tokens);
-    body["temperature"] = json!(0.0);
+    body["temperature"] = json!(o.temperature);
+    if let Some(p) = o.top_p {
+        body["top_p"] = json!(p);
+    }
     let sent = Instant::now();
     let mut response = post(client, &format!("{}{path}", o.url), &body).await?;
     let (mut first, mut last, mut deltas, mut usage) = (None, sent, 0usize, None);

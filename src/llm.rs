@@ -12,6 +12,7 @@ mod local;
 mod prefix;
 mod provider;
 mod router;
+mod sampler;
 mod service;
 mod template;
 mod upstream;

@@ -2,11 +2,10 @@
 //! turn, stop strings, `max_tokens`, and which text is safe to hand out. Kept apart from the
 //! forward pass so that the single-sequence `generate` and the batching engine behave the same.
 
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::Tokenizer;
 
 use super::LlmError;
+use super::sampler::{Sampler, Sampling};
 
 #[derive(Debug, Clone)]
 pub struct GenerationParams {
@@ -72,7 +71,9 @@ pub(crate) enum Step {
 
 pub(crate) struct Decoder {
     params: GenerationParams,
-    sampler: LogitsProcessor,
+    sampler: Sampler,
+    /// The step's logits after the repeat penalty (unused when it is off).
+    penalized: Vec<f32>,
     /// Prompt and answer so far, for the repeat penalty.
     context: Vec<u32>,
     prompt_tokens: usize,
@@ -89,13 +90,12 @@ impl Decoder {
         // Below this a temperature is greedy decoding (as vLLM's sampling epsilon): dividing the
         // logits by a denormal such as 5e-324 overflows them to infinities.
         const GREEDY_BELOW: f64 = 1e-5;
-        let sampling = match (
-            params.temperature.filter(|t| *t >= GREEDY_BELOW),
-            params.top_p,
-        ) {
-            (None, _) => Sampling::ArgMax,
-            (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
-            (Some(temperature), _) => Sampling::All { temperature },
+        let sampling = match params.temperature.filter(|t| *t >= GREEDY_BELOW) {
+            None => Sampling::Greedy,
+            Some(temperature) => Sampling::Draw {
+                temperature: temperature as f32,
+                top_p: params.top_p.map_or(1.0, |p| p as f32),
+            },
         };
         let seed = params.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
@@ -104,7 +104,8 @@ impl Decoder {
         });
         let hold = params.stop.iter().map(String::len).max().unwrap_or(1) - 1;
         Self {
-            sampler: LogitsProcessor::from_sampling(seed, sampling),
+            sampler: Sampler::new(sampling, seed),
+            penalized: Vec::new(),
             params,
             context: prompt.to_vec(),
             prompt_tokens: prompt.len(),
@@ -135,26 +136,27 @@ impl Decoder {
         if self.exhausted() {
             return Ok(Step::Finished(FinishReason::Length));
         }
-        let logits = Tensor::from_slice(logits, logits.len(), &Device::Cpu)?;
-        let scored = if self.params.repeat_penalty == 1.0 {
-            logits
+        let next = if self.params.repeat_penalty == 1.0 {
+            self.sampler.sample(logits)
         } else {
             let n = self.context.len();
-            let recent = &self.context[n.saturating_sub(self.params.repeat_last_n)..];
-            candle_transformers::utils::apply_repeat_penalty(
-                &logits,
-                self.params.repeat_penalty,
-                recent,
-            )?
-        };
-        // Sampling fails only on logits it cannot weigh (non-finite after scaling): the most
-        // likely token is then the answer, never an error for the client.
-        let next = match self.sampler.sample(&scored) {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::warn!(error = %e, "sampling failed; taking the most likely token");
-                scored.argmax(0)?.to_scalar::<u32>()?
+            let mut recent = self.context[n.saturating_sub(self.params.repeat_last_n)..].to_vec();
+            recent.sort_unstable();
+            recent.dedup();
+            self.penalized.clear();
+            self.penalized.extend_from_slice(logits);
+            for token in recent {
+                if let Some(logit) = self.penalized.get_mut(token as usize) {
+                    // As llama.cpp and candle: a penalty makes a seen token less likely
+                    // whichever the sign of its logit.
+                    if *logit >= 0.0 {
+                        *logit /= self.params.repeat_penalty;
+                    } else {
+                        *logit *= self.params.repeat_penalty;
+                    }
+                }
             }
+            self.sampler.sample(&self.penalized)
         };
         if end_of_turn.contains(&next) {
             return Ok(Step::Finished(FinishReason::Stop));
