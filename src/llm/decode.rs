@@ -78,7 +78,13 @@ pub(crate) struct Decoder {
     context: Vec<u32>,
     prompt_tokens: usize,
     generated: Vec<u32>,
+    /// The answer's text; its first `committed` bytes are final.
     text: String,
+    committed: usize,
+    /// `generated[prefix..read]` are the last tokens of the committed text, decoded again with
+    /// each new token for context; `generated[read..]` are not committed yet.
+    prefix: usize,
+    read: usize,
     /// Bytes of `text` handed out.
     emitted: usize,
     /// Text not yet handed out: the tail that could still become a stop string waits.
@@ -111,6 +117,9 @@ impl Decoder {
             prompt_tokens: prompt.len(),
             generated: Vec::new(),
             text: String::new(),
+            committed: 0,
+            prefix: 0,
+            read: 0,
             emitted: 0,
             hold,
         }
@@ -163,17 +172,21 @@ impl Decoder {
         }
         self.generated.push(next);
         self.context.push(next);
-        self.text = tokenizer
-            .decode(&self.generated, true)
-            .map_err(|e| LlmError::Tokenizer(e.to_string()))?;
+        let before = self.committed;
+        self.detokenize(tokenizer)?;
+        // A stop string not found before ends in the text this token changed.
+        let mut from = before.saturating_sub(self.hold);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
         if let Some(at) = self
             .params
             .stop
             .iter()
-            .filter_map(|s| self.text.find(s.as_str()))
+            .filter_map(|s| self.text[from..].find(s.as_str()))
             .min()
         {
-            self.text.truncate(at);
+            self.text.truncate(from + at);
             return Ok(Step::Finished(FinishReason::Stop));
         }
         // A multi-byte character split across tokens decodes as U+FFFD until it is whole.
@@ -190,6 +203,42 @@ impl Decoder {
         Ok(Step::Token { token: next, delta })
     }
 
+    /// Brings `text` up to the answer's tokens, decoding only the last few: the tokens from
+    /// `prefix` on, less the text of those before `read` (as text-generation-inference does), so
+    /// that a tokenizer that reads a token differently at the start of a text still gives the
+    /// text of the whole answer. A character split across tokens decodes as U+FFFD until it is
+    /// whole: that text stays uncommitted and is decoded again with the next token.
+    fn detokenize(&mut self, tokenizer: &Tokenizer) -> Result<(), LlmError> {
+        let decode = |ids: &[u32]| {
+            tokenizer
+                .decode(ids, true)
+                .map_err(|e| LlmError::Tokenizer(e.to_string()))
+        };
+        let known = decode(&self.generated[self.prefix..self.read])?;
+        let window = decode(&self.generated[self.prefix..])?;
+        self.text.truncate(self.committed);
+        let Some(new) = window
+            .get(known.len()..)
+            .filter(|_| window.starts_with(&known))
+        else {
+            // The window no longer extends the text before it: decode the whole answer.
+            self.text = decode(&self.generated)?;
+            self.commit();
+            return Ok(());
+        };
+        self.text.push_str(new);
+        if !new.is_empty() && !new.ends_with('\u{FFFD}') {
+            self.commit();
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) {
+        self.committed = self.text.len();
+        self.prefix = self.read;
+        self.read = self.generated.len();
+    }
+
     /// The text still held back (unless the consumer went away), and the whole answer.
     pub fn finish(self, finish_reason: FinishReason) -> (Option<String>, Generation) {
         let tail = (finish_reason != FinishReason::Cancelled && self.emitted < self.text.len())
@@ -202,5 +251,97 @@ impl Decoder {
             queued: std::time::Duration::ZERO,
         };
         (tail, generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::gguf_tokenizer::tokenizer_from_gguf;
+    use candle_core::quantized::gguf_file::Content;
+
+    const GGUF: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+
+    fn tokenizer() -> Tokenizer {
+        let mut file = std::fs::File::open(GGUF).expect("run models/fetch");
+        tokenizer_from_gguf(&Content::read(&mut file).unwrap()).unwrap()
+    }
+
+    /// Feeds `ids` through a greedy decoder, one one-hot row of logits a step, and returns the
+    /// text it handed out, piece by piece, and the answer it ended with.
+    fn replay(tokenizer: &Tokenizer, ids: &[u32], stop: &[&str]) -> (String, String) {
+        let params = GenerationParams {
+            max_tokens: ids.len(),
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            ..GenerationParams::default()
+        };
+        let mut decoder = Decoder::new(params, &[1, 2, 3]);
+        let mut logits = vec![0.0; tokenizer.get_vocab_size(true)];
+        let mut streamed = String::new();
+        let mut finish = FinishReason::Length;
+        for &id in ids {
+            logits[id as usize] = 1.0;
+            match decoder.step(tokenizer, &[], &logits).unwrap() {
+                Step::Token { token, delta } => {
+                    assert_eq!(token, id);
+                    streamed.push_str(&delta);
+                }
+                Step::Finished(reason) => {
+                    finish = reason;
+                    break;
+                }
+            }
+            logits[id as usize] = 0.0;
+        }
+        let (tail, generation) = decoder.finish(finish);
+        streamed.push_str(&tail.unwrap_or_default());
+        assert_eq!(streamed, generation.text);
+        (streamed, generation.text)
+    }
+
+    #[test]
+    fn the_text_decoded_token_by_token_is_the_text_of_all_the_tokens() {
+        let tokenizer = tokenizer();
+        // Accents, CJK and an emoji span several tokens each; the spaces and newlines test the
+        // tokens that read differently at the start of a text.
+        let text = "Café au lait, naïve façade — 日本語のテキスト 🙂🚀!\n\n  Indented   spaces\tand a tab. "
+            .repeat(20);
+        let ids = tokenizer
+            .encode(text.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert!(ids.len() > 600, "{} tokens", ids.len());
+        let (streamed, _) = replay(&tokenizer, &ids, &[]);
+        assert_eq!(streamed, tokenizer.decode(&ids, true).unwrap());
+        assert_eq!(streamed, text);
+        // Cut after every token: a character split across tokens is handed out once whole.
+        for cut in 1..40 {
+            let (streamed, _) = replay(&tokenizer, &ids[..cut], &[]);
+            assert_eq!(
+                streamed,
+                tokenizer.decode(&ids[..cut], true).unwrap(),
+                "{cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stop_string_ends_the_text_before_it_wherever_it_falls() {
+        let tokenizer = tokenizer();
+        let text = "One two three. Stop here 🚀 and never reach this. Stop again.".repeat(3);
+        let ids = tokenizer
+            .encode(text.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        for stop in ["Stop here", "🚀", "this. St", "."] {
+            let (streamed, answer) = replay(&tokenizer, &ids, &[stop]);
+            assert_eq!(answer, text[..text.find(stop).unwrap()], "{stop}");
+            assert_eq!(streamed, answer);
+        }
     }
 }

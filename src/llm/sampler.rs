@@ -76,17 +76,35 @@ impl Sampler {
     /// whose weight reaches `threshold` (the token that crosses it is in). Equal weights are
     /// ordered by token id, so the nucleus does not depend on how it was found.
     fn nucleus(&mut self, threshold: f64) -> (usize, f64) {
+        // The tokens within a factor of TAIL of the most likely one (weight 1) are gathered in one
+        // pass: every other token weighs less than each of them, so when they reach the threshold
+        // the nucleus is among them. Only a flat tail sends the search to the whole vocabulary.
+        const TAIL: f32 = 1e-4;
+        let len = self.weights.len();
+        self.order.clear();
+        self.order
+            .extend((0..len as u32).filter(|&t| self.weights[t as usize] >= TAIL));
+        let found = self.nucleus_among_order(threshold);
+        if found.1 >= threshold || self.order.len() == len {
+            return found;
+        }
+        self.order.clear();
+        self.order.extend(0..len as u32);
+        self.nucleus_among_order(threshold)
+    }
+
+    /// [`Self::nucleus`] among the tokens in `order`, the most likely 64, 256, ... first.
+    fn nucleus_among_order(&mut self, threshold: f64) -> (usize, f64) {
         let weights = &self.weights;
         let more_likely = |a: &u32, b: &u32| {
             weights[*b as usize]
                 .total_cmp(&weights[*a as usize])
                 .then(a.cmp(b))
         };
-        self.order.clear();
-        self.order.extend(0..weights.len() as u32);
-        let mut candidates = FIRST_NUCLEUS.min(weights.len());
+        let len = self.order.len();
+        let mut candidates = FIRST_NUCLEUS.min(len);
         loop {
-            if candidates < weights.len() {
+            if candidates < len {
                 self.order
                     .select_nth_unstable_by(candidates - 1, more_likely);
             }
@@ -98,10 +116,10 @@ impl Sampler {
                 }
                 mass += f64::from(weights[token as usize]);
             }
-            if mass >= threshold || candidates == weights.len() {
+            if mass >= threshold || candidates == len {
                 return (candidates, mass);
             }
-            candidates = (candidates * 4).min(weights.len());
+            candidates = (candidates * 4).min(len);
         }
     }
 }
@@ -216,16 +234,22 @@ mod tests {
 
     #[test]
     fn the_nucleus_is_the_one_a_full_sort_gives() {
-        // A vocabulary the size of SmolLM2's, with ties, drawn from a fixed generator.
+        // A vocabulary the size of SmolLM2's, with ties, drawn from a fixed generator: logits
+        // spread evenly over a range, and (the last case) a few likely tokens over a tail of
+        // unlikely ones that together outweigh them, so the nucleus reaches into the tail.
         let mut rng = StdRng::seed_from_u64(3);
-        for (spread, temperature, top_p) in [
-            (8.0, 1.0, 0.9),
-            (2.0, 0.7, 0.95),
-            (0.5, 1.0, 0.5),
-            (30.0, 0.8, 0.99),
+        for (spread, temperature, top_p, head) in [
+            (8.0, 1.0, 0.9, 0),
+            (2.0, 0.7, 0.95, 0),
+            (0.5, 1.0, 0.5, 0),
+            (30.0, 0.8, 0.99, 0),
+            (0.5, 1.0, 0.9, 1),
         ] {
             let logits: Vec<f32> = (0..49_152)
-                .map(|_| (rng.random::<f32>() * spread * 8.0).round() / 8.0)
+                .map(|i| {
+                    let l = (rng.random::<f32>() * spread * 8.0).round() / 8.0;
+                    if i < head { l + 10.0 } else { l }
+                })
                 .collect();
             let expected = nucleus_by_sorting(&logits, temperature, top_p);
             let mut sampler = Sampler::new(Sampling::Draw { temperature, top_p }, 1);
