@@ -196,6 +196,19 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(16..))]
     pub chat_context: Vec<u32>,
 
+    /// The system message put first in a conversation that has none, for the local chat models.
+    /// Empty: the chat template's own choice. SmolLM2's template adds "You are a helpful AI
+    /// assistant named SmolLM, trained by Hugging Face", after which the 4-bit 135M model answers
+    /// "What is the capital of France?" with garbled French; llama.cpp's server and
+    /// llama-cpp-python, formatting ChatML, add none and answer "The capital of France is Paris."
+    /// as SmolLM2 does after this default.
+    #[arg(
+        long,
+        env = "AITIER_CHAT_SYSTEM_PROMPT",
+        default_value = crate::llm::DEFAULT_SYSTEM_PROMPT
+    )]
+    pub chat_system_prompt: String,
+
     /// Generations that may wait for a slot; beyond them a chat request gets 503 + Retry-After
     /// before its stream starts. A waiting client gets its headers and a `queued` comment at once.
     #[arg(long, env = "AITIER_GENERATION_QUEUE", default_value_t = 8)]

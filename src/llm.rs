@@ -25,7 +25,7 @@ pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use kernels::{Format, Isa, QActs, QMatrix, matmul};
 pub use kv::KvCache;
 pub use llama::{Architecture, Input, Llama, LlamaConfig};
-pub use local::LocalModel;
+pub use local::{DEFAULT_SYSTEM_PROMPT, LocalModel};
 pub use prefix::PrefixCache;
 pub use provider::{ChatError, ChatProvider, ChatStream};
 pub use router::{Local, Route, RouteError, route};

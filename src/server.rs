@@ -85,6 +85,7 @@ pub async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
             queue: args.generation_queue,
             threads,
             context: args.chat_context(i, count).map_err(anyhow::Error::msg)?,
+            system_prompt: Some(args.chat_system_prompt.clone()).filter(|s| !s.is_empty()),
         });
     }
     state.max_tokens_limit = args.max_tokens_limit;
@@ -151,6 +152,8 @@ struct ChatConfig {
     threads: usize,
     /// At most this many tokens of context (`--chat-context`).
     context: Option<usize>,
+    /// `--chat-system-prompt`; `None` leaves it to the chat template.
+    system_prompt: Option<String>,
 }
 
 async fn load_models(
@@ -195,9 +198,11 @@ async fn load_models(
         let started = std::time::Instant::now();
         let path = chat.path.clone();
         let (threads, context) = (chat.threads, chat.context);
+        let system_prompt = chat.system_prompt.clone();
         let model = tokio::task::spawn_blocking(move || {
             LocalModel::load(&path).map(|mut m| {
                 m.set_threads(threads);
+                m.set_system_prompt(system_prompt);
                 if let Some(context) = context {
                     m.limit_context(context);
                 }

@@ -49,9 +49,25 @@ fn the_tokenizer_from_the_gguf_matches_transformers() {
 
 #[test]
 fn the_chat_template_is_the_models_own() {
-    let prompt = model().prompt(&ask("Hi")).unwrap();
+    let mut model = LocalModel::load(std::path::Path::new(GGUF)).unwrap();
+    // A conversation without a system message gets the default one...
     assert_eq!(
-        prompt,
+        model.prompt(&ask("Hi")).unwrap(),
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // ...a conversation with one keeps its own...
+    let own = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Hi"),
+    ];
+    assert_eq!(
+        model.prompt(&own).unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // ...and without a default, the template adds SmolLM2's.
+    model.set_system_prompt(None);
+    assert_eq!(
+        model.prompt(&ask("Hi")).unwrap(),
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
 }
@@ -61,7 +77,8 @@ fn greedy_decoding_knows_the_capital_of_france_and_ends_its_turn() {
     let mut streamed = String::new();
     let answer = model()
         .generate(
-            &ask("What is the capital of France? Answer in one sentence."),
+            // The README's first chat request, as a new user sends it.
+            &ask("What is the capital of France?"),
             &GenerationParams {
                 max_tokens: 64,
                 ..Default::default()
@@ -72,7 +89,7 @@ fn greedy_decoding_knows_the_capital_of_france_and_ends_its_turn() {
             },
         )
         .unwrap();
-    assert!(answer.text.contains("Paris"), "{answer:?}");
+    assert_eq!(answer.text, "The capital of France is Paris.", "{answer:?}");
     assert_eq!(streamed, answer.text);
     assert_eq!(answer.finish_reason, FinishReason::Stop, "{answer:?}");
     assert!(answer.completion_tokens < 64 && answer.prompt_tokens > 10);
@@ -123,7 +140,8 @@ fn max_tokens_and_stop_strings_end_the_answer() {
     let mut streamed = String::new();
     let stopped = model()
         .generate(
-            &ask("What is the capital of France? Answer in one sentence."),
+            // The README's first chat request, as a new user sends it.
+            &ask("What is the capital of France?"),
             &GenerationParams {
                 max_tokens: 64,
                 stop: vec!["Paris".into()],

@@ -210,9 +210,17 @@ fn the_tokenizer_gives_llama_cpps_ids() {
 #[test]
 fn the_chat_template_is_chatml_with_its_default_system_prompt() {
     let chat = &models().chat;
+    // The server's default system message, unless the conversation has one...
     let user = chat.prompt(&[ChatMessage::new("user", "Hi")]).unwrap();
     assert_eq!(
         user,
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // ...and without it, the template's own.
+    let mut own = LocalModel::load(std::path::Path::new(FIXTURE)).unwrap();
+    own.set_system_prompt(None);
+    assert_eq!(
+        own.prompt(&[ChatMessage::new("user", "Hi")]).unwrap(),
         "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
     let system = chat

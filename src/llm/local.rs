@@ -24,7 +24,13 @@ pub struct LocalModel {
     template: ChatTemplate,
     end_of_turn: Vec<u32>,
     context: usize,
+    /// Put first in a conversation that has no system message (`None`: the template decides).
+    system_prompt: Option<String>,
 }
+
+/// The system message a local model is given when a conversation has none (see
+/// `--chat-system-prompt`).
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
 
 fn metadata_u32(content: &Content, key: &str) -> Option<u32> {
     content.metadata.get(key).and_then(|v| v.to_u32().ok())
@@ -75,6 +81,7 @@ impl LocalModel {
             template,
             end_of_turn,
             context,
+            system_prompt: Some(DEFAULT_SYSTEM_PROMPT.to_string()),
         })
     }
 
@@ -97,9 +104,23 @@ impl LocalModel {
         self.context = self.context.min(tokens);
     }
 
+    /// The system message put first in a conversation that has none; `None` leaves it to the
+    /// chat template (some add their own). [`DEFAULT_SYSTEM_PROMPT`] after `load`.
+    pub fn set_system_prompt(&mut self, system_prompt: Option<String>) {
+        self.system_prompt = system_prompt;
+    }
+
     /// The prompt the chat template makes of `messages`.
     pub fn prompt(&self, messages: &[ChatMessage]) -> Result<String, LlmError> {
-        self.template.render(messages)
+        match &self.system_prompt {
+            Some(system) if messages.first().is_none_or(|m| m.role != "system") => {
+                let mut with_system = Vec::with_capacity(messages.len() + 1);
+                with_system.push(ChatMessage::new("system", system));
+                with_system.extend_from_slice(messages);
+                self.template.render(&with_system)
+            }
+            _ => self.template.render(messages),
+        }
     }
 
     /// The prompt's length in tokens, or `ContextExceeded` when it and `max_tokens` do not fit.
