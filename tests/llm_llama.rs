@@ -238,7 +238,7 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill() {
         .zip(&second)
         .take_while(|(a, b)| a == b)
         .count();
-    assert!(shared > 20, "the system prompt is shared: {shared}");
+    assert!(shared > 10, "the system prompt is shared: {shared}");
     let mut warm = ours.new_cache();
     ours.forward(&mut [Input {
         cache: &mut warm,
