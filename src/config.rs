@@ -201,7 +201,9 @@ pub struct ServeArgs {
     /// assistant named SmolLM, trained by Hugging Face", after which the 4-bit 135M model answers
     /// "What is the capital of France?" with garbled French; llama.cpp's server and
     /// llama-cpp-python, formatting ChatML, add none and answer "The capital of France is Paris."
-    /// as SmolLM2 does after this default.
+    /// as SmolLM2 does after this default. It replaces every local model's template default
+    /// (Qwen2.5's "You are Qwen, created by Alibaba Cloud…" too); a template that refuses a
+    /// system message gets the conversation as it came.
     #[arg(
         long,
         env = "AITIER_CHAT_SYSTEM_PROMPT",

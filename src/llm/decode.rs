@@ -72,8 +72,10 @@ pub(crate) enum Step {
 pub(crate) struct Decoder {
     params: GenerationParams,
     sampler: Sampler,
-    /// The step's logits after the repeat penalty (unused when it is off).
+    /// The step's logits after the repeat penalty, and the distinct tokens it applies to
+    /// (unused when it is off).
     penalized: Vec<f32>,
+    recent: Vec<u32>,
     /// Prompt and answer so far, for the repeat penalty.
     context: Vec<u32>,
     prompt_tokens: usize,
@@ -112,6 +114,7 @@ impl Decoder {
         Self {
             sampler: Sampler::new(sampling, seed),
             penalized: Vec::new(),
+            recent: Vec::new(),
             params,
             context: prompt.to_vec(),
             prompt_tokens: prompt.len(),
@@ -149,12 +152,14 @@ impl Decoder {
             self.sampler.sample(logits)
         } else {
             let n = self.context.len();
-            let mut recent = self.context[n.saturating_sub(self.params.repeat_last_n)..].to_vec();
-            recent.sort_unstable();
-            recent.dedup();
+            self.recent.clear();
+            self.recent
+                .extend_from_slice(&self.context[n.saturating_sub(self.params.repeat_last_n)..]);
+            self.recent.sort_unstable();
+            self.recent.dedup();
             self.penalized.clear();
             self.penalized.extend_from_slice(logits);
-            for token in recent {
+            for &token in &self.recent {
                 if let Some(logit) = self.penalized.get_mut(token as usize) {
                     // As llama.cpp and candle: a penalty makes a seen token less likely
                     // whichever the sign of its logit.
@@ -198,7 +203,13 @@ impl Decoder {
         while !self.text.is_char_boundary(end) {
             end -= 1;
         }
-        let delta = self.text[self.emitted.min(end)..end].to_string();
+        // Text already handed out stays handed out, even if a whole-answer decode (see
+        // `detokenize`) changed it.
+        let mut start = self.emitted.min(end);
+        while !self.text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let delta = self.text[start..end].to_string();
         self.emitted = end.max(self.emitted);
         Ok(Step::Token { token: next, delta })
     }
@@ -221,7 +232,8 @@ impl Decoder {
             .get(known.len()..)
             .filter(|_| window.starts_with(&known))
         else {
-            // The window no longer extends the text before it: decode the whole answer.
+            // The window no longer extends the text before it: decode the whole answer. Text
+            // handed out before is not taken back.
             self.text = decode(&self.generated)?;
             self.commit();
             return Ok(());
@@ -241,8 +253,12 @@ impl Decoder {
 
     /// The text still held back (unless the consumer went away), and the whole answer.
     pub fn finish(self, finish_reason: FinishReason) -> (Option<String>, Generation) {
-        let tail = (finish_reason != FinishReason::Cancelled && self.emitted < self.text.len())
-            .then(|| self.text[self.emitted..].to_string());
+        let mut start = self.emitted.min(self.text.len());
+        while !self.text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let tail = (finish_reason != FinishReason::Cancelled && start < self.text.len())
+            .then(|| self.text[start..].to_string());
         let generation = Generation {
             text: self.text,
             finish_reason,

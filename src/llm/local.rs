@@ -117,7 +117,11 @@ impl LocalModel {
                 let mut with_system = Vec::with_capacity(messages.len() + 1);
                 with_system.push(ChatMessage::new("system", system));
                 with_system.extend_from_slice(messages);
-                self.template.render(&with_system)
+                // Some templates refuse a system message (Gemma's, Mistral's "roles must
+                // alternate"): the conversation then goes as it came.
+                self.template
+                    .render(&with_system)
+                    .or_else(|_| self.template.render(messages))
             }
             _ => self.template.render(messages),
         }

@@ -111,7 +111,8 @@ impl Sampler {
             self.order[..candidates].sort_unstable_by(more_likely);
             let mut mass = 0.0;
             for (i, &token) in self.order[..candidates].iter().enumerate() {
-                if mass >= threshold {
+                // The most likely token is always in, however small `top_p` is.
+                if i > 0 && mass >= threshold {
                     return (i, mass);
                 }
                 mass += f64::from(weights[token as usize]);
@@ -147,7 +148,7 @@ fn walk(weights: &[f32], tokens: impl Iterator<Item = u32>, target: f64) -> u32 
 pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] || logits[best].is_nan() {
+        if l > logits[best] || (logits[best].is_nan() && !l.is_nan()) {
             best = i;
         }
     }
@@ -195,6 +196,7 @@ mod tests {
         assert_eq!(sampler.sample(&[0.1, 3.0, -2.0, 2.9]), 1);
         assert_eq!(sampler.sample(&[1.0, 5.0, 5.0]), 1);
         assert_eq!(argmax(&[f32::NAN, -1.0, 2.0]), 2);
+        assert_eq!(argmax(&[f32::NAN; 3]), 0);
     }
 
     #[test]
@@ -312,5 +314,14 @@ mod tests {
         assert_eq!(sampler.sample(&[1.0, f32::NAN, 3.0]), 2);
         // A tiny temperature leaves only the maximum with any weight: no overflow.
         assert_eq!(sampler.sample(&[1.0, 1.5, -3.0]), 1);
+        // A top_p of zero (a tiny one rounded to f32) keeps the most likely token.
+        let mut sampler = Sampler::new(
+            Sampling::Draw {
+                temperature: 1.0,
+                top_p: 0.0,
+            },
+            1,
+        );
+        assert_eq!(sampler.sample(&[1.0, 1.5, 1.4]), 1);
     }
 }
