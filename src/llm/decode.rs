@@ -180,10 +180,7 @@ impl Decoder {
         let before = self.committed;
         self.detokenize(tokenizer)?;
         // A stop string not found before ends in the text this token changed.
-        let mut from = before.saturating_sub(self.hold);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
+        let from = char_floor(&self.text, before.saturating_sub(self.hold));
         if let Some(at) = self
             .params
             .stop
@@ -195,20 +192,17 @@ impl Decoder {
             return Ok(Step::Finished(FinishReason::Stop));
         }
         // A multi-byte character split across tokens decodes as U+FFFD until it is whole.
-        let mut end = if self.text.ends_with('\u{FFFD}') {
-            self.emitted
-        } else {
-            self.text.len().saturating_sub(self.hold).max(self.emitted)
-        };
-        while !self.text.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = char_floor(
+            &self.text,
+            if self.text.ends_with('\u{FFFD}') {
+                self.emitted
+            } else {
+                self.text.len().saturating_sub(self.hold).max(self.emitted)
+            },
+        );
         // Text already handed out stays handed out, even if a whole-answer decode (see
         // `detokenize`) changed it.
-        let mut start = self.emitted.min(end);
-        while !self.text.is_char_boundary(start) {
-            start -= 1;
-        }
+        let start = char_floor(&self.text, self.emitted.min(end));
         let delta = self.text[start..end].to_string();
         self.emitted = end.max(self.emitted);
         Ok(Step::Token { token: next, delta })
@@ -253,10 +247,7 @@ impl Decoder {
 
     /// The text still held back (unless the consumer went away), and the whole answer.
     pub fn finish(self, finish_reason: FinishReason) -> (Option<String>, Generation) {
-        let mut start = self.emitted.min(self.text.len());
-        while !self.text.is_char_boundary(start) {
-            start -= 1;
-        }
+        let start = char_floor(&self.text, self.emitted);
         let tail = (finish_reason != FinishReason::Cancelled && start < self.text.len())
             .then(|| self.text[start..].to_string());
         let generation = Generation {
@@ -268,6 +259,14 @@ impl Decoder {
         };
         (tail, generation)
     }
+}
+
+/// The largest character boundary of `text` at or before byte `at` (its length if `at` is past it).
+fn char_floor(text: &str, at: usize) -> usize {
+    (0..=at.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

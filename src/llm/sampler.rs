@@ -159,6 +159,10 @@ pub(crate) fn argmax(logits: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
+    fn draw(temperature: f32, top_p: f32) -> Sampling {
+        Sampling::Draw { temperature, top_p }
+    }
+
     fn draws(sampling: Sampling, logits: &[f32], n: usize, seed: u64) -> Vec<usize> {
         let mut sampler = Sampler::new(sampling, seed);
         let mut counts = vec![0; logits.len()];
@@ -203,15 +207,7 @@ mod tests {
     fn draws_follow_the_softmax_at_the_temperature() {
         let logits = [0.0, (2.0f32).ln(), (3.0f32).ln(), f32::NEG_INFINITY];
         let n = 60_000;
-        let counts = draws(
-            Sampling::Draw {
-                temperature: 1.0,
-                top_p: 1.0,
-            },
-            &logits,
-            n,
-            7,
-        );
+        let counts = draws(draw(1.0, 1.0), &logits, n, 7);
         for (token, share) in [(0, 1.0 / 6.0), (1, 2.0 / 6.0), (2, 3.0 / 6.0)] {
             let got = counts[token] as f64 / n as f64;
             assert!(
@@ -221,15 +217,7 @@ mod tests {
         }
         assert_eq!(counts[3], 0, "a token of probability zero was drawn");
         // Temperature 0.5 squares the odds: 1 : 4 : 9.
-        let counts = draws(
-            Sampling::Draw {
-                temperature: 0.5,
-                top_p: 1.0,
-            },
-            &logits,
-            n,
-            7,
-        );
+        let counts = draws(draw(0.5, 1.0), &logits, n, 7);
         let got = counts[2] as f64 / n as f64;
         assert!((got - 9.0 / 14.0).abs() < 0.01, "{got}");
     }
@@ -254,7 +242,7 @@ mod tests {
                 })
                 .collect();
             let expected = nucleus_by_sorting(&logits, temperature, top_p);
-            let mut sampler = Sampler::new(Sampling::Draw { temperature, top_p }, 1);
+            let mut sampler = Sampler::new(draw(temperature, top_p), 1);
             sampler.sample(&logits);
             let (n, _) = sampler.nucleus(
                 f64::from(top_p) * sampler.weights.iter().map(|&w| f64::from(w)).sum::<f64>(),
@@ -274,15 +262,7 @@ mod tests {
         // Probabilities 0.4, 0.3, 0.2, 0.1: top_p 0.65 keeps the first two (0.4 < 0.65 ≤ 0.7).
         let logits = [0.4f32.ln(), 0.3f32.ln(), 0.2f32.ln(), 0.1f32.ln()];
         let n = 40_000;
-        let counts = draws(
-            Sampling::Draw {
-                temperature: 1.0,
-                top_p: 0.65,
-            },
-            &logits,
-            n,
-            11,
-        );
+        let counts = draws(draw(1.0, 0.65), &logits, n, 11);
         assert_eq!(counts[2] + counts[3], 0, "{counts:?}");
         let got = counts[0] as f64 / n as f64;
         assert!((got - 4.0 / 7.0).abs() < 0.01, "{got}");
@@ -291,10 +271,7 @@ mod tests {
     #[test]
     fn the_same_seed_gives_the_same_tokens() {
         let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
-        let sampling = Sampling::Draw {
-            temperature: 0.9,
-            top_p: 0.9,
-        };
+        let sampling = draw(0.9, 0.9);
         let run = |seed| {
             let mut sampler = Sampler::new(sampling, seed);
             (0..50).map(|_| sampler.sample(&logits)).collect::<Vec<_>>()
@@ -305,23 +282,14 @@ mod tests {
 
     #[test]
     fn logits_that_cannot_be_weighed_give_the_most_likely_token() {
-        let sampling = Sampling::Draw {
-            temperature: 1e-5,
-            top_p: 0.5,
-        };
+        let sampling = draw(1e-5, 0.5);
         let mut sampler = Sampler::new(sampling, 1);
         assert_eq!(sampler.sample(&[f32::NEG_INFINITY; 4]), 0);
         assert_eq!(sampler.sample(&[1.0, f32::NAN, 3.0]), 2);
         // A tiny temperature leaves only the maximum with any weight: no overflow.
         assert_eq!(sampler.sample(&[1.0, 1.5, -3.0]), 1);
         // A top_p of zero (a tiny one rounded to f32) keeps the most likely token.
-        let mut sampler = Sampler::new(
-            Sampling::Draw {
-                temperature: 1.0,
-                top_p: 0.0,
-            },
-            1,
-        );
+        let mut sampler = Sampler::new(draw(1.0, 0.0), 1);
         assert_eq!(sampler.sample(&[1.0, 1.5, 1.4]), 1);
     }
 }
