@@ -105,6 +105,33 @@ fn fewer_than_two_labels_is_refused() {
     assert!(!dir.join("reviews").exists());
 }
 
+/// Measuring a classifier on texts of one label (a user's set of complaints) is not training: the
+/// committed sentiment classifier reads them and the confusion matrix has its three rows.
+#[test]
+fn eval_reads_a_file_of_one_label() {
+    let dir = scratch("eval-one-label");
+    let data = dir.join("complaints.csv");
+    std::fs::write(
+        &data,
+        "text,label\n\
+         The screen cracked the first week and support never answered.,negative\n\
+         Worst purchase I have made this year.,negative\n",
+    )
+    .unwrap();
+    let run = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["classifier", "eval", "--name", "sentiment"])
+        .args(["--classifiers-dir", "models/classifiers"])
+        .args(["--embedding-model", "models/all-MiniLM-L6-v2", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("2 examples, accuracy 1.000"), "{stdout}");
+    assert!(stdout.contains("neutral |"), "{stdout}");
+}
+
 #[test]
 fn the_same_seed_gives_the_same_classifier() {
     let dir = scratch("determinism");

@@ -136,12 +136,6 @@ pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<Da
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    if labels.len() < 2 {
-        return Err(TrainError::TooFewLabels {
-            found: labels.len(),
-            labels,
-        });
-    }
     let examples = rows
         .into_iter()
         .map(|(text, label)| Example {
@@ -285,6 +279,12 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
         return Err(TrainError::Name(options.name.clone()));
     }
     let data = read_csv(&options.data, &options.text_column, &options.label_column)?;
+    if data.labels.len() < 2 {
+        return Err(TrainError::TooFewLabels {
+            found: data.labels.len(),
+            labels: data.labels,
+        });
+    }
     println!(
         "{}: {} examples, labels {:?}, {} skipped (empty text or label)",
         options.data.display(),
