@@ -3,7 +3,10 @@
 //! cache); then a pass through six layers of their own (42 MB of `f32` weights, more than a
 //! 32 MB L3 holds, as in a server), best and median of 50 passes.
 //!
-//!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|scalar|avx512]
+//! With GAP_MS, each pass of its own weights follows that long an idle pause, as a lone request on
+//! an idle server does (other work on the machine may have taken the caches meanwhile).
+//!
+//!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|scalar|avx512] [GAP_MS]
 use aitier_kernels::{DenseWeights, Isa, dense};
 use std::time::Instant;
 fn main() {
@@ -14,6 +17,7 @@ fn main() {
         _ => Isa::Avx2,
     };
     assert!(isa.supported(), "{isa:?} is not supported on this CPU");
+    let gap: f64 = std::env::args().nth(3).map_or(0.0, |s| s.parse().unwrap());
     let shapes = [(384usize, 1152usize), (384, 384), (384, 1536), (1536, 384)];
     let mut best = [f64::MAX; 4];
     for _round in 0..7 {
@@ -65,6 +69,9 @@ fn main() {
     let (mut passes, mut passes16) = (Vec::new(), Vec::new());
     for _ in 0..50 {
         for in_f16 in [true, false] {
+            if gap > 0.0 {
+                std::thread::sleep(std::time::Duration::from_secs_f64(gap / 1e3));
+            }
             let t = Instant::now();
             for (layer, half) in layers.iter().zip(&halves) {
                 for ((&(k, n), (w, b)), h) in shapes.iter().zip(layer).zip(half) {
@@ -86,7 +93,8 @@ fn main() {
     for (name, mut passes) in [("f32", passes), ("f16", passes16)] {
         passes.sort_by(f64::total_cmp);
         println!(
-            "{isa:?}, {rows} rows, six layers of their own, {name} weights: best {:.2} ms, median {:.2} ms",
+            "{isa:?}, {rows} rows, six layers of their own, {name} weights, {gap} ms idle before each: \
+             best {:.2} ms, median {:.2} ms",
             passes[0],
             passes[passes.len() / 2]
         );
