@@ -173,10 +173,10 @@ fn calibration_error(rows: &[(String, String)], results: &[Value]) -> f64 {
 }
 
 /// Floors for [`sentiment_holds_on_kinds_of_text_it_was_not_trained_on`], a few points under the
-/// full sets' figures (0.868 on the reviews, 0.888 on the review sentences, 0.684 and 0.749 on the
+/// full sets' figures (0.877 on the reviews, 0.905 on the review sentences, 0.683 and 0.728 on the
 /// tweets).
 const REVIEWS_FLOOR: f64 = 0.80;
-const SENTENCES_FLOOR: f64 = 0.84;
+const SENTENCES_FLOOR: f64 = 0.86;
 const TWEETS_FLOOR: f64 = 0.62;
 const TWEETS_POLAR_FLOOR: f64 = 0.70;
 
@@ -250,7 +250,7 @@ async fn sentiment_holds_on_kinds_of_text_it_was_not_trained_on() {
 /// 90 short review sentences written for this test only, never trained or tuned on: 30 positive,
 /// 30 negative, 30 neutral (facts of a stay or a purchase), a third of the polar ones with a
 /// negation or a negative word in a positive verdict ("I can't fault the service we received").
-/// The classifier reads 0.833 of them right; the misses are positive sentences read as negative.
+/// The classifier reads 0.867 of them right; the misses are positive sentences read as negative.
 #[tokio::test]
 async fn short_plain_review_sentences_with_negations() {
     let server = spawn(&[]).await;
@@ -261,7 +261,7 @@ async fn short_plain_review_sentences_with_negations() {
     let texts: Vec<String> = rows.iter().map(|(t, _)| t.clone()).collect();
     let results = predict(&server, &texts).await;
     let (three_class, _) = accuracy(&rows, &results);
-    assert!(three_class >= 0.80, "accuracy {three_class:.3}");
+    assert!(three_class >= 0.85, "accuracy {three_class:.3}");
     for label in ["negative", "neutral"] {
         let right = rows
             .iter()
