@@ -118,16 +118,7 @@ fn eval_reads_a_file_of_one_label() {
          Worst purchase I have made this year.,negative\n",
     )
     .unwrap();
-    let run = Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["classifier", "eval", "--name", "sentiment"])
-        .args(["--classifiers-dir", "models/classifiers"])
-        .args(["--embedding-model", "models/all-MiniLM-L6-v2", "--data"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", stderr(&run));
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = eval(Path::new("models/classifiers"), "sentiment", &data);
     assert!(stdout.contains("2 examples, accuracy 1.000"), "{stdout}");
     assert!(stdout.contains("neutral |"), "{stdout}");
 }
@@ -177,16 +168,11 @@ fn a_name_that_would_escape_the_folder_is_refused() {
     assert!(!dir.join("..").join("escape").exists());
 }
 
-fn eval(dir: &Path, data: &Path) -> String {
+/// `classifier eval` of the classifier `name` under `dir` on `data`: its printed figures.
+fn eval(dir: &Path, name: &str, data: &Path) -> String {
     let run = Command::new(BIN)
         .current_dir(ROOT)
-        .args([
-            "classifier",
-            "eval",
-            "--name",
-            "reviews",
-            "--classifiers-dir",
-        ])
+        .args(["classifier", "eval", "--name", name, "--classifiers-dir"])
         .arg(dir)
         .arg("--data")
         .arg(data)
@@ -245,9 +231,9 @@ fn fine_tuned_layers_are_written_and_served() {
     assert_eq!(meta["training"]["fine_tuning"]["layers"], 1);
 
     // The registry applies the tuned layer: without it the same head scores differently.
-    let tuned = eval(&out, &data);
+    let tuned = eval(&out, "reviews", &data);
     std::fs::remove_file(classifier.join("tuned.safetensors")).unwrap();
-    let frozen = eval(&out, &data);
+    let frozen = eval(&out, "reviews", &data);
     let line = |s: &str| {
         s.lines()
             .find(|l| l.contains("accuracy"))
