@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aitier::inference::Slot;
 use aitier::inference::{BatchConfig, EmbeddingService, source};
 use aitier::rag::{Chunker, NewText, Rag};
-use aitier::state::Slot;
 use aitier::store::{self, Database, Inserted, NewChunk, NewDocument, Scope, Store};
 use futures::StreamExt;
 use serde_json::Map;

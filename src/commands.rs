@@ -13,8 +13,8 @@ use crate::classify::tune::TuneOptions;
 use crate::classify::{Classifier, Classifiers, InferenceMode, META_FILE, RegistryConfig};
 use crate::config::{CalibrateArgs, EvalArgs, EvalMode, LabelledArgs, TrainArgs};
 use crate::inference::BatchConfig;
+use crate::inference::Slot;
 use crate::inference::source::{HubOptions, model_name};
-use crate::state::Slot;
 use serde_json::Value;
 
 fn batch(name: &str) -> BatchConfig {

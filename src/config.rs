@@ -1,6 +1,5 @@
 //! Command line and environment configuration: one clap parser, every flag also read from `AITIER_*`.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
+
+pub use crate::secret::Secret;
 
 pub use commands::{
     CalibrateArgs, ClassifierCommand, EvalArgs, EvalMode, IngestArgs, LabelledArgs, RagCommand,
@@ -505,35 +506,6 @@ impl ServeArgs {
             return Err(format!("{flag} must be at least 1"));
         }
         Ok(())
-    }
-}
-
-/// A secret string (API key, token) whose `Debug` and `Display` never show the value.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Self(value)
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_string()))
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
     }
 }
 

@@ -9,6 +9,7 @@ mod embeddings;
 mod encoder;
 #[doc(hidden)]
 pub mod second_core;
+mod slot;
 pub mod source;
 
 pub use batcher::{BatchConfig, Batcher, Pooled};
@@ -18,6 +19,7 @@ pub use embeddings::{Embedding, EmbeddingService};
 pub use encoder::{
     Batch, Encoder, Grad, LINEAR_NAMES, LayerWeights, NORM_NAMES, Packing, mean_pool,
 };
+pub use slot::Slot;
 
 /// Makes candle run each forward pass on the calling thread alone, so that each worker is one
 /// core's worth of compute. Measured here (2 cores, MiniLM, 32 sentences per request): one thread per

@@ -10,6 +10,7 @@ pub mod http;
 pub mod inference;
 pub mod llm;
 pub mod rag;
+pub mod secret;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::tokio::ApiBuilder;
 use hf_hub::{Cache, Repo};
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// The files of a transformer checkpoint that aitier reads.
 #[derive(Debug, Clone)]
