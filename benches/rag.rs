@@ -11,8 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aitier::inference::Slot;
-use aitier::inference::{BatchConfig, EmbeddingService, source};
+use aitier::inference::{BatchConfig, EmbeddingService, Slot, source};
 use aitier::rag::{Chunker, NewText, Rag};
 use aitier::store::{self, Database, Inserted, NewChunk, NewDocument, Scope, Store};
 use futures::StreamExt;

@@ -12,9 +12,8 @@ use crate::classify::train::{self, Dataset, Example, TrainOptions};
 use crate::classify::tune::TuneOptions;
 use crate::classify::{Classifier, Classifiers, InferenceMode, META_FILE, RegistryConfig};
 use crate::config::{CalibrateArgs, EvalArgs, EvalMode, LabelledArgs, TrainArgs};
-use crate::inference::BatchConfig;
-use crate::inference::Slot;
 use crate::inference::source::{HubOptions, model_name};
+use crate::inference::{BatchConfig, Slot};
 use serde_json::Value;
 
 fn batch(name: &str) -> BatchConfig {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
 
-pub use crate::secret::Secret;
+use crate::secret::Secret;
 
 pub use commands::{
     CalibrateArgs, ClassifierCommand, EvalArgs, EvalMode, IngestArgs, LabelledArgs, RagCommand,

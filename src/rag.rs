@@ -17,8 +17,7 @@ pub use chunk::{Chunker, Piece};
 pub use prompt::{LOCAL_CONTEXT_TOKENS, UPSTREAM_CONTEXT_TOKENS, excerpt, messages, passages};
 pub use search::{Mode, RELEVANCE_THRESHOLD, SearchParams, fuse, vector_score, vector_weight};
 
-use crate::inference::Slot;
-use crate::inference::{EmbeddingService, InferenceError};
+use crate::inference::{EmbeddingService, InferenceError, Slot};
 use crate::store::{Database, Inserted, NewChunk, NewDocument, StoreError};
 
 /// Chunks sent to the embedding pool per job: long chunks make a full forward pass at 16 already.

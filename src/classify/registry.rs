@@ -10,9 +10,10 @@ use serde_json::Value;
 use super::head::{self, LinearHead, META_FILE};
 use super::tune::Adapter;
 use super::{Classifier, ClassifyError, HeadClassifier, TransformerClassifier};
-use crate::inference::Slot;
 use crate::inference::source::{self, HubOptions, ModelFiles};
-use crate::inference::{BatchConfig, Batcher, EmbeddingService, SequenceClassifier, SequenceModel};
+use crate::inference::{
+    BatchConfig, Batcher, EmbeddingService, SequenceClassifier, SequenceModel, Slot,
+};
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
