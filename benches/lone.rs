@@ -111,22 +111,19 @@ async fn series(
     body: &Value,
     pause: Duration,
 ) -> Result<(Vec<f64>, BTreeMap<String, Vec<f64>>), String> {
-    let client = || {
-        let builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .tcp_nodelay(true);
-        let builder = if o.new_connection {
-            builder.pool_max_idle_per_host(0)
-        } else {
-            builder
-        };
-        builder.build().map_err(|e| e.to_string())
+    let builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .tcp_nodelay(true);
+    // No idle connection kept: each request opens its own, as `curl` does.
+    let builder = if o.new_connection {
+        builder.pool_max_idle_per_host(0)
+    } else {
+        builder
     };
-    let shared = client()?;
+    let http = builder.build().map_err(|e| e.to_string())?;
     // Warm-up: the connection, and the server's first passes.
     for _ in 0..3 {
-        shared
-            .post(url)
+        http.post(url)
             .json(body)
             .send()
             .await
@@ -135,13 +132,6 @@ async fn series(
     let (mut times, mut parts) = (Vec::new(), BTreeMap::<String, Vec<f64>>::new());
     for _ in 0..o.requests {
         tokio::time::sleep(pause).await;
-        let fresh;
-        let http = if o.new_connection {
-            fresh = client()?;
-            &fresh
-        } else {
-            &shared
-        };
         let sent = Instant::now();
         let response = http
             .post(url)
