@@ -105,20 +105,73 @@ impl Classifier for TransformerClassifier {
         "transformers"
     }
 
+    /// A text the model reads at once gets the model's own answer, as `transformers` gives it. A
+    /// longer one, which the model would truncate, is read in windows of whole sentences that each
+    /// fit, pooled as an embedding head pools sentences (`segment::pool`: polar windows outweigh
+    /// neutral ones, the last counts twice), so that its end, where a review's verdict usually
+    /// sits, is not dropped. `mode` `whole` truncates as the model alone does; `sentences` reads
+    /// every text sentence by sentence.
     fn probabilities(
         &self,
         texts: Vec<String>,
-        _mode: Option<InferenceMode>,
+        mode: Option<InferenceMode>,
     ) -> BoxFuture<'_, Result<Vec<Vec<f32>>, ClassifyError>> {
         Box::pin(async move {
-            Ok(self
-                .batcher
-                .run(texts)
-                .await?
-                .into_iter()
-                .map(|p| head::softmax(&p.vector))
-                .collect())
+            if mode == Some(InferenceMode::Sentences) {
+                let parts = texts.iter().map(|t| segment::sentences(t)).collect();
+                return self.pooled(parts).await;
+            }
+            let whole = self.batcher.run(texts.clone()).await?;
+            let long: Vec<usize> = (0..texts.len())
+                .filter(|&i| whole[i].truncated && mode != Some(InferenceMode::Whole))
+                .collect();
+            let mut probabilities: Vec<Vec<f32>> =
+                whole.iter().map(|p| head::softmax(&p.vector)).collect();
+            if long.is_empty() {
+                return Ok(probabilities);
+            }
+            // The limit is what a truncated text was cut to; the specials are an empty text's.
+            let limit = whole[long[0]].tokens;
+            let mut parts = Vec::with_capacity(long.len());
+            for &i in &long {
+                let sentences = segment::sentences(&texts[i]);
+                let mut counts = self
+                    .batcher
+                    .token_counts(
+                        [String::new()]
+                            .into_iter()
+                            .chain(sentences.clone())
+                            .collect(),
+                    )
+                    .await?;
+                let specials = counts.remove(0);
+                parts.push(segment::windows(&sentences, &counts, specials, limit));
+            }
+            for (i, p) in long.into_iter().zip(self.pooled(parts).await?) {
+                probabilities[i] = p;
+            }
+            Ok(probabilities)
         })
+    }
+}
+
+impl TransformerClassifier {
+    /// Each text's parts read one by one, their probabilities pooled into the text's.
+    async fn pooled(&self, parts: Vec<Vec<String>>) -> Result<Vec<Vec<f32>>, ClassifyError> {
+        let flat: Vec<String> = parts.iter().flatten().cloned().collect();
+        let mut read = self.batcher.run(flat).await?.into_iter();
+        let neutral = self.labels.iter().position(|l| l == "neutral");
+        Ok(parts
+            .iter()
+            .map(|p| {
+                let per: Vec<Vec<f32>> = read
+                    .by_ref()
+                    .take(p.len())
+                    .map(|o| head::softmax(&o.vector))
+                    .collect();
+                segment::pool(&per, neutral, None)
+            })
+            .collect())
     }
 }
 

@@ -326,6 +326,89 @@ async fn hugging_face_checkpoints_answer_by_name_with_transformers_probabilities
     }
 }
 
+/// A text longer than a checkpoint reads at once (the tiny ones read 64 tokens) is read in windows
+/// of whole sentences, pooled: its end counts, and the answer is the windows' answers pooled as
+/// documented (polar windows weigh `(1 - p(neutral))²`, the last twice). Checked against the same
+/// reading done here, with the checkpoint's own tokenizer and the windows sent one by one.
+#[tokio::test]
+async fn a_text_longer_than_a_checkpoint_reads_is_read_in_windows_of_sentences() {
+    let dir = classifiers_dir("windows");
+    let server = spawn(&["--classifiers-dir", dir.to_str().unwrap()]).await;
+    let sentences: Vec<String> = (0..24)
+        .map(|i| format!("Sentence number {i} says the room was clean and quiet."))
+        .collect();
+    let long = sentences.join(" ");
+    for family in ["bert", "roberta", "distilbert"] {
+        let path = format!("/api/classify/tiny-{family}");
+        let score = |body: &Value| -> Vec<f64> {
+            ["negative", "neutral", "positive"]
+                .iter()
+                .map(|l| body["scores"][l].as_f64().unwrap())
+                .collect()
+        };
+        let (status, whole) = server.post(&path, &json!({ "text": long })).await;
+        assert_eq!(status, 200, "{whole}");
+        // Only the end differs: read in windows, the answer moves; truncated, it would not.
+        let ending = format!("{long} Terrible awful dreadful rude broken dirty.");
+        let (_, ended) = server.post(&path, &json!({ "text": ending })).await;
+        let moved = score(&whole)
+            .iter()
+            .zip(score(&ended))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            moved > 1e-4,
+            "{family}: the end of a long text changed nothing"
+        );
+
+        let tokenizer = tokenizers::Tokenizer::from_file(format!(
+            "{ROOT}/tests/fixtures/classifiers/tiny-{family}/tokenizer.json"
+        ))
+        .unwrap();
+        let count = |t: &str| tokenizer.encode(t, true).unwrap().get_ids().len();
+        assert!(
+            count(&long) > 64,
+            "{family}: the text must be longer than 64 tokens"
+        );
+        let specials = count("");
+        let mut windows: Vec<String> = Vec::new();
+        let mut used = usize::MAX;
+        for s in &sentences {
+            let own = count(s) - specials;
+            if used.saturating_add(own) > 64 {
+                windows.push(s.clone());
+                used = specials + own;
+            } else {
+                let last = windows.last_mut().unwrap();
+                last.push(' ');
+                last.push_str(s);
+                used += own;
+            }
+        }
+        assert!(windows.len() > 1, "{family}: {windows:?}");
+        let (status, each) = server
+            .post(&format!("{path}/batch"), &json!({ "texts": windows }))
+            .await;
+        assert_eq!(status, 200, "{each}");
+        let each = each["results"].as_array().unwrap();
+        let (mut sum, mut total) = (vec![0.0; 3], 0.0);
+        for (i, result) in each.iter().enumerate() {
+            let p = score(result);
+            let mut weight = (1.0 - p[1]).powi(2) + 1e-3;
+            if i == each.len() - 1 {
+                weight *= 2.0;
+            }
+            for (s, x) in sum.iter_mut().zip(&p) {
+                *s += weight * x;
+            }
+            total += weight;
+        }
+        for (got, want) in score(&whole).iter().zip(sum.iter().map(|s| s / total)) {
+            assert!((got - want).abs() < 1e-4, "{family}: {got} vs {want}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn model_id_switches_the_classifier_and_the_cache_keeps_the_recent_ones() {
     let dir = classifiers_dir("model-id");

@@ -53,6 +53,37 @@ fn ends_with_exclamation(piece: &str) -> bool {
     piece.ends_with('!')
 }
 
+/// Consecutive `sentences` joined into as few windows as fit a model of `limit` tokens, for a text
+/// longer than the model reads at once: `tokens[i]` is sentence `i`'s length with the model's
+/// `specials` (its `[CLS]` and `[SEP]`), which a window carries once. A sentence too long on its own
+/// is a window of its own (the model truncates it).
+pub fn windows(
+    sentences: &[String],
+    tokens: &[usize],
+    specials: usize,
+    limit: usize,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut used = specials;
+    for (sentence, &n) in sentences.iter().zip(tokens) {
+        let words = n.saturating_sub(specials);
+        if !current.is_empty() && used + words > limit {
+            out.push(std::mem::take(&mut current));
+            used = specials;
+        }
+        if !current.is_empty() {
+            current.push(' ');
+        }
+        current.push_str(sentence);
+        used += words;
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 /// The closing sentence of a text weighs this many times another ("Would not buy again."): a
 /// review's verdict usually comes last. On 1,000 IMDB reviews set apart for tuning (not the dev
 /// set), accuracy 0.862 -> 0.868 with a weight of 2.
@@ -124,6 +155,26 @@ mod tests {
         assert_eq!(sentences("Version 2.5 is out"), vec!["Version 2.5 is out"]);
         assert_eq!(sentences("Great!"), vec!["Great!"]);
         assert_eq!(sentences("   "), vec!["   "]);
+    }
+
+    #[test]
+    fn windows_hold_as_many_whole_sentences_as_fit() {
+        let s: Vec<String> = ["a b c.", "d e.", "f g h i.", "j."]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        // Lengths with two specials: 5, 4, 6, 3 (3, 2, 4, 1 of their own); a limit of 8 holds
+        // the first two (2 + 3 + 2 = 7), then the third alone, which the fourth joins (2 + 4 + 1).
+        assert_eq!(
+            windows(&s, &[5, 4, 6, 3], 2, 8),
+            vec!["a b c. d e.", "f g h i. j."]
+        );
+        // A sentence longer than the limit stands alone; nothing is dropped.
+        assert_eq!(
+            windows(&s, &[5, 20, 6, 3], 2, 8),
+            vec!["a b c.", "d e.", "f g h i. j."]
+        );
+        assert_eq!(windows(&s, &[5, 4, 6, 3], 2, 100).len(), 1);
     }
 
     #[test]

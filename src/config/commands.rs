@@ -176,7 +176,9 @@ pub struct EvalArgs {
     /// `GET /api/classifiers` shows them. Only for sets the classifier was not trained or tuned on.
     #[arg(long)]
     pub record: bool,
-    /// For embedding heads: read whole texts or sentences (default: the classifier's own setting).
+    /// Read whole texts (truncated at the model's maximum length) or sentence by sentence. Default:
+    /// an embedding head's own setting; a Hugging Face checkpoint reads a text whole when it fits,
+    /// else in windows of whole sentences.
     #[arg(long, value_enum)]
     pub mode: Option<EvalMode>,
     #[command(flatten)]

@@ -36,7 +36,8 @@ fn check_model_id(model_id: &Option<String>) -> Option<ValidationError> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({"text": "I love this, it is wonderful"}))]
 pub struct SentimentRequest {
-    /// The text to classify (1 to 10000 characters). Long texts are read sentence by sentence.
+    /// The text to classify (1 to 10000 characters). Long texts are read sentence by sentence (a
+    /// Hugging Face checkpoint reads a text whole when it fits, else in windows of whole sentences).
     #[schema(schema_with = text_schema)]
     pub text: String,
     /// Another classifier for this request: a name from `GET /api/classifiers` or a Hugging Face

@@ -152,6 +152,17 @@ impl Batcher {
         Ok(result?)
     }
 
+    /// The length of each text in the model's tokens, special tokens included, up to its
+    /// maximum length (a longer text counts as the maximum). Runs the tokenizer only.
+    pub async fn token_counts(&self, texts: Vec<String>) -> Result<Vec<usize>, InferenceError> {
+        Ok(self
+            .tokenize(texts)
+            .await?
+            .iter()
+            .map(|t| t.ids.len())
+            .collect())
+    }
+
     /// Tokenizes `texts`: on this thread when they are short (a few sentences take tens of
     /// microseconds), else on the blocking pool, so that a large request does not hold up the
     /// async runtime.
