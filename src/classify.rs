@@ -122,31 +122,31 @@ impl Classifier for TransformerClassifier {
                 return self.pooled(parts).await;
             }
             let whole = self.batcher.run(texts.clone()).await?;
-            let long: Vec<usize> = (0..texts.len())
-                .filter(|&i| whole[i].truncated && mode != Some(InferenceMode::Whole))
-                .collect();
             let mut probabilities: Vec<Vec<f32>> =
                 whole.iter().map(|p| head::softmax(&p.vector)).collect();
-            if long.is_empty() {
+            let long: Vec<usize> = (0..texts.len()).filter(|&i| whole[i].truncated).collect();
+            if long.is_empty() || mode == Some(InferenceMode::Whole) {
                 return Ok(probabilities);
             }
             // The limit is what a truncated text was cut to; the specials are an empty text's.
+            // One tokenizer call counts every sentence of every long text.
             let limit = whole[long[0]].tokens;
-            let mut parts = Vec::with_capacity(long.len());
-            for &i in &long {
-                let sentences = segment::sentences(&texts[i]);
-                let mut counts = self
-                    .batcher
-                    .token_counts(
-                        [String::new()]
-                            .into_iter()
-                            .chain(sentences.clone())
-                            .collect(),
-                    )
-                    .await?;
-                let specials = counts.remove(0);
-                parts.push(segment::windows(&sentences, &counts, specials, limit));
-            }
+            let sentences: Vec<Vec<String>> = long
+                .iter()
+                .map(|&i| segment::sentences(&texts[i]))
+                .collect();
+            let all = std::iter::once(String::new())
+                .chain(sentences.iter().flatten().cloned())
+                .collect();
+            let mut counts = self.batcher.token_counts(all).await?.into_iter();
+            let specials = counts.next().unwrap_or(0);
+            let parts = sentences
+                .iter()
+                .map(|s| {
+                    let own: Vec<usize> = counts.by_ref().take(s.len()).collect();
+                    segment::windows(s, &own, specials, limit)
+                })
+                .collect();
             for (i, p) in long.into_iter().zip(self.pooled(parts).await?) {
                 probabilities[i] = p;
             }
@@ -159,19 +159,10 @@ impl TransformerClassifier {
     /// Each text's parts read one by one, their probabilities pooled into the text's.
     async fn pooled(&self, parts: Vec<Vec<String>>) -> Result<Vec<Vec<f32>>, ClassifyError> {
         let flat: Vec<String> = parts.iter().flatten().cloned().collect();
-        let mut read = self.batcher.run(flat).await?.into_iter();
+        let outputs = self.batcher.run(flat).await?;
         let neutral = self.labels.iter().position(|l| l == "neutral");
-        Ok(parts
-            .iter()
-            .map(|p| {
-                let per: Vec<Vec<f32>> = read
-                    .by_ref()
-                    .take(p.len())
-                    .map(|o| head::softmax(&o.vector))
-                    .collect();
-                segment::pool(&per, neutral, None)
-            })
-            .collect())
+        let read = outputs.iter().map(|o| head::softmax(&o.vector));
+        Ok(segment::pool_parts(&parts, read, neutral, None))
     }
 }
 
@@ -206,23 +197,17 @@ impl Classifier for HeadClassifier {
                 })
                 .collect();
             let flat: Vec<String> = segments.iter().flatten().cloned().collect();
-            let mut vectors = self
-                .embeddings
-                .embed(flat, self.meta.normalize)
-                .await?
-                .into_iter();
+            let vectors = self.embeddings.embed(flat, self.meta.normalize).await?;
             let neutral = self.meta.labels.iter().position(|l| l == "neutral");
-            Ok(segments
+            let read = vectors
                 .iter()
-                .map(|parts| {
-                    let per: Vec<Vec<f32>> = vectors
-                        .by_ref()
-                        .take(parts.len())
-                        .map(|e| self.head.probabilities(&e.vector, &self.meta.logit_bias))
-                        .collect();
-                    segment::pool(&per, neutral, self.meta.text_sharpening)
-                })
-                .collect())
+                .map(|e| self.head.probabilities(&e.vector, &self.meta.logit_bias));
+            Ok(segment::pool_parts(
+                &segments,
+                read,
+                neutral,
+                self.meta.text_sharpening,
+            ))
         })
     }
 }

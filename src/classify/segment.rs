@@ -131,6 +131,23 @@ pub fn pool(
     }
 }
 
+/// [`pool`] for each text of `parts`, whose parts' probabilities come in order from `read`.
+pub fn pool_parts(
+    parts: &[Vec<String>],
+    read: impl IntoIterator<Item = Vec<f32>>,
+    neutral: Option<usize>,
+    sharpening: Option<f32>,
+) -> Vec<Vec<f32>> {
+    let mut read = read.into_iter();
+    parts
+        .iter()
+        .map(|p| {
+            let per: Vec<Vec<f32>> = read.by_ref().take(p.len()).collect();
+            pool(&per, neutral, sharpening)
+        })
+        .collect()
+}
+
 /// The pooled probabilities `p` of a text of `sentences` sentences, raised to the power
 /// `1 + a·ln(sentences)` and renormalised: unchanged for one sentence or `a = 0`.
 pub fn sharpen(p: &[f32], sentences: usize, a: f32) -> Vec<f32> {
