@@ -27,11 +27,16 @@ fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
     ] {
         let (x, w, bias) = (values(rows * k, 1), values(n * k, 2), values(n, 3));
         let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
-        // f32 weights, and f16 ones (the encoders' large projections).
-        for (kind, w) in [
-            ("f32", DenseWeights::F32(&w)),
-            ("f16", DenseWeights::F16(&half)),
-        ] {
+        // Where the width allows, the same in panels (the encoders' large projections).
+        let laid = aitier_kernels::panels(&half, n, k);
+        assert_eq!(laid.is_some(), n % aitier_kernels::PANEL == 0);
+        // f32 weights, f16 ones, and f16 panels.
+        let kinds = [
+            ("f32", Some(DenseWeights::F32(&w))),
+            ("f16", Some(DenseWeights::F16(&half))),
+            ("panels", laid.as_deref().map(DenseWeights::Panels)),
+        ];
+        for (kind, w) in kinds.into_iter().filter_map(|(kind, w)| Some((kind, w?))) {
             let mut alone = vec![0f32; rows * n];
             aitier_kernels::dense(isa, &x, rows, w, Some(&bias), &mut alone);
             let before = helped();

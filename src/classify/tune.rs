@@ -76,7 +76,7 @@ impl Adapter {
                 weights.linears[k] = ((w + delta)?, bias.clone());
             }
             weights.norms = layer.norms.clone();
-            tuned = tuned.with_layer(*i, &weights);
+            tuned = tuned.with_layer(*i, &weights)?;
         }
         Ok(tuned)
     }

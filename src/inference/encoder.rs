@@ -2,7 +2,7 @@
 //! run on the batch's real tokens packed end to end, so padding costs nothing there; only attention
 //! sees a padded view. Q, K and V are one fused projection, and GELU uses a vectorisable erf.
 
-use aitier_kernels::DenseWeights;
+use aitier_kernels::{DenseWeights, PANEL};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear};
 use rayon::prelude::*;
@@ -121,6 +121,11 @@ const HALF_FROM: usize = 1 << 16;
 /// in `f16`, for [`Dense`], and in `f32` with the same values, for batches on candle's matmul: a
 /// text gets the same vector alone or in a batch (within the order of the sums). The rounding
 /// moves all-MiniLM-L6-v2's normalised embeddings by at most ≈1e-4 (cosine ≥ 0.9999997).
+///
+/// The `f16` copy is laid out in column panels (`[n / PANEL, k, PANEL]`,
+/// [`aitier_kernels::panels`]) when its width allows, which the x86 kernels multiply without
+/// horizontal sums: all-MiniLM-L6-v2's six layers of projections for a 13-token sentence on one
+/// core of an Intel Xeon (AVX-512), median of 50 passes after 200 ms idle, 7.0 → 3.6 ms.
 #[derive(Clone)]
 struct Projection {
     linear: Linear,
@@ -133,9 +138,14 @@ impl Projection {
             return Ok(Self { linear, half: None });
         }
         let half = linear.weight().to_dtype(DType::F16)?;
+        let (n, k) = half.dims2()?;
+        let laid = aitier_kernels::panels(&half.flatten_all()?.to_vec1()?, n, k);
         Ok(Self {
             linear: Linear::new(half.to_dtype(DType::F32)?, linear.bias().cloned()),
-            half: Some(half),
+            half: Some(match laid {
+                Some(laid) => Tensor::from_vec(laid, (n / PANEL, k, PANEL), half.device())?,
+                None => half,
+            }),
         })
     }
 }
@@ -333,11 +343,26 @@ impl Encoder {
         })
     }
 
-    /// The same encoder (tensors shared, not copied) with layer `i` replaced.
-    pub fn with_layer(&self, i: usize, weights: &LayerWeights) -> Self {
+    /// The same encoder (tensors shared, not copied) with layer `i` replaced, for serving: its
+    /// large projections rounded to `f16` and laid out in panels as the loaded layers' are
+    /// ([`Projection::new`]).
+    pub fn with_layer(&self, i: usize, weights: &LayerWeights) -> candle_core::Result<Self> {
         let mut tuned = self.clone();
-        tuned.layers[i] = self.build_layer(weights);
-        tuned
+        let [qkv, attention_out, intermediate, output] = weights.linears.clone();
+        let serving = |(w, b): (Tensor, Tensor)| Projection::new(Linear::new(w, Some(b)));
+        let [attention_norm, output_norm] = weights
+            .norms
+            .clone()
+            .map(|(w, b)| LayerNorm::new(w, b, self.eps));
+        tuned.layers[i] = Layer {
+            qkv: serving(qkv)?,
+            attention_out: serving(attention_out)?,
+            attention_norm,
+            intermediate: serving(intermediate)?,
+            output: serving(output)?,
+            output_norm,
+        };
+        Ok(tuned)
     }
 
     /// A layer from its weights (fine-tuning's: in `f32` only).
@@ -413,29 +438,35 @@ impl Encoder {
     }
 }
 
-/// Rows (packed tokens) up to which a projection runs on [`Dense`] rather than candle's matmul:
-/// a sentence. On an Intel Xeon (AVX-512, 2 cores), A-B-A-B against candle's matmul alone, a lone
-/// request's latency: 2 words 13.6-13.8 -> 8.2-8.7 ms, 10 words 15.0-15.1 -> 10.2-10.6 ms; at ≈50
-/// tokens the two were even, and at ≈56 candle's matmul was ahead.
+/// Rows (packed tokens) up to which a projection with row-major weights runs on [`Dense`] rather
+/// than candle's matmul: a sentence. On an Intel Xeon (AVX-512, 2 cores), A-B-A-B against candle's
+/// matmul alone, a lone request's latency: 2 words 13.6-13.8 -> 8.2-8.7 ms, 10 words 15.0-15.1 ->
+/// 10.2-10.6 ms; at ≈50 tokens the two were even, and at ≈56 candle's matmul was ahead.
 const DENSE_ROWS: usize = 32;
 /// ... when the pass runs alone, on two cores ([`super::second_core`]): candle's matmul then runs
 /// on one (each worker's compute thread), the few-rows kernel on both.
 const DENSE_ROWS_SPLIT: usize = 96;
+/// ... with its weights in panels, alone or not: one thread, all-MiniLM-L6-v2's four projections
+/// (`benches/dense_rows.rs`, Intel Xeon, AVX-512) took 0.50 against candle's 2.14 ms at 13 rows,
+/// 2.9 against 4.7 at 64, 8.7 against 10.2 at 256 and 17.1 against 21.0 at 416.
+const PANEL_ROWS: usize = 512;
 
 /// `x · weightᵀ + bias`: on [`Dense`] for a few rows outside training (with the `f16` weight when
 /// there is one), else candle's matmul.
 fn project(projection: &Projection, x: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
     let linear = &projection.linear;
+    let most = if projection.half.as_ref().is_some_and(|h| h.rank() == 3) {
+        PANEL_ROWS
+    } else if super::second_core::splitting() {
+        DENSE_ROWS_SPLIT
+    } else {
+        DENSE_ROWS
+    };
     match (grad, linear.bias()) {
         (Grad::No, Some(bias))
             if x.device().is_cpu()
                 && x.dtype() == DType::F32
-                && (1..=if super::second_core::splitting() {
-                    DENSE_ROWS_SPLIT
-                } else {
-                    DENSE_ROWS
-                })
-                    .contains(&x.dim(0)?) =>
+                && (1..=most).contains(&x.dim(0)?) =>
         {
             let weight = projection.half.as_ref().unwrap_or(linear.weight());
             x.apply_op3_no_bwd(weight, bias, &Dense)
@@ -463,9 +494,15 @@ impl CustomOp3 for Dense {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = match w {
-            CpuStorage::F32(w) => DenseWeights::F32(w),
-            CpuStorage::F16(w) => DenseWeights::F16(w),
+        // Rank 3: `f16` in panels ([`Projection`]).
+        let (panels, (n, wk)) = match *w_layout.shape().dims() {
+            [p, wk, PANEL] => (true, (p * PANEL, wk)),
+            _ => (false, w_layout.shape().dims2()?),
+        };
+        let w = match (w, panels) {
+            (CpuStorage::F32(w), false) => DenseWeights::F32(w),
+            (CpuStorage::F16(w), false) => DenseWeights::F16(w),
+            (CpuStorage::F16(w), true) => DenseWeights::Panels(w),
             _ => candle_core::bail!("dense-few-rows wants f32 or f16 weights"),
         };
         let (
@@ -484,7 +521,7 @@ impl CustomOp3 for Dense {
         else {
             candle_core::bail!("dense-few-rows wants contiguous tensors, f32 inputs and biases");
         };
-        let ((rows, k), (n, wk)) = (x_layout.shape().dims2()?, w_layout.shape().dims2()?);
+        let (rows, k) = x_layout.shape().dims2()?;
         if k != wk || b1 - b0 != n {
             candle_core::bail!(
                 "dense-few-rows: [{rows}, {k}] by [{n}, {wk}] with {} biases",

@@ -47,6 +47,7 @@ struct Task {
 enum RawWeights {
     F32(*const f32, usize),
     F16(*const half::f16, usize),
+    Panels(*const half::f16, usize),
 }
 
 impl RawWeights {
@@ -54,6 +55,7 @@ impl RawWeights {
         match w {
             DenseWeights::F32(w) => RawWeights::F32(w.as_ptr(), w.len()),
             DenseWeights::F16(w) => RawWeights::F16(w.as_ptr(), w.len()),
+            DenseWeights::Panels(w) => RawWeights::Panels(w.as_ptr(), w.len()),
         }
     }
 
@@ -65,6 +67,9 @@ impl RawWeights {
             match self {
                 RawWeights::F32(p, len) => DenseWeights::F32(std::slice::from_raw_parts(p, len)),
                 RawWeights::F16(p, len) => DenseWeights::F16(std::slice::from_raw_parts(p, len)),
+                RawWeights::Panels(p, len) => {
+                    DenseWeights::Panels(std::slice::from_raw_parts(p, len))
+                }
             }
         }
     }
@@ -235,7 +240,8 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32], out: &mut [f
         _ => return aitier_kernels::dense(isa, x, rows, w, Some(bias), out),
     };
     let k = x.len() / rows;
-    let low = (n / 2).next_multiple_of(16).min(n);
+    // At a panel's edge, which row-major weights do not need but do not mind.
+    let low = (n / 2).next_multiple_of(aitier_kernels::PANEL).min(n);
     let mut high = vec![0f32; rows * (n - low)];
     let (w_low, w_high, b_high) = (w.rows(0..low, k), w.rows(low..n, k), &bias[low..]);
     *helper.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(Task {

@@ -469,19 +469,41 @@ pub fn matmul_cols(
     }
 }
 
-/// The weights of a [`dense`] projection, `n × k` row-major: `f32`, or `f16` widened to `f32` as
-/// they are loaded (half the bytes to stream from memory, the same arithmetic after).
+/// The weights of a [`dense`] projection: `n × k` row-major, `f32` or `f16` widened to `f32` as
+/// they are loaded (half the bytes to stream from memory, the same arithmetic after); or `f16` in
+/// column panels ([`panels`]), which the x86 kernels read without a horizontal sum.
 #[derive(Debug, Clone, Copy)]
 pub enum DenseWeights<'a> {
     F32(&'a [f32]),
     F16(&'a [half::f16]),
+    /// `[n / PANEL, k, PANEL]`: per panel of [`PANEL`] columns and per input `i`, the panel's
+    /// columns' weights side by side (one 64-byte line).
+    Panels(&'a [half::f16]),
+}
+
+/// Columns of one panel of [`DenseWeights::Panels`].
+pub const PANEL: usize = 32;
+
+/// Row-major `[n, k]` weights laid out as [`DenseWeights::Panels`]; `None` unless `n` is a
+/// multiple of [`PANEL`].
+pub fn panels(w: &[half::f16], n: usize, k: usize) -> Option<Vec<half::f16>> {
+    if n == 0 || !n.is_multiple_of(PANEL) || w.len() != n * k {
+        return None;
+    }
+    let mut out = Vec::with_capacity(w.len());
+    for p in 0..n / PANEL {
+        for i in 0..k {
+            out.extend((0..PANEL).map(|c| w[(p * PANEL + c) * k + i]));
+        }
+    }
+    Some(out)
 }
 
 impl<'a> DenseWeights<'a> {
     pub fn len(self) -> usize {
         match self {
             DenseWeights::F32(w) => w.len(),
-            DenseWeights::F16(w) => w.len(),
+            DenseWeights::F16(w) | DenseWeights::Panels(w) => w.len(),
         }
     }
 
@@ -494,18 +516,28 @@ impl<'a> DenseWeights<'a> {
         match self {
             DenseWeights::F32(w) => DenseWeights::F32(&w[range]),
             DenseWeights::F16(w) => DenseWeights::F16(&w[range]),
+            DenseWeights::Panels(w) => DenseWeights::Panels(&w[range]),
         }
     }
 
-    /// Rows `range`, each `k` long.
+    /// Rows (output columns) `range`, each `k` long; for panels, whole panels only (panics
+    /// otherwise).
     pub fn rows(self, range: std::ops::Range<usize>, k: usize) -> Self {
+        if let DenseWeights::Panels(_) = self {
+            assert!(
+                range.start.is_multiple_of(PANEL) && range.end.is_multiple_of(PANEL),
+                "panels split at {range:?}"
+            );
+        }
         self.range(range.start * k..range.end * k)
     }
 
-    fn get(self, i: usize) -> f32 {
+    /// The weight of output `j` for input `i`.
+    fn get(self, j: usize, i: usize, k: usize) -> f32 {
         match self {
-            DenseWeights::F32(w) => w[i],
-            DenseWeights::F16(w) => w[i].to_f32(),
+            DenseWeights::F32(w) => w[j * k + i],
+            DenseWeights::F16(w) => w[j * k + i].to_f32(),
+            DenseWeights::Panels(w) => w[(j / PANEL * k + i) * PANEL + j % PANEL].to_f32(),
         }
     }
 }
@@ -514,8 +546,10 @@ impl<'a> DenseWeights<'a> {
 /// `f32` and `w` as `n × k` ([`DenseWeights`]), row-major. For the encoders' short inputs (a sentence is
 /// 10-30 tokens), where a general matmul spends longer packing the weights into its own layout
 /// than multiplying: here each weight row is read once, straight from where it lies, against all
-/// the rows. AVX-512F or AVX2 + FMA when the CPU has them, else portable loops; the paths sum in
-/// different orders and agree within rounding. Panics on mismatched lengths.
+/// the rows. AVX-512F or AVX2 + FMA when the CPU has them, else portable loops. On row-major
+/// weights the paths sum in different orders and agree within rounding; on [`panels`] every path
+/// sums each output with one fused multiply-add per input, in order, so all give the same bits.
+/// Panics on mismatched lengths.
 pub fn dense(
     isa: Isa,
     x: &[f32],
@@ -530,12 +564,19 @@ pub fn dense(
     assert!(k > 0 && w.len().is_multiple_of(k));
     let n = w.len() / k;
     assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
+    assert!(!matches!(w, DenseWeights::Panels(_)) || n.is_multiple_of(PANEL));
     match isa {
         Isa::Scalar => {
             for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
                 for j in 0..n {
-                    let xr = &x[r * k..(r + 1) * k];
-                    out[r * n + j] = (0..k).map(|i| xr[i] * w.get(j * k + i)).sum::<f32>();
+                    out[r * n + j] = match w {
+                        // The x86 kernels' order: one fused multiply-add per input, in order.
+                        DenseWeights::Panels(_) => {
+                            (0..k).fold(0f32, |acc, i| xr[i].mul_add(w.get(j, i, k), acc))
+                        }
+                        _ => (0..k).map(|i| xr[i] * w.get(j, i, k)).sum::<f32>(),
+                    };
                 }
             }
         }
@@ -843,6 +884,72 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panels_give_the_same_bits_on_every_path_and_the_exact_product() {
+        // 1-30 rows cover every block of rows of both x86 paths (and two blocks of uneven sizes);
+        // three panels, so that a split at a panel's edge is tried too.
+        let (k, n) = (72, 3 * PANEL);
+        let w32 = values(n * k, 7);
+        let w16: Vec<half::f16> = w32.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let laid = panels(&w16, n, k).unwrap();
+        assert!(panels(&w16[..(n - 1) * k], n - 1, k).is_none());
+        let bias = values(n, 8);
+        for rows in 1..=30 {
+            let x = values(rows * k, rows as u64);
+            let mut scalar = vec![0f32; rows * n];
+            dense(
+                Isa::Scalar,
+                &x,
+                rows,
+                DenseWeights::Panels(&laid),
+                Some(&bias),
+                &mut scalar,
+            );
+            for r in 0..rows {
+                for j in 0..n {
+                    let exact: f64 = bias[j] as f64
+                        + (0..k)
+                            .map(|i| x[r * k + i] as f64 * w16[j * k + i].to_f32() as f64)
+                            .sum::<f64>();
+                    let got = scalar[r * n + j] as f64;
+                    assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * (k as f64).sqrt());
+                }
+            }
+            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+                if !isa.supported() {
+                    if rows == 1 {
+                        eprintln!("dense panels {isa:?}: not supported on this CPU, not run");
+                    }
+                    continue;
+                }
+                let mut out = vec![0f32; rows * n];
+                dense(
+                    isa,
+                    &x,
+                    rows,
+                    DenseWeights::Panels(&laid),
+                    Some(&bias),
+                    &mut out,
+                );
+                assert_eq!(
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{isa:?}, {rows} rows"
+                );
+                // The upper panel alone gives its columns' bits, as the second core runs it.
+                let upper = DenseWeights::Panels(&laid).rows(PANEL..n, k);
+                let mut half = vec![0f32; rows * (n - PANEL)];
+                dense(isa, &x, rows, upper, Some(&bias[PANEL..]), &mut half);
+                for r in 0..rows {
+                    assert_eq!(
+                        half[r * (n - PANEL)..(r + 1) * (n - PANEL)],
+                        out[r * n + PANEL..(r + 1) * n]
+                    );
                 }
             }
         }

@@ -17,7 +17,7 @@ use core::arch::x86_64::*;
 use half::f16;
 
 use super::attention::{self, Heads, Queries};
-use super::{BLOCK, DenseWeights, Format, LANES};
+use super::{BLOCK, DenseWeights, Format, LANES, PANEL};
 
 pub(super) fn avx2_supported() -> bool {
     is_x86_feature_detected!("avx2")
@@ -985,16 +985,14 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: DenseWeights, out: &m
     let k = x.len() / rows;
     let n = w.len() / k;
     assert!(rows * k == x.len() && n * k == w.len() && out.len() == rows * n);
-    assert!(if wide {
-        is_x86_feature_detected!("avx512f")
-    } else {
-        avx2_supported()
-    });
+    assert!(avx2_supported() && (!wide || is_x86_feature_detected!("avx512f")));
     // SAFETY: the CPU has the features (asserted above; `f16c` is part of `avx2_supported`, and
     // AVX-512F has its own widening); the kernels read `x[r * k + i]` and `w[j * k + i]` for
     // `r < rows`, `j < n`, `i < k` and write `out[r * n + j]`: within the lengths asserted above.
     unsafe {
         match (wide, w) {
+            (true, DenseWeights::Panels(w)) => panels_avx512(x, rows, k, w, n, out),
+            (false, DenseWeights::Panels(w)) => panels_avx2(x, rows, k, w, n, out),
             (true, DenseWeights::F32(w)) => dense_avx512(x, rows, k, w, n, out),
             (true, DenseWeights::F16(w)) => dense_avx512(x, rows, k, w, n, out),
             (false, DenseWeights::F32(w)) => dense_avx2(x, rows, k, w, n, out),
@@ -1182,5 +1180,147 @@ unsafe fn dense_avx512<T: Weight>(
             _mm512_fmadd_ps,
             _mm512_reduce_add_ps
         )
+    }
+}
+
+/// Rows of `x` that one pass over a panel runs against on AVX-512: two vectors of sixteen columns
+/// for each row make 28 accumulators, which leave the two weight vectors and a broadcast row value
+/// of the 32 registers.
+const PANEL_ROWS_512: usize = 14;
+/// The same on AVX2: half a panel (two vectors of eight columns) for each of six rows, twelve
+/// accumulators of the sixteen registers.
+const PANEL_ROWS_256: usize = 6;
+
+/// Runs `block(r0, rows)` over `rows` rows in as few blocks of at most `most` as can be, of even
+/// sizes (13 rows and 14 at most: one block; 20 rows: two of ten).
+#[inline(always)]
+fn row_blocks(rows: usize, most: usize, mut block: impl FnMut(usize, usize)) {
+    let blocks = rows.div_ceil(most);
+    let size = rows.div_ceil(blocks);
+    let mut r0 = 0;
+    while r0 < rows {
+        let take = size.min(rows - r0);
+        block(r0, take);
+        r0 += take;
+    }
+}
+
+/// [`DenseWeights::Panels`] on AVX-512F: per panel and per block of rows, each input's 32 weights
+/// are widened from `f16` once (`vcvtph2ps`) and multiplied into every row's two accumulators
+/// against that row's input value, broadcast. No horizontal sums: each output lane sums its inputs
+/// in order, one fused multiply-add each, as the other paths do.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn panels_avx512(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
+    /// Rows `r0..r0 + R` against panel `p`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    #[inline]
+    unsafe fn block<const R: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const f16,
+        out: *mut f32,
+        n: usize,
+    ) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for i in 0..k {
+                let at = w.add(i * PANEL);
+                _mm_prefetch::<_MM_HINT_T0>((at as *const i8).wrapping_add(PREFETCH));
+                let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(at.cast()));
+                let w1 = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(16).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(r * k + i));
+                    acc[0] = _mm512_fmadd_ps(xv, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(xv, w1, acc[1]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(r * n), acc[0]);
+                _mm512_storeu_ps(out.add(r * n + 16), acc[1]);
+            }
+        }
+    }
+    unsafe {
+        for p in 0..n / PANEL {
+            let wp = w.as_ptr().add(p * k * PANEL);
+            row_blocks(rows, PANEL_ROWS_512, |r0, take| {
+                let (xr, o) = (
+                    x.as_ptr().add(r0 * k),
+                    out.as_mut_ptr().add(r0 * n + p * PANEL),
+                );
+                match take {
+                    1 => block::<1>(xr, k, wp, o, n),
+                    2 => block::<2>(xr, k, wp, o, n),
+                    3 => block::<3>(xr, k, wp, o, n),
+                    4 => block::<4>(xr, k, wp, o, n),
+                    5 => block::<5>(xr, k, wp, o, n),
+                    6 => block::<6>(xr, k, wp, o, n),
+                    7 => block::<7>(xr, k, wp, o, n),
+                    8 => block::<8>(xr, k, wp, o, n),
+                    9 => block::<9>(xr, k, wp, o, n),
+                    10 => block::<10>(xr, k, wp, o, n),
+                    11 => block::<11>(xr, k, wp, o, n),
+                    12 => block::<12>(xr, k, wp, o, n),
+                    13 => block::<13>(xr, k, wp, o, n),
+                    _ => block::<14>(xr, k, wp, o, n),
+                }
+            });
+        }
+    }
+}
+
+/// [`DenseWeights::Panels`] on AVX2 + FMA + F16C: as [`panels_avx512`], half a panel (sixteen
+/// columns, two vectors) at a time against up to six rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panels_avx2(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
+    /// Rows `r0..r0 + R` against the sixteen columns at `w` (a panel's stride).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn block<const R: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const f16,
+        out: *mut f32,
+        n: usize,
+    ) {
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for i in 0..k {
+                let at = w.add(i * PANEL);
+                _mm_prefetch::<_MM_HINT_T0>((at as *const i8).wrapping_add(PREFETCH));
+                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(at.cast()));
+                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(at.add(8).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*x.add(r * k + i));
+                    acc[0] = _mm256_fmadd_ps(xv, w0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(xv, w1, acc[1]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * n), acc[0]);
+                _mm256_storeu_ps(out.add(r * n + 8), acc[1]);
+            }
+        }
+    }
+    unsafe {
+        for p in 0..n / PANEL {
+            for half in [0, 16] {
+                let wp = w.as_ptr().add(p * k * PANEL + half);
+                row_blocks(rows, PANEL_ROWS_256, |r0, take| {
+                    let (xr, o) = (
+                        x.as_ptr().add(r0 * k),
+                        out.as_mut_ptr().add(r0 * n + p * PANEL + half),
+                    );
+                    match take {
+                        1 => block::<1>(xr, k, wp, o, n),
+                        2 => block::<2>(xr, k, wp, o, n),
+                        3 => block::<3>(xr, k, wp, o, n),
+                        4 => block::<4>(xr, k, wp, o, n),
+                        5 => block::<5>(xr, k, wp, o, n),
+                        _ => block::<6>(xr, k, wp, o, n),
+                    }
+                });
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! an idle server does (other work on the machine may have taken the caches meanwhile).
 //!
 //!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|scalar|avx512] [GAP_MS]
-use aitier_kernels::{DenseWeights, Isa, dense};
+use aitier_kernels::{DenseWeights, Isa, QActs, QMatrix, dense, matmul_cols, panels};
 use std::time::Instant;
 fn main() {
     let rows: usize = std::env::args().nth(1).map_or(13, |s| s.parse().unwrap());
@@ -20,6 +20,7 @@ fn main() {
     let gap: f64 = std::env::args().nth(3).map_or(0.0, |s| s.parse().unwrap());
     let shapes = [(384usize, 1152usize), (384, 384), (384, 1536), (1536, 384)];
     let mut best = [f64::MAX; 4];
+    let mut best_p = [f64::MAX; 4];
     for _round in 0..7 {
         for (s, &(k, n)) in shapes.iter().enumerate() {
             let x: Vec<f32> = (0..rows * k)
@@ -34,6 +35,14 @@ fn main() {
             }
             let us = t.elapsed().as_secs_f64() * 1e6 / 300.0;
             best[s] = best[s].min(us);
+            let h: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let p = panels(&h, n, k).unwrap();
+            let t = Instant::now();
+            for _ in 0..300 {
+                dense(isa, &x, rows, DenseWeights::Panels(&p), Some(&b), &mut out);
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / 300.0;
+            best_p[s] = best_p[s].min(us);
         }
     }
     let per_layer: f64 = best.iter().sum();
@@ -44,6 +53,11 @@ fn main() {
             .map(|x| (x * 10.0).round() / 10.0)
             .collect::<Vec<_>>(),
         per_layer * 6.0 / 1000.0
+    );
+    println!(
+        "{isa:?}, {rows} rows, f16 panels: a layer {:.1} us, six layers {:.2} ms",
+        best_p.iter().sum::<f64>(),
+        best_p.iter().sum::<f64>() * 6.0 / 1000.0
     );
     let layers: Vec<Vec<(Vec<f32>, Vec<f32>)>> = (0..6)
         .map(|l| {
@@ -65,9 +79,58 @@ fn main() {
                 .collect()
         })
         .collect();
+    let quants: Vec<Vec<QMatrix>> = layers
+        .iter()
+        .map(|layer| {
+            layer
+                .iter()
+                .zip(&shapes)
+                .map(|((w, _), &(k, n))| QMatrix::quantize_q8_0(w, n, k).unwrap())
+                .collect()
+        })
+        .collect();
+    let laid: Vec<Vec<Vec<half::f16>>> = halves
+        .iter()
+        .map(|layer| {
+            layer
+                .iter()
+                .zip(&shapes)
+                .map(|(h, &(k, n))| panels(h, n, k).unwrap())
+                .collect()
+        })
+        .collect();
+    let (mut passes8, mut passes_p) = (Vec::new(), Vec::new());
     // f32 and f16 weights alternately, so that a slow phase of the machine hits both alike.
     let (mut passes, mut passes16) = (Vec::new(), Vec::new());
     for _ in 0..50 {
+        if gap > 0.0 {
+            std::thread::sleep(std::time::Duration::from_secs_f64(gap / 1e3));
+        }
+        let q8isa = if isa == Isa::Scalar { Isa::Scalar } else { isa };
+        let t = Instant::now();
+        for layer in &quants {
+            for (&(k, n), w) in shapes.iter().zip(layer) {
+                let x = vec![0.01f32; rows * k];
+                let acts = QActs::quantize(&x, rows, k);
+                let mut out = vec![0f32; rows * n];
+                matmul_cols(q8isa, w, &acts, 0..n, &mut out);
+                std::hint::black_box(&out);
+            }
+        }
+        passes8.push(t.elapsed().as_secs_f64() * 1e3);
+        if gap > 0.0 {
+            std::thread::sleep(std::time::Duration::from_secs_f64(gap / 1e3));
+        }
+        let t = Instant::now();
+        for (layer, bl) in laid.iter().zip(&layers) {
+            for ((&(k, n), w), (_, b)) in shapes.iter().zip(layer).zip(bl) {
+                let x = vec![0.01f32; rows * k];
+                let mut out = vec![0f32; rows * n];
+                dense(isa, &x, rows, DenseWeights::Panels(w), Some(b), &mut out);
+                std::hint::black_box(&out);
+            }
+        }
+        passes_p.push(t.elapsed().as_secs_f64() * 1e3);
         for in_f16 in [true, false] {
             if gap > 0.0 {
                 std::thread::sleep(std::time::Duration::from_secs_f64(gap / 1e3));
@@ -90,7 +153,12 @@ fn main() {
             if in_f16 { &mut passes16 } else { &mut passes }.push(ms);
         }
     }
-    for (name, mut passes) in [("f32", passes), ("f16", passes16)] {
+    for (name, mut passes) in [
+        ("f32", passes),
+        ("f16", passes16),
+        ("q8_0", passes8),
+        ("f16 panels", passes_p),
+    ] {
         passes.sort_by(f64::total_cmp);
         println!(
             "{isa:?}, {rows} rows, six layers of their own, {name} weights, {gap} ms idle before each: \
