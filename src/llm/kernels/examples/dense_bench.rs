@@ -1,7 +1,9 @@
 //! The few-rows projection of the encoders on all-MiniLM-L6-v2's shapes, on one core: the best of
 //! seven rounds of 300 calls per shape, and the sum for six layers (their weights then stay in
-//! cache); then a pass through six layers of their own (42 MB of `f32` weights, more than a
-//! 32 MB L3 holds, as in a server), best and median of 50 passes.
+//! cache), row-major `f32` and `f16` panels; then a pass through six layers of their own (42 MB of
+//! `f32` weights, more than a 32 MB L3 holds, as in a server), best and median of 50 passes, with
+//! the weights in `f32`, `f16`, `f16` panels, and as Q8_0 on the chat engine's int8 matmul (for
+//! comparison: the encoders do not quantise).
 //!
 //! With GAP_MS, each pass of its own weights follows that long an idle pause, as a lone request on
 //! an idle server does (other work on the machine may have taken the caches meanwhile).
