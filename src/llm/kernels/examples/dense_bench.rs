@@ -57,7 +57,11 @@ fn main() {
         per_layer * 6.0 / 1000.0
     );
     println!(
-        "{isa:?}, {rows} rows, f16 panels: a layer {:.1} us, six layers {:.2} ms",
+        "{isa:?}, {rows} rows, f16 panels: {:?} us; a layer {:.1} us, six layers {:.2} ms",
+        best_p
+            .iter()
+            .map(|x| (x * 10.0).round() / 10.0)
+            .collect::<Vec<_>>(),
         best_p.iter().sum::<f64>(),
         best_p.iter().sum::<f64>() * 6.0 / 1000.0
     );
