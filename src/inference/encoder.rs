@@ -347,21 +347,17 @@ impl Encoder {
     /// large projections rounded to `f16` and laid out in panels as the loaded layers' are
     /// ([`Projection::new`]).
     pub fn with_layer(&self, i: usize, weights: &LayerWeights) -> candle_core::Result<Self> {
+        let mut layer = self.build_layer(weights);
+        for projection in [
+            &mut layer.qkv,
+            &mut layer.attention_out,
+            &mut layer.intermediate,
+            &mut layer.output,
+        ] {
+            *projection = Projection::new(projection.linear.clone())?;
+        }
         let mut tuned = self.clone();
-        let [qkv, attention_out, intermediate, output] = weights.linears.clone();
-        let serving = |(w, b): (Tensor, Tensor)| Projection::new(Linear::new(w, Some(b)));
-        let [attention_norm, output_norm] = weights
-            .norms
-            .clone()
-            .map(|(w, b)| LayerNorm::new(w, b, self.eps));
-        tuned.layers[i] = Layer {
-            qkv: serving(qkv)?,
-            attention_out: serving(attention_out)?,
-            attention_norm,
-            intermediate: serving(intermediate)?,
-            output: serving(output)?,
-            output_norm,
-        };
+        tuned.layers[i] = layer;
         Ok(tuned)
     }
 

@@ -1205,122 +1205,110 @@ fn row_blocks(rows: usize, most: usize, mut block: impl FnMut(usize, usize)) {
     }
 }
 
-/// [`DenseWeights::Panels`] on AVX-512F: per panel and per block of rows, each input's 32 weights
-/// are widened from `f16` once (`vcvtph2ps`) and multiplied into every row's two accumulators
-/// against that row's input value, broadcast. No horizontal sums: each output lane sums its inputs
-/// in order, one fused multiply-add each, as the other paths do.
-#[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn panels_avx512(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
-    /// Rows `r0..r0 + R` against panel `p`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    #[inline]
-    unsafe fn block<const R: usize>(
-        x: *const f32,
-        k: usize,
-        w: *const f16,
-        out: *mut f32,
-        n: usize,
-    ) {
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; R];
-            for i in 0..k {
-                let at = w.add(i * PANEL);
-                _mm_prefetch::<_MM_HINT_T0>((at as *const i8).wrapping_add(PREFETCH));
-                let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(at.cast()));
-                let w1 = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(16).cast()));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*x.add(r * k + i));
-                    acc[0] = _mm512_fmadd_ps(xv, w0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(xv, w1, acc[1]);
+/// The loops of [`DenseWeights::Panels`] for one instruction set: per panel, per group of two
+/// vectors of `$lanes` columns and per block of rows ([`row_blocks`]), each input's weights are
+/// widened from `f16` once (`vcvtph2ps`) and multiplied into every row's two accumulators against
+/// that row's input value, broadcast. No horizontal sums: each output lane sums its inputs in
+/// order, one fused multiply-add each, as the other paths do. `$R` lists the block sizes, 1 to
+/// `$most`, so that a block's accumulators live in registers.
+macro_rules! panels_body {
+    ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $out:ident, $feat:literal,
+     $lanes:literal, $most:expr, $zero:expr, $load:path, $widen:path, $set1:path, $fma:path,
+     $store:path, [$($R:literal)+]) => {{
+        /// Rows `0..R` at `x` against the `2 × $lanes` columns at `w` (a panel's stride apart).
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn block<const R: usize>(
+            x: *const f32,
+            k: usize,
+            w: *const f16,
+            out: *mut f32,
+            n: usize,
+        ) {
+            unsafe {
+                let mut acc = [[$zero; 2]; R];
+                for i in 0..k {
+                    let at = w.add(i * PANEL);
+                    _mm_prefetch::<_MM_HINT_T0>((at as *const i8).wrapping_add(PREFETCH));
+                    let w0 = $widen($load(at.cast()));
+                    let w1 = $widen($load(at.add($lanes).cast()));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xv = $set1(*x.add(r * k + i));
+                        acc[0] = $fma(xv, w0, acc[0]);
+                        acc[1] = $fma(xv, w1, acc[1]);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    $store(out.add(r * n), acc[0]);
+                    $store(out.add(r * n + $lanes), acc[1]);
                 }
             }
-            for (r, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.add(r * n), acc[0]);
-                _mm512_storeu_ps(out.add(r * n + 16), acc[1]);
-            }
         }
-    }
-    unsafe {
-        for p in 0..n / PANEL {
-            let wp = w.as_ptr().add(p * k * PANEL);
-            row_blocks(rows, PANEL_ROWS_512, |r0, take| {
-                let (xr, o) = (
-                    x.as_ptr().add(r0 * k),
-                    out.as_mut_ptr().add(r0 * n + p * PANEL),
-                );
-                match take {
-                    1 => block::<1>(xr, k, wp, o, n),
-                    2 => block::<2>(xr, k, wp, o, n),
-                    3 => block::<3>(xr, k, wp, o, n),
-                    4 => block::<4>(xr, k, wp, o, n),
-                    5 => block::<5>(xr, k, wp, o, n),
-                    6 => block::<6>(xr, k, wp, o, n),
-                    7 => block::<7>(xr, k, wp, o, n),
-                    8 => block::<8>(xr, k, wp, o, n),
-                    9 => block::<9>(xr, k, wp, o, n),
-                    10 => block::<10>(xr, k, wp, o, n),
-                    11 => block::<11>(xr, k, wp, o, n),
-                    12 => block::<12>(xr, k, wp, o, n),
-                    13 => block::<13>(xr, k, wp, o, n),
-                    _ => block::<14>(xr, k, wp, o, n),
-                }
-            });
-        }
-    }
-}
-
-/// [`DenseWeights::Panels`] on AVX2 + FMA + F16C: as [`panels_avx512`], half a panel (sixteen
-/// columns, two vectors) at a time against up to six rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panels_avx2(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
-    /// Rows `r0..r0 + R` against the sixteen columns at `w` (a panel's stride).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn block<const R: usize>(
-        x: *const f32,
-        k: usize,
-        w: *const f16,
-        out: *mut f32,
-        n: usize,
-    ) {
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for i in 0..k {
-                let at = w.add(i * PANEL);
-                _mm_prefetch::<_MM_HINT_T0>((at as *const i8).wrapping_add(PREFETCH));
-                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(at.cast()));
-                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(at.add(8).cast()));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_broadcast_ss(&*x.add(r * k + i));
-                    acc[0] = _mm256_fmadd_ps(xv, w0, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(xv, w1, acc[1]);
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.add(r * n), acc[0]);
-                _mm256_storeu_ps(out.add(r * n + 8), acc[1]);
-            }
-        }
-    }
-    unsafe {
-        for p in 0..n / PANEL {
-            for half in [0, 16] {
-                let wp = w.as_ptr().add(p * k * PANEL + half);
-                row_blocks(rows, PANEL_ROWS_256, |r0, take| {
+        for p in 0..$n / PANEL {
+            for col in (0..PANEL).step_by(2 * $lanes) {
+                let wp = $w.as_ptr().add(p * $k * PANEL + col);
+                row_blocks($rows, $most, |r0, take| {
                     let (xr, o) = (
-                        x.as_ptr().add(r0 * k),
-                        out.as_mut_ptr().add(r0 * n + p * PANEL + half),
+                        $x.as_ptr().add(r0 * $k),
+                        $out.as_mut_ptr().add(r0 * $n + p * PANEL + col),
                     );
                     match take {
-                        1 => block::<1>(xr, k, wp, o, n),
-                        2 => block::<2>(xr, k, wp, o, n),
-                        3 => block::<3>(xr, k, wp, o, n),
-                        4 => block::<4>(xr, k, wp, o, n),
-                        5 => block::<5>(xr, k, wp, o, n),
-                        _ => block::<6>(xr, k, wp, o, n),
+                        $($R => block::<$R>(xr, $k, wp, o, $n),)+
+                        _ => unreachable!("a block of {take} rows"),
                     }
                 });
             }
         }
+    }};
+}
+
+/// [`DenseWeights::Panels`] on AVX-512F: a whole panel (two vectors of sixteen columns) at a time.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn panels_avx512(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
+    unsafe {
+        panels_body!(
+            x,
+            rows,
+            k,
+            w,
+            n,
+            out,
+            "avx2,fma,f16c,avx512f",
+            16,
+            PANEL_ROWS_512,
+            _mm512_setzero_ps(),
+            _mm256_loadu_si256,
+            _mm512_cvtph_ps,
+            _mm512_set1_ps,
+            _mm512_fmadd_ps,
+            _mm512_storeu_ps,
+            [1 2 3 4 5 6 7 8 9 10 11 12 13 14]
+        )
+    }
+}
+
+/// [`DenseWeights::Panels`] on AVX2 + FMA + F16C: half a panel (two vectors of eight columns) at
+/// a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panels_avx2(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
+    unsafe {
+        panels_body!(
+            x,
+            rows,
+            k,
+            w,
+            n,
+            out,
+            "avx2,fma,f16c",
+            8,
+            PANEL_ROWS_256,
+            _mm256_setzero_ps(),
+            _mm_loadu_si128,
+            _mm256_cvtph_ps,
+            _mm256_set1_ps,
+            _mm256_fmadd_ps,
+            _mm256_storeu_ps,
+            [1 2 3 4 5 6]
+        )
     }
 }

@@ -112,14 +112,13 @@ fn main() {
         if gap > 0.0 {
             std::thread::sleep(std::time::Duration::from_secs_f64(gap / 1e3));
         }
-        let q8isa = if isa == Isa::Scalar { Isa::Scalar } else { isa };
         let t = Instant::now();
         for layer in &quants {
             for (&(k, n), w) in shapes.iter().zip(layer) {
                 let x = vec![0.01f32; rows * k];
                 let acts = QActs::quantize(&x, rows, k);
                 let mut out = vec![0f32; rows * n];
-                matmul_cols(q8isa, w, &acts, 0..n, &mut out);
+                matmul_cols(isa, w, &acts, 0..n, &mut out);
                 std::hint::black_box(&out);
             }
         }
