@@ -398,38 +398,58 @@ impl Encoder {
             Grad::No => norm.forward(x),
             Grad::Yes => differentiable_layer_norm(norm, x),
         };
-        let qkv = project(&layer.qkv, x, grad)?
-            .index_select(&packing.to_padded, 0)?
-            .reshape((n, longest, 3, self.heads, self.head_dim))?;
-        let part = |i: usize| {
-            qkv.narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()
+        let qkv = project(&layer.qkv, x, grad, false)?;
+        let (q, k, v) = match grad {
+            Grad::No => {
+                let heads = qkv.apply_op1_no_bwd(&ToHeads {
+                    packing,
+                    heads: self.heads,
+                })?;
+                (heads.get(0)?, heads.get(1)?, heads.get(2)?)
+            }
+            Grad::Yes => {
+                let qkv = qkv.index_select(&packing.to_padded, 0)?.reshape((
+                    n,
+                    longest,
+                    3,
+                    self.heads,
+                    self.head_dim,
+                ))?;
+                let part = |i: usize| {
+                    qkv.narrow(2, i, 1)?
+                        .squeeze(2)?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                (part(0)?, part(1)?, part(2)?)
+            }
         };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&packing.mask)?;
         let probs = match grad {
             Grad::No => candle_nn::ops::softmax_last_dim(&scores)?,
             Grad::Yes => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
         };
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((n * longest, h))?
-            .index_select(&packing.to_packed, 0)?;
-        let attended = project(&layer.attention_out, &context, grad)?;
+        let context = probs.matmul(&v)?;
+        let context = match grad {
+            Grad::No => context.apply_op1_no_bwd(&FromHeads { packing })?,
+            Grad::Yes => context
+                .transpose(1, 2)?
+                .reshape((n * longest, h))?
+                .index_select(&packing.to_packed, 0)?,
+        };
+        let attended = project(&layer.attention_out, &context, grad, false)?;
         let x = norm(&layer.attention_norm, &(attended + x)?)?;
-        let hidden = project(&layer.intermediate, &x, grad)?;
+        let fused = (self.activation, grad) == (Activation::Gelu, Grad::No);
+        let hidden = project(&layer.intermediate, &x, grad, fused)?;
         let hidden = match (self.activation, grad) {
-            (Activation::Gelu, Grad::No) => hidden.apply_op1_no_bwd(&GeluErf)?,
-            (Activation::Gelu, Grad::Yes) => hidden.gelu_erf()?,
+            _ if fused => hidden,
+            (Activation::Gelu, _) => hidden.gelu_erf()?,
             (Activation::GeluTanh, _) => hidden.gelu()?,
             (Activation::Relu, _) => hidden.relu()?,
         };
         norm(
             &layer.output_norm,
-            &(project(&layer.output, &hidden, grad)? + &x)?,
+            &(project(&layer.output, &hidden, grad, false)? + &x)?,
         )
     }
 }
@@ -447,9 +467,14 @@ const DENSE_ROWS_SPLIT: usize = 96;
 /// 2.9 against 4.7 at 64, 8.7 against 10.2 at 256 and 17.1 against 21.0 at 416.
 const PANEL_ROWS: usize = 512;
 
-/// `x · weightᵀ + bias`: on [`Dense`] for a few rows outside training (with the `f16` weight when
-/// there is one), else candle's matmul.
-fn project(projection: &Projection, x: &Tensor, grad: Grad) -> candle_core::Result<Tensor> {
+/// `x · weightᵀ + bias`, then GELU ([`GeluErf`]) with `gelu`: on [`Dense`] for a few rows outside
+/// training (with the `f16` weight when there is one), else candle's matmul.
+fn project(
+    projection: &Projection,
+    x: &Tensor,
+    grad: Grad,
+    gelu: bool,
+) -> candle_core::Result<Tensor> {
     let linear = &projection.linear;
     let most = if projection.half.as_ref().is_some_and(|h| h.rank() == 3) {
         PANEL_ROWS
@@ -465,16 +490,20 @@ fn project(projection: &Projection, x: &Tensor, grad: Grad) -> candle_core::Resu
                 && (1..=most).contains(&x.dim(0)?) =>
         {
             let weight = projection.half.as_ref().unwrap_or(linear.weight());
-            x.apply_op3_no_bwd(weight, bias, &Dense)
+            x.apply_op3_no_bwd(weight, bias, &Dense { gelu })
         }
+        _ if gelu => linear.forward(x)?.apply_op1_no_bwd(&GeluErf),
         _ => linear.forward(x),
     }
 }
 
 /// A projection of few rows on our own kernel ([`aitier_kernels::dense`]): a general matmul
 /// spends longer repacking the weights for each call than multiplying a sentence's tokens by them
-/// (a lone 12-token sentence took 15-19 ms through candle on 2 cores).
-struct Dense;
+/// (a lone 12-token sentence took 15-19 ms through candle on 2 cores). With `gelu`, GELU is
+/// applied to the output in place rather than by another op into another tensor.
+struct Dense {
+    gelu: bool,
+}
 
 impl CustomOp3 for Dense {
     fn name(&self) -> &'static str {
@@ -525,8 +554,10 @@ impl CustomOp3 for Dense {
             );
         }
         // On this worker's compute thread, and on the second core when this pass runs alone.
-        let mut out = vec![0f32; rows * n];
-        super::second_core::dense(&x[x0..x1], rows, w.range(w0..w1), &b[b0..b1], &mut out);
+        let mut out = super::second_core::dense(&x[x0..x1], rows, w.range(w0..w1), &b[b0..b1]);
+        if self.gelu {
+            gelu_in_place(&mut out);
+        }
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 }
@@ -565,6 +596,7 @@ fn differentiable_layer_norm(norm: &LayerNorm, x: &Tensor) -> candle_core::Resul
 /// Where each sequence's tokens sit in the packed layout (`[total tokens, hidden]`) and in the
 /// padded one attention needs (`[sequences, longest, hidden]`), with the padding mask.
 pub struct Packing {
+    lens: Vec<usize>,
     sequences: usize,
     longest: usize,
     to_padded: Tensor,
@@ -590,12 +622,108 @@ impl Packing {
             offset += len;
         }
         Ok(Self {
+            lens: lens.to_vec(),
             sequences: n,
             longest,
             to_padded: Tensor::from_vec(to_padded, n * longest, device)?,
             to_packed: Tensor::from_vec(to_packed, total, device)?,
             mask: Tensor::from_vec(mask, (n, 1, 1, longest), device)?,
         })
+    }
+}
+
+/// A fused QKV projection's packed output `[tokens, 3 × hidden]` as q, k and v by head in the
+/// padded layout attention needs, `[3, sequences, heads, longest, head_dim]`, padding zero (masked
+/// out of the scores). One pass, where candle's ops gathered the padded rows (zeroed first) and
+/// then copied each part out of them: 3-4% of a 32-sentence pass (`perf`, Intel Xeon).
+struct ToHeads<'a> {
+    packing: &'a Packing,
+    heads: usize,
+}
+
+impl CustomOp1 for ToHeads<'_> {
+    fn name(&self) -> &'static str {
+        "qkv-to-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("qkv-to-heads wants a contiguous f32 tensor");
+        };
+        let Packing {
+            lens,
+            sequences: n,
+            longest,
+            ..
+        } = self.packing;
+        let (tokens, width) = layout.shape().dims2()?;
+        let (heads, h) = (self.heads, width / 3);
+        if tokens != lens.iter().sum::<usize>() || width != 3 * h || !h.is_multiple_of(heads) {
+            candle_core::bail!("qkv-to-heads: [{tokens}, {width}] for {lens:?} and {heads} heads");
+        }
+        let d = h / heads;
+        let mut out = vec![0f32; 3 * n * heads * longest * d];
+        let rows = data[start..end].chunks_exact(width);
+        let slots = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(b, &len)| (0..len).map(move |p| (b, p)));
+        for (row, (b, p)) in rows.zip(slots) {
+            for (part, head) in (0..3).flat_map(|part| (0..heads).map(move |head| (part, head))) {
+                let at = (((part * n + b) * heads + head) * longest + p) * d;
+                let from = part * h + head * d;
+                out[at..at + d].copy_from_slice(&row[from..from + d]);
+            }
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((3, *n, heads, *longest, d)),
+        ))
+    }
+}
+
+/// Attention's output by head, `[sequences, heads, longest, head_dim]`, back to packed
+/// `[tokens, hidden]` (padding dropped) in one pass ([`ToHeads`]'s reverse).
+struct FromHeads<'a> {
+    packing: &'a Packing,
+}
+
+impl CustomOp1 for FromHeads<'_> {
+    fn name(&self) -> &'static str {
+        "heads-to-packed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("heads-to-packed wants a contiguous f32 tensor");
+        };
+        let Packing { lens, longest, .. } = self.packing;
+        let (n, heads, padded, d) = layout.shape().dims4()?;
+        if n != lens.len() || padded != *longest {
+            candle_core::bail!("heads-to-packed: [{n}, {heads}, {padded}, {d}] for {lens:?}");
+        }
+        let data = &data[start..end];
+        let total: usize = lens.iter().sum();
+        let mut out = Vec::with_capacity(total * heads * d);
+        for (b, &len) in lens.iter().enumerate() {
+            for p in 0..len {
+                for head in 0..heads {
+                    let at = ((b * heads + head) * padded + p) * d;
+                    out.extend_from_slice(&data[at..at + d]);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((total, heads * d))))
     }
 }
 
@@ -643,22 +771,25 @@ impl CustomOp1 for GeluErf {
         else {
             candle_core::bail!("gelu-erf-vectorised wants a contiguous f32 tensor");
         };
-        let src = &data[start..end];
-        let mut out = vec![0f32; src.len()];
-        // pulp compiles the loop for the best instruction set this CPU has (AVX-512 or AVX2),
-        // chosen at run time, so that it vectorises.
-        let arch = pulp::Arch::new();
-        out.par_chunks_mut(16 * 1024)
-            .zip(src.par_chunks(16 * 1024))
-            .for_each(|(out, src)| {
-                arch.dispatch(|| {
-                    for (o, &x) in out.iter_mut().zip(src) {
-                        *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                    }
-                })
-            });
+        let mut out = data[start..end].to_vec();
+        gelu_in_place(&mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+}
+
+/// [`GeluErf`]'s arithmetic on `values`, in place.
+fn gelu_in_place(values: &mut [f32]) {
+    // pulp compiles the loop for the best instruction set this CPU has (AVX-512 or AVX2),
+    // chosen at run time, so that it vectorises.
+    let arch = pulp::Arch::new();
+    values.par_chunks_mut(16 * 1024).for_each(|chunk| {
+        arch.dispatch(|| {
+            for v in chunk.iter_mut() {
+                let x = *v;
+                *v = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        })
+    });
 }
 
 /// erf as a ratio of an odd and an even polynomial on [-4, 4] (outside it erf is ±1 in f32); the

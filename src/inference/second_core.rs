@@ -231,13 +231,13 @@ pub fn splitting() -> bool {
 
 /// `out = x · wᵀ + bias` ([`aitier_kernels::dense`]), the upper half of the columns on the helper
 /// when this thread's pass runs alone (see [`pass`]).
-pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32], out: &mut [f32]) {
+pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> {
     let isa = aitier_kernels::Isa::detect();
     let n = bias.len();
     let split = n >= 2 * MIN_SPLIT_COLUMNS && splitting();
     let helper = match helper() {
         Some(h) if split && h.state.load(Ordering::Acquire) == IDLE => h,
-        _ => return aitier_kernels::dense(isa, x, rows, w, Some(bias), out),
+        _ => return aitier_kernels::dense_new(isa, x, rows, w, Some(bias)),
     };
     let k = x.len() / rows;
     // At a panel's edge, which row-major weights do not need but do not mind.
@@ -293,14 +293,15 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32], out: &mut [f
         }
     }
     let wait = Wait(helper);
-    let mut own = vec![0f32; rows * low];
-    aitier_kernels::dense(isa, x, rows, w_low, Some(&bias[..low]), &mut own);
+    let own = aitier_kernels::dense_new(isa, x, rows, w_low, Some(&bias[..low]));
     if !wait.finish() {
         aitier_kernels::dense(isa, x, rows, w_high, Some(b_high), &mut high);
     }
     drop(wait);
-    for (r, row) in out.chunks_exact_mut(n).enumerate() {
-        row[..low].copy_from_slice(&own[r * low..(r + 1) * low]);
-        row[low..].copy_from_slice(&high[r * (n - low)..(r + 1) * (n - low)]);
+    let mut out = Vec::with_capacity(rows * n);
+    for (own, high) in own.chunks_exact(low).zip(high.chunks_exact(n - low)) {
+        out.extend_from_slice(own);
+        out.extend_from_slice(high);
     }
+    out
 }

@@ -13,6 +13,7 @@
 //! [`matmul`] checks the CPU first (once, cached by std) and the slice lengths before any load.
 
 use core::arch::x86_64::*;
+use core::mem::MaybeUninit;
 
 use half::f16;
 
@@ -991,14 +992,74 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: DenseWeights, out: &m
     // `r < rows`, `j < n`, `i < k` and write `out[r * n + j]`: within the lengths asserted above.
     unsafe {
         match (wide, w) {
-            (true, DenseWeights::Panels(w)) => panels_avx512(x, rows, k, w, n, out),
-            (false, DenseWeights::Panels(w)) => panels_avx2(x, rows, k, w, n, out),
+            (_, DenseWeights::Panels(w)) => panels_into(wide, x, rows, w, None, out),
             (true, DenseWeights::F32(w)) => dense_avx512(x, rows, k, w, n, out),
             (true, DenseWeights::F16(w)) => dense_avx512(x, rows, k, w, n, out),
             (false, DenseWeights::F32(w)) => dense_avx2(x, rows, k, w, n, out),
             (false, DenseWeights::F16(w)) => dense_avx2(x, rows, k, w, n, out),
         }
     }
+}
+
+/// [`DenseWeights::Panels`] with the bias added, into `out` (every one of its `rows × n` values is
+/// stored once, none read): 16-lane vectors with `wide`, else 8.
+pub(super) fn panels(
+    wide: bool,
+    x: &[f32],
+    rows: usize,
+    w: &[f16],
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    assert!(rows > 0 && x.len().is_multiple_of(rows));
+    let k = x.len() / rows;
+    assert!(k > 0 && w.len().is_multiple_of(k * PANEL));
+    let n = w.len() / k;
+    assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
+    assert!(avx2_supported() && (!wide || is_x86_feature_detected!("avx512f")));
+    let bias = bias.map_or(core::ptr::null(), <[f32]>::as_ptr);
+    let (x, w, out) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr().cast::<f32>());
+    // SAFETY: the CPU has the features (asserted above); the kernels read `x[r * k + i]`,
+    // `w[(j / PANEL * k + i) * PANEL + j % PANEL]` and `bias[j]` and store `out[r * n + j]`, for
+    // `r < rows`, `j < n`, `i < k`: within the lengths asserted above.
+    unsafe {
+        if wide {
+            panels_avx512(x, rows, k, w, n, bias, out)
+        } else {
+            panels_avx2(x, rows, k, w, n, bias, out)
+        }
+    }
+}
+
+/// [`panels`] into initialised values.
+pub(super) fn panels_into(
+    wide: bool,
+    x: &[f32],
+    rows: usize,
+    w: &[f16],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `panels` stores only initialised values.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    panels(wide, x, rows, w, bias, out);
+}
+
+/// [`panels`] into a new vector, not zeroed first: the kernel stores every value.
+pub(super) fn panels_new(
+    wide: bool,
+    x: &[f32],
+    rows: usize,
+    w: &[f16],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    assert!(rows > 0 && x.len() >= rows);
+    let len = rows * (w.len() / (x.len() / rows));
+    let mut out = Vec::with_capacity(len);
+    panels(wide, x, rows, w, bias, &mut out.spare_capacity_mut()[..len]);
+    // SAFETY: `panels` stored all `len` values (it asserts `out.len() == rows × n`).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// Weight row `j` against up to four rows of `x` at a time: the weight vector is loaded once
@@ -1212,16 +1273,19 @@ fn row_blocks(rows: usize, most: usize, mut block: impl FnMut(usize, usize)) {
 /// order, one fused multiply-add each, as the other paths do. `$R` lists the block sizes, 1 to
 /// `$most`, so that a block's accumulators live in registers.
 macro_rules! panels_body {
-    ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $out:ident, $feat:literal,
+    ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $bias:ident, $out:ident, $feat:literal,
      $lanes:literal, $most:expr, $zero:expr, $load:path, $widen:path, $set1:path, $fma:path,
-     $store:path, [$($R:literal)+]) => {{
-        /// Rows `0..R` at `x` against the `2 × $lanes` columns at `w` (a panel's stride apart).
+     $loadf:path, $add:path, $store:path, [$($R:literal)+]) => {{
+        /// Rows `0..R` at `x` against the `2 × $lanes` columns at `w` (a panel's stride apart),
+        /// each sum stored with the columns' bias added (when `bias` is not null): the same bits
+        /// as adding it after, without another pass over the output.
         #[target_feature(enable = $feat)]
         #[inline]
         unsafe fn block<const R: usize>(
             x: *const f32,
             k: usize,
             w: *const f16,
+            bias: *const f32,
             out: *mut f32,
             n: usize,
         ) {
@@ -1238,6 +1302,13 @@ macro_rules! panels_body {
                         acc[1] = $fma(xv, w1, acc[1]);
                     }
                 }
+                if !bias.is_null() {
+                    let (b0, b1) = ($loadf(bias), $loadf(bias.add($lanes)));
+                    for acc in acc.iter_mut() {
+                        acc[0] = $add(acc[0], b0);
+                        acc[1] = $add(acc[1], b1);
+                    }
+                }
                 for (r, acc) in acc.iter().enumerate() {
                     $store(out.add(r * n), acc[0]);
                     $store(out.add(r * n + $lanes), acc[1]);
@@ -1246,14 +1317,16 @@ macro_rules! panels_body {
         }
         for p in 0..$n / PANEL {
             for col in (0..PANEL).step_by(2 * $lanes) {
-                let wp = $w.as_ptr().add(p * $k * PANEL + col);
+                let wp = $w.add(p * $k * PANEL + col);
+                let bp = if $bias.is_null() {
+                    $bias
+                } else {
+                    $bias.add(p * PANEL + col)
+                };
                 row_blocks($rows, $most, |r0, take| {
-                    let (xr, o) = (
-                        $x.as_ptr().add(r0 * $k),
-                        $out.as_mut_ptr().add(r0 * $n + p * PANEL + col),
-                    );
+                    let (xr, o) = ($x.add(r0 * $k), $out.add(r0 * $n + p * PANEL + col));
                     match take {
-                        $($R => block::<$R>(xr, $k, wp, o, $n),)+
+                        $($R => block::<$R>(xr, $k, wp, bp, o, $n),)+
                         _ => unreachable!("a block of {take} rows"),
                     }
                 });
@@ -1264,24 +1337,18 @@ macro_rules! panels_body {
 
 /// [`DenseWeights::Panels`] on AVX-512F: a whole panel (two vectors of sixteen columns) at a time.
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn panels_avx512(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
+unsafe fn panels_avx512(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f16,
+    n: usize,
+    bias: *const f32,
+    out: *mut f32,
+) {
     unsafe {
         panels_body!(
-            x,
-            rows,
-            k,
-            w,
-            n,
-            out,
-            "avx2,fma,f16c,avx512f",
-            16,
-            PANEL_ROWS_512,
-            _mm512_setzero_ps(),
-            _mm256_loadu_si256,
-            _mm512_cvtph_ps,
-            _mm512_set1_ps,
-            _mm512_fmadd_ps,
-            _mm512_storeu_ps,
+            x, rows, k, w, n, bias, out, "avx2,fma,f16c,avx512f", 16, PANEL_ROWS_512, _mm512_setzero_ps(), _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_add_ps, _mm512_storeu_ps,
             [1 2 3 4 5 6 7 8 9 10 11 12 13 14]
         )
     }
@@ -1290,24 +1357,18 @@ unsafe fn panels_avx512(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, o
 /// [`DenseWeights::Panels`] on AVX2 + FMA + F16C: half a panel (two vectors of eight columns) at
 /// a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panels_avx2(x: &[f32], rows: usize, k: usize, w: &[f16], n: usize, out: &mut [f32]) {
+unsafe fn panels_avx2(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f16,
+    n: usize,
+    bias: *const f32,
+    out: *mut f32,
+) {
     unsafe {
         panels_body!(
-            x,
-            rows,
-            k,
-            w,
-            n,
-            out,
-            "avx2,fma,f16c",
-            8,
-            PANEL_ROWS_256,
-            _mm256_setzero_ps(),
-            _mm_loadu_si128,
-            _mm256_cvtph_ps,
-            _mm256_set1_ps,
-            _mm256_fmadd_ps,
-            _mm256_storeu_ps,
+            x, rows, k, w, n, bias, out, "avx2,fma,f16c", 8, PANEL_ROWS_256, _mm256_setzero_ps(), _mm_loadu_si128, _mm256_cvtph_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps,
             [1 2 3 4 5 6]
         )
     }
