@@ -3,7 +3,9 @@
 //! sees a padded view. Q, K and V are one fused projection, and GELU uses a vectorisable erf.
 
 use aitier_kernels::{DenseWeights, PANEL};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Module, Shape, Tensor,
+};
 use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear};
 use rayon::prelude::*;
 use serde_json::Value;
@@ -394,10 +396,6 @@ impl Encoder {
         let (n, longest) = (packing.sequences, packing.longest);
         let h = self.heads * self.head_dim;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let norm = |norm: &LayerNorm, x: &Tensor| match grad {
-            Grad::No => norm.forward(x),
-            Grad::Yes => differentiable_layer_norm(norm, x),
-        };
         let qkv = project(&layer.qkv, x, grad, false)?;
         let (q, k, v) = match grad {
             Grad::No => {
@@ -438,7 +436,7 @@ impl Encoder {
                 .index_select(&packing.to_packed, 0)?,
         };
         let attended = project(&layer.attention_out, &context, grad, false)?;
-        let x = norm(&layer.attention_norm, &(attended + x)?)?;
+        let x = add_norm(&layer.attention_norm, attended, x, grad)?;
         let fused = (self.activation, grad) == (Activation::Gelu, Grad::No);
         let hidden = project(&layer.intermediate, &x, grad, fused)?;
         let hidden = match (self.activation, grad) {
@@ -447,10 +445,8 @@ impl Encoder {
             (Activation::GeluTanh, _) => hidden.gelu()?,
             (Activation::Relu, _) => hidden.relu()?,
         };
-        norm(
-            &layer.output_norm,
-            &(project(&layer.output, &hidden, grad, false)? + &x)?,
-        )
+        let output = project(&layer.output, &hidden, grad, false)?;
+        add_norm(&layer.output_norm, output, &x, grad)
     }
 }
 
@@ -580,6 +576,91 @@ pub struct LayerWeights {
 /// Names of [`LayerWeights::linears`] and [`LayerWeights::norms`], in order.
 pub const LINEAR_NAMES: [&str; 4] = ["qkv", "attention_out", "intermediate", "output"];
 pub const NORM_NAMES: [&str; 2] = ["attention_norm", "output_norm"];
+
+/// `norm(fresh + residual)`, where `fresh` is a projection's new output: outside training, in
+/// place in `fresh` ([`AddNorm`]).
+fn add_norm(
+    norm: &LayerNorm,
+    fresh: Tensor,
+    residual: &Tensor,
+    grad: Grad,
+) -> candle_core::Result<Tensor> {
+    match grad {
+        Grad::No if fresh.is_contiguous() && residual.is_contiguous() && norm.bias().is_some() => {
+            fresh.inplace_op2(residual, &AddNorm { norm })?;
+            Ok(fresh)
+        }
+        Grad::No => norm.forward(&(fresh + residual)?),
+        Grad::Yes => differentiable_layer_norm(norm, &(fresh + residual)?),
+    }
+}
+
+/// A residual sum and the layer norm after it, in one pass over the first tensor, in place: the
+/// operations of candle's sum and its fused layer norm in their order, so the same bits, without
+/// the two new tensors they write (a zeroed one for the norm) and a rayon task per row.
+struct AddNorm<'a> {
+    norm: &'a LayerNorm,
+}
+
+impl InplaceOp2 for AddNorm<'_> {
+    fn name(&self) -> &'static str {
+        "add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        fresh: &mut CpuStorage,
+        fresh_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let (
+            CpuStorage::F32(x),
+            CpuStorage::F32(residual),
+            Some((x0, x1)),
+            Some((r0, r1)),
+            Some(bias),
+        ) = (
+            fresh,
+            residual,
+            fresh_layout.contiguous_offsets(),
+            residual_layout.contiguous_offsets(),
+            self.norm.bias(),
+        )
+        else {
+            candle_core::bail!("add-layer-norm wants contiguous f32 tensors and a bias");
+        };
+        let (alpha, beta) = (self.norm.weight().to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+        let width = alpha.len();
+        if fresh_layout.shape() != residual_layout.shape()
+            || fresh_layout.shape().dims().last() != Some(&width)
+            || beta.len() != width
+        {
+            candle_core::bail!(
+                "add-layer-norm: {:?} + {:?} by {width}",
+                fresh_layout.shape(),
+                residual_layout.shape()
+            );
+        }
+        let eps = self.norm.eps() as f32;
+        let rows = x[x0..x1].chunks_exact_mut(width);
+        for (row, residual) in rows.zip(residual[r0..r1].chunks_exact(width)) {
+            let (mut sum, mut sum2) = (0f32, 0f32);
+            for (v, r) in row.iter_mut().zip(residual) {
+                *v += r;
+                sum += *v;
+                sum2 += *v * *v;
+            }
+            let mean = sum / width as f32;
+            let var = sum2 / width as f32 - mean * mean;
+            let inv_std = (var + eps).sqrt().recip();
+            for ((v, alpha), beta) in row.iter_mut().zip(&alpha).zip(&beta) {
+                *v = (*v - mean) * inv_std * alpha + beta;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Layer norm with plain tensor ops, which candle's autograd can follow (its fused kernel cannot).
 fn differentiable_layer_norm(norm: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
