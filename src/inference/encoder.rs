@@ -393,7 +393,7 @@ impl Encoder {
         packing: &Packing,
         grad: Grad,
     ) -> candle_core::Result<Tensor> {
-        let (n, longest) = (packing.sequences, packing.longest);
+        let (n, longest) = (packing.lens.len(), packing.longest);
         let h = self.heads * self.head_dim;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let qkv = project(&layer.qkv, x, grad, false)?;
@@ -678,7 +678,6 @@ fn differentiable_layer_norm(norm: &LayerNorm, x: &Tensor) -> candle_core::Resul
 /// padded one attention needs (`[sequences, longest, hidden]`), with the padding mask.
 pub struct Packing {
     lens: Vec<usize>,
-    sequences: usize,
     longest: usize,
     to_padded: Tensor,
     to_packed: Tensor,
@@ -704,12 +703,23 @@ impl Packing {
         }
         Ok(Self {
             lens: lens.to_vec(),
-            sequences: n,
             longest,
             to_padded: Tensor::from_vec(to_padded, n * longest, device)?,
             to_packed: Tensor::from_vec(to_packed, total, device)?,
             mask: Tensor::from_vec(mask, (n, 1, 1, longest), device)?,
         })
+    }
+}
+
+/// The values of a contiguous `f32` tensor, for a custom op named `op`.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{op} wants a contiguous f32 tensor"),
     }
 }
 
@@ -732,16 +742,9 @@ impl CustomOp1 for ToHeads<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("qkv-to-heads wants a contiguous f32 tensor");
-        };
-        let Packing {
-            lens,
-            sequences: n,
-            longest,
-            ..
-        } = self.packing;
+        let data = contiguous_f32(storage, layout, self.name())?;
+        let Packing { lens, longest, .. } = self.packing;
+        let n = lens.len();
         let (tokens, width) = layout.shape().dims2()?;
         let (heads, h) = (self.heads, width / 3);
         if tokens != lens.iter().sum::<usize>() || width != 3 * h || !h.is_multiple_of(heads) {
@@ -749,7 +752,7 @@ impl CustomOp1 for ToHeads<'_> {
         }
         let d = h / heads;
         let mut out = vec![0f32; 3 * n * heads * longest * d];
-        let rows = data[start..end].chunks_exact(width);
+        let rows = data.chunks_exact(width);
         let slots = lens
             .iter()
             .enumerate()
@@ -763,7 +766,7 @@ impl CustomOp1 for ToHeads<'_> {
         }
         Ok((
             CpuStorage::F32(out),
-            Shape::from((3, *n, heads, *longest, d)),
+            Shape::from((3, n, heads, *longest, d)),
         ))
     }
 }
@@ -784,16 +787,12 @@ impl CustomOp1 for FromHeads<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("heads-to-packed wants a contiguous f32 tensor");
-        };
+        let data = contiguous_f32(storage, layout, self.name())?;
         let Packing { lens, longest, .. } = self.packing;
         let (n, heads, padded, d) = layout.shape().dims4()?;
         if n != lens.len() || padded != *longest {
             candle_core::bail!("heads-to-packed: [{n}, {heads}, {padded}, {d}] for {lens:?}");
         }
-        let data = &data[start..end];
         let total: usize = lens.iter().sum();
         let mut out = Vec::with_capacity(total * heads * d);
         for (b, &len) in lens.iter().enumerate() {
@@ -848,11 +847,8 @@ impl CustomOp1 for GeluErf {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("gelu-erf-vectorised wants a contiguous f32 tensor");
-        };
-        let mut out = data[start..end].to_vec();
+        let data = contiguous_f32(storage, layout, self.name())?;
+        let mut out = data.to_vec();
         gelu_in_place(&mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }

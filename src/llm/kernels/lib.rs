@@ -565,13 +565,8 @@ pub fn dense(
     let n = w.len() / k;
     assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
     assert!(!matches!(w, DenseWeights::Panels(_)) || n.is_multiple_of(PANEL));
-    match (isa, w) {
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, DenseWeights::Panels(w)) => {
-            // The bias is added as the sums are stored.
-            return x86::panels_into(isa == Isa::Avx512Vnni, x, rows, w, bias, out);
-        }
-        (Isa::Scalar, _) => {
+    match isa {
+        Isa::Scalar => {
             for r in 0..rows {
                 let xr = &x[r * k..(r + 1) * k];
                 for j in 0..n {
@@ -584,14 +579,19 @@ pub fn dense(
                     };
                 }
             }
+            add_bias(out, bias);
         }
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, _) => x86::dense(isa == Isa::Avx512Vnni, x, rows, w, out),
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dense(isa == Isa::Avx512Vnni, x, rows, w, bias, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only scalar kernels off x86"),
     }
+}
+
+/// `bias` added to each of `out`'s rows, after the sums.
+fn add_bias(out: &mut [f32], bias: Option<&[f32]>) {
     if let Some(bias) = bias {
-        for row in out.chunks_exact_mut(n) {
+        for row in out.chunks_exact_mut(bias.len()) {
             for (o, b) in row.iter_mut().zip(bias) {
                 *o += b;
             }

@@ -981,8 +981,19 @@ unsafe fn matmul_vnni_wide(
     }
 }
 
-/// Safe entry of [`super::dense`] (bias aside): 16-lane vectors with `wide`, else 8.
-pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: DenseWeights, out: &mut [f32]) {
+/// Safe entry of [`super::dense`]: 16-lane vectors with `wide`, else 8. Panels add the bias as
+/// they store their sums; row-major weights after.
+pub(super) fn dense(
+    wide: bool,
+    x: &[f32],
+    rows: usize,
+    w: DenseWeights,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    if let DenseWeights::Panels(w) = w {
+        return panels_into(wide, x, rows, w, bias, out);
+    }
     let k = x.len() / rows;
     let n = w.len() / k;
     assert!(rows * k == x.len() && n * k == w.len() && out.len() == rows * n);
@@ -992,18 +1003,19 @@ pub(super) fn dense(wide: bool, x: &[f32], rows: usize, w: DenseWeights, out: &m
     // `r < rows`, `j < n`, `i < k` and write `out[r * n + j]`: within the lengths asserted above.
     unsafe {
         match (wide, w) {
-            (_, DenseWeights::Panels(w)) => panels_into(wide, x, rows, w, None, out),
+            (_, DenseWeights::Panels(_)) => unreachable!("panels returned above"),
             (true, DenseWeights::F32(w)) => dense_avx512(x, rows, k, w, n, out),
             (true, DenseWeights::F16(w)) => dense_avx512(x, rows, k, w, n, out),
             (false, DenseWeights::F32(w)) => dense_avx2(x, rows, k, w, n, out),
             (false, DenseWeights::F16(w)) => dense_avx2(x, rows, k, w, n, out),
         }
     }
+    super::add_bias(out, bias);
 }
 
 /// [`DenseWeights::Panels`] with the bias added, into `out` (every one of its `rows × n` values is
 /// stored once, none read): 16-lane vectors with `wide`, else 8.
-pub(super) fn panels(
+fn panels(
     wide: bool,
     x: &[f32],
     rows: usize,
@@ -1032,7 +1044,7 @@ pub(super) fn panels(
 }
 
 /// [`panels`] into initialised values.
-pub(super) fn panels_into(
+fn panels_into(
     wide: bool,
     x: &[f32],
     rows: usize,
