@@ -17,9 +17,23 @@
 //! the scalar path sums in another order and agrees within rounding. The unsafe SIMD code lives in
 //! `x86.rs` behind the safe functions of this file.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+/// Rows from which [`dense`] multiplies [`DenseWeights::Panels`] on AMX tiles, where the CPU has
+/// them (with [`Isa::Avx512Vnni`]).
+pub const AMX_ROWS: usize = 64;
+
+/// Whether this CPU (and OS) runs the AMX kernel that [`dense`] uses for panels of many rows.
+pub fn amx_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::supported();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 use attention::{Heads, Queries};
 
@@ -548,7 +562,9 @@ impl<'a> DenseWeights<'a> {
 /// than multiplying: here each weight row is read once, straight from where it lies, against all
 /// the rows. AVX-512F or AVX2 + FMA when the CPU has them, else portable loops. On row-major
 /// weights the paths sum in different orders and agree within rounding; on [`panels`] every path
-/// sums each output with one fused multiply-add per input, in order, so all give the same bits.
+/// sums each output with one fused multiply-add per input, in order, so all give the same bits,
+/// except from [`AMX_ROWS`] rows on a CPU with AMX: there AVX-512 hands them to AMX tiles, which
+/// agree within about 1e-5 (and give a row the same bits in any such call).
 /// Panics on mismatched lengths.
 pub fn dense(
     isa: Isa,
@@ -912,6 +928,76 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn amx_tiles_match_the_exact_product_and_give_a_row_the_same_bits_in_any_call() {
+        // Weights in f16, as the encoders keep them; three panels, so that the second core's
+        // split at a panel's edge is tried too.
+        let (k, n) = (96, 3 * PANEL);
+        let w16: Vec<half::f16> = values(n * k, 11)
+            .iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect();
+        let laid = panels(&w16, n, k).unwrap();
+        let bias = values(n, 12);
+        let x = values(200 * k, 13);
+        if !amx_supported() {
+            eprintln!("dense panels on AMX tiles: not supported on this CPU, not run");
+            return;
+        }
+        let isa = Isa::Avx512Vnni;
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // 200 rows: past a chunk of 128 rows, and a partial row block at the end.
+        let all = dense_new(isa, &x, 200, DenseWeights::Panels(&laid), Some(&bias));
+        for r in 0..200 {
+            for j in 0..n {
+                let terms = (0..k).map(|i| x[r * k + i] as f64 * w16[j * k + i].to_f64());
+                let exact = bias[j] as f64 + terms.clone().sum::<f64>();
+                let size = (bias[j] as f64).abs() + terms.map(f64::abs).sum::<f64>();
+                let got = all[r * n + j] as f64;
+                assert!(
+                    (got - exact).abs() <= 3e-5 * size,
+                    "({r}, {j}): {got} against {exact}"
+                );
+            }
+        }
+        // The same rows in calls of other sizes and offsets, from 64 rows: the same bits.
+        for (from, rows) in [(0, AMX_ROWS), (0, 65), (7, 77), (100, 96), (136, 64)] {
+            let part = &x[from * k..(from + rows) * k];
+            let got = dense_new(isa, part, rows, DenseWeights::Panels(&laid), Some(&bias));
+            assert_eq!(
+                bits(&got),
+                bits(&all[from * n..(from + rows) * n]),
+                "{rows} rows from {from}"
+            );
+            // Into a slice, the same.
+            let mut into = vec![0f32; rows * n];
+            dense(
+                isa,
+                part,
+                rows,
+                DenseWeights::Panels(&laid),
+                Some(&bias),
+                &mut into,
+            );
+            assert_eq!(bits(&into), bits(&got), "dense, {rows} rows from {from}");
+            // The columns past the first panel alone, as the second core runs them.
+            let upper = DenseWeights::Panels(&laid).rows(PANEL..n, k);
+            let high = dense_new(isa, part, rows, upper, Some(&bias[PANEL..]));
+            for r in 0..rows {
+                assert_eq!(
+                    bits(&high[r * (n - PANEL)..(r + 1) * (n - PANEL)]),
+                    bits(&got[r * n + PANEL..(r + 1) * n]),
+                    "upper panels, {rows} rows from {from}"
+                );
+            }
+        }
+        // Without a bias: the sums alone.
+        let plain = dense_new(isa, &x[..70 * k], 70, DenseWeights::Panels(&laid), None);
+        for (p, (a, b)) in plain.iter().zip(all.iter().zip(bias.iter().cycle())) {
+            assert!((p + b - a).abs() <= 1e-5 * (1.0 + a.abs()));
         }
     }
 

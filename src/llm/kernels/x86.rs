@@ -1029,6 +1029,9 @@ fn panels(
     let n = w.len() / k;
     assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
     assert!(avx2_supported() && (!wide || is_x86_feature_detected!("avx512f")));
+    if wide && rows >= super::AMX_ROWS && k.is_multiple_of(32) && super::amx::supported() {
+        return super::amx::panels(x, rows, w, bias, out);
+    }
     let bias = bias.map_or(core::ptr::null(), <[f32]>::as_ptr);
     let (x, w, out) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr().cast::<f32>());
     // SAFETY: the CPU has the features (asserted above); the kernels read `x[r * k + i]`,
