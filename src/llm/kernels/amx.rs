@@ -37,8 +37,8 @@ use super::PANEL;
 const ROWS: usize = 16;
 /// Columns of one tile (`f32` accumulators; a panel is two).
 const COLS: usize = 16;
-/// Inputs of one tile row (16 pairs of `bf16`).
-const DEPTH: usize = 32;
+/// Inputs of one tile row (16 pairs of `bf16`); the panels' `k` must be a multiple.
+pub(super) const DEPTH: usize = 32;
 /// Values in one tile.
 const TILE: usize = ROWS * DEPTH;
 /// Rows of the input kept in L2 while every panel passes over them (with `k` = 1536, 786 KB of
@@ -276,6 +276,17 @@ macro_rules! dot {
     };
 }
 
+/// The four accumulators += the two row blocks' input (tiles 4, 5) by the two column halves'
+/// weights (tiles 6, 7).
+macro_rules! dots {
+    () => {
+        dot!(0, 4, 6);
+        dot!(1, 4, 7);
+        dot!(2, 5, 6);
+        dot!(3, 5, 7);
+    };
+}
+
 /// Tile `$t` stored at `p`, rows `stride` bytes apart.
 macro_rules! store {
     ($t:literal, $p:expr, $stride:expr) => {
@@ -305,14 +316,13 @@ unsafe fn tiles(
 ) {
     let padded = a.len() / (2 * k);
     let blocks = k / DEPTH;
-    let out_stride = n * 4;
     let config = Config::new();
     // A partial row block's tile is stored here, then its rows copied.
     let mut spill = [0f32; ROWS * COLS];
     // SAFETY (every asm block below): the configuration is loaded first; every tile load reads a
     // tile of 1,024 contiguous bytes inside `a` (row block `< padded / 16`, block `< k / 32`) or
     // `b` (panel `< n / 32`), or 64 bytes of `bias` at `j..j+16` repeated (stride 0); every store
-    // writes 16 rows of 64 bytes inside `out` (full row blocks only) or `spill`.
+    // (in `store_sums`) writes inside `out` or `spill`.
     unsafe {
         asm!("ldtilecfg [{0}]", in(reg) config.0.as_ptr(), options(nostack, readonly, preserves_flags));
         for r0 in (0..padded).step_by(CHUNK_ROWS) {
@@ -343,62 +353,71 @@ unsafe fn tiles(
                         load!(5, x1, 64usize);
                         load!(6, w0, 64usize);
                         load!(7, w1, 64usize);
-                        dot!(0, 4, 6);
-                        dot!(1, 4, 7);
-                        dot!(2, 5, 6);
-                        dot!(3, 5, 7);
+                        dots!();
                         load!(4, x0.add(TILE), 64usize);
                         load!(5, x1.add(TILE), 64usize);
-                        dot!(0, 4, 6);
-                        dot!(1, 4, 7);
-                        dot!(2, 5, 6);
-                        dot!(3, 5, 7);
+                        dots!();
                         load!(4, x0, 64usize);
                         load!(5, x1, 64usize);
                         load!(6, w0.add(TILE), 64usize);
                         load!(7, w1.add(TILE), 64usize);
-                        dot!(0, 4, 6);
-                        dot!(1, 4, 7);
-                        dot!(2, 5, 6);
-                        dot!(3, 5, 7);
+                        dots!();
                     }
-                    for (second, base) in [(false, r), (true, r + ROWS)] {
-                        let valid = rows.saturating_sub(base).min(ROWS);
-                        if valid == 0 {
-                            continue;
-                        }
-                        let full = valid == ROWS;
-                        for c in 0..2 {
-                            let (p, stride): (*mut f32, usize) = if full {
-                                (
-                                    out.as_mut_ptr().add(base * n + j + c * COLS).cast(),
-                                    out_stride,
-                                )
-                            } else {
-                                (spill.as_mut_ptr(), 64)
-                            };
-                            match (second, c) {
-                                (false, 0) => store!(0, p, stride),
-                                (false, _) => store!(1, p, stride),
-                                (true, 0) => store!(2, p, stride),
-                                (true, _) => store!(3, p, stride),
-                            }
-                            if !full {
-                                for row in 0..valid {
-                                    let at = (base + row) * n + j + c * COLS;
-                                    for (o, v) in out[at..at + COLS]
-                                        .iter_mut()
-                                        .zip(&spill[row * COLS..(row + 1) * COLS])
-                                    {
-                                        o.write(*v);
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    store_sums(out, rows, n, r, j, &mut spill);
                 }
             }
         }
         asm!("tilerelease", options(nostack, nomem, preserves_flags));
+    }
+}
+
+/// The four accumulators (rows `r..r+32` by columns `j..j+32`) stored into `out`: a full row
+/// block straight from its tiles, a partial one through `spill`, its rows below `rows` only.
+///
+/// # Safety
+/// The tiles are configured as [`tiles`] does; `r + 32` does not pass `rows` padded to 32, and
+/// `j + 32 ≤ n` with `out` holding `rows × n` values.
+unsafe fn store_sums(
+    out: &mut [MaybeUninit<f32>],
+    rows: usize,
+    n: usize,
+    r: usize,
+    j: usize,
+    spill: &mut [f32; ROWS * COLS],
+) {
+    for (second, base) in [(false, r), (true, r + ROWS)] {
+        let valid = rows.saturating_sub(base).min(ROWS);
+        if valid == 0 {
+            continue;
+        }
+        let full = valid == ROWS;
+        for c in 0..2 {
+            let at = base * n + j + c * COLS;
+            let (p, stride): (*mut f32, usize) = if full {
+                // SAFETY: rows `base..base+16` are below `rows`, so the 16 rows of 16 values
+                // from `at`, `n` apart, are inside `out`.
+                (unsafe { out.as_mut_ptr().add(at).cast() }, n * 4)
+            } else {
+                (spill.as_mut_ptr(), COLS * 4)
+            };
+            // SAFETY: each store writes 16 rows of 64 bytes, `stride` apart, from `p`: inside
+            // `out` (above) or `spill`; the tiles are configured (the caller's).
+            unsafe {
+                match (second, c) {
+                    (false, 0) => store!(0, p, stride),
+                    (false, _) => store!(1, p, stride),
+                    (true, 0) => store!(2, p, stride),
+                    (true, _) => store!(3, p, stride),
+                }
+            }
+            if !full {
+                for row in 0..valid {
+                    let at = at + row * n;
+                    for (o, v) in out[at..at + COLS].iter_mut().zip(&spill[row * COLS..]) {
+                        o.write(*v);
+                    }
+                }
+            }
+        }
     }
 }

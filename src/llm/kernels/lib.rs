@@ -15,13 +15,15 @@
 //! (`vpmaddubsw` + `vpmaddwd`), or portable scalar code. Both x86 paths form the same exact
 //! integer block sums and the same float operations on them, so they give bit-identical results;
 //! the scalar path sums in another order and agrees within rounding. The unsafe SIMD code lives in
-//! `x86.rs` behind the safe functions of this file.
+//! `x86.rs` (and the encoders' AMX tiles in `amx.rs`) behind the safe functions of this file.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+use attention::{Heads, Queries};
 
 /// Rows from which [`dense`] multiplies [`DenseWeights::Panels`] on AMX tiles, where the CPU has
 /// them (with [`Isa::Avx512Vnni`]). Below, the FMA kernel is as fast: it streams 2 bytes a weight,
@@ -36,8 +38,6 @@ pub fn amx_supported() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
-
-use attention::{Heads, Queries};
 
 /// A matrix whose shape or bytes do not fit together.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1029,7 +1029,11 @@ fn panels(
     let n = w.len() / k;
     assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
     assert!(avx2_supported() && (!wide || is_x86_feature_detected!("avx512f")));
-    if wide && rows >= super::AMX_ROWS && k.is_multiple_of(32) && super::amx::supported() {
+    if wide
+        && rows >= super::AMX_ROWS
+        && k.is_multiple_of(super::amx::DEPTH)
+        && super::amx::supported()
+    {
         return super::amx::panels(x, rows, w, bias, out);
     }
     let bias = bias.map_or(core::ptr::null(), <[f32]>::as_ptr);
