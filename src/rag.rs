@@ -58,6 +58,13 @@ pub struct Rag {
     chunker: OnceLock<Arc<Chunker>>,
 }
 
+/// White space as both the chunker (Rust's `char::is_whitespace`, which trims U+0085) and the
+/// schema's pattern (JavaScript's `\s`, which holds U+FEFF) count it: a text of nothing else has
+/// nothing to index.
+fn blank(c: char) -> bool {
+    c.is_whitespace() || c == '\u{feff}'
+}
+
 /// sha256 of the content, hex.
 pub fn content_hash(content: &str) -> String {
     Sha256::digest(content.as_bytes())
@@ -107,6 +114,9 @@ impl Rag {
     #[tracing::instrument(skip(self, text), fields(collection = %text.collection, chars = text.content.len()))]
     pub async fn ingest(&self, text: NewText) -> Result<Inserted, RagError> {
         let store = self.database.store()?;
+        if text.content.chars().all(blank) {
+            return Err(RagError::Empty);
+        }
         let hash = content_hash(&text.content);
         if let Some(existing) = store.find_document(&text.collection, &hash).await? {
             return Ok(Inserted::Existing(existing));

@@ -524,6 +524,19 @@ pub async fn bad_requests_are_refused_with_422(backend: Backend) {
             json!(["body", "content"]),
             "value_error",
         ),
+        // U+0085 is white space to the chunker, U+FEFF to the schema's pattern: 422 either way.
+        (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "\u{85}\u{a0}"}),
+            json!(["body", "content"]),
+            "value_error",
+        ),
+        (
+            "/api/rag/documents",
+            json!({"title": "t", "content": "\u{feff} "}),
+            json!(["body", "content"]),
+            "value_error",
+        ),
         (
             "/api/rag/documents",
             json!({"title": "t", "content": "x", "metadata": {"a": {"b": 1}}}),

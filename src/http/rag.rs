@@ -155,11 +155,12 @@ pub struct IngestRequest {
     #[schema(min_length = 1, max_length = 500, pattern = r"^[^\u0000]*$")]
     pub title: String,
     /// The text, split into token-sized overlapping chunks. The same content in the same collection
-    /// is stored once.
+    /// is stored once. It needs a character that is not white space: JavaScript's `\s`, and U+0085,
+    /// which Rust counts as white space and JavaScript does not.
     #[schema(
         min_length = 1,
         max_length = 1000000,
-        pattern = r"^[^\u0000]*[^\u0000\s][^\u0000]*$"
+        pattern = r"^[^\u0000]*[^\u0000\s\u0085][^\u0000]*$"
     )]
     pub content: String,
     /// Where the document comes from (a URL, a path).
