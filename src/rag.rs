@@ -113,10 +113,10 @@ impl Rag {
     /// Chunks, embeds and stores a document, unless the collection holds the same content already.
     #[tracing::instrument(skip(self, text), fields(collection = %text.collection, chars = text.content.len()))]
     pub async fn ingest(&self, text: NewText) -> Result<Inserted, RagError> {
-        let store = self.database.store()?;
         if text.content.chars().all(blank) {
             return Err(RagError::Empty);
         }
+        let store = self.database.store()?;
         let hash = content_hash(&text.content);
         if let Some(existing) = store.find_document(&text.collection, &hash).await? {
             return Ok(Inserted::Existing(existing));
