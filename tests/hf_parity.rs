@@ -62,3 +62,10 @@ fn roberta_logits_match_transformers() {
 fn distilbert_logits_match_transformers() {
     check("distilbert");
 }
+
+#[test]
+fn mpnet_logits_match_transformers() {
+    // Its last text is 175 tokens: keys 8+ and 128+ tokens away read the bias's logarithmic and
+    // last buckets.
+    check("mpnet");
+}

@@ -1,5 +1,5 @@
-//! Hugging Face sequence-classification checkpoints (BERT, RoBERTa, DistilBERT): the encoder, then the
-//! family's head on the first token; the output is one logit per label.
+//! Hugging Face sequence-classification checkpoints (BERT, RoBERTa, DistilBERT, MPNet): the
+//! encoder, then the family's head on the first token; the output is one logit per label.
 
 use candle_core::Module;
 use candle_nn::{Linear, VarBuilder, linear};
@@ -40,7 +40,7 @@ impl SequenceClassifier {
                 pooler: linear(h, h, vb.pp("bert.pooler.dense")).map_err(weights)?,
                 classifier: linear(h, n, vb.pp("classifier")).map_err(weights)?,
             },
-            Family::Roberta => Head::Roberta {
+            Family::Roberta | Family::MpNet => Head::Roberta {
                 dense: linear(h, h, vb.pp("classifier.dense")).map_err(weights)?,
                 out_proj: linear(h, n, vb.pp("classifier.out_proj")).map_err(weights)?,
             },

@@ -1,4 +1,4 @@
-//! A BERT-family encoder (BERT, RoBERTa, DistilBERT) tuned for CPU batches: the token-wise layers (projections, feed-forward, layer norms)
+//! A BERT-family encoder (BERT, RoBERTa, DistilBERT, MPNet) tuned for CPU batches: the token-wise layers (projections, feed-forward, layer norms)
 //! run on the batch's real tokens packed end to end, so padding costs nothing there; only attention
 //! sees a padded view. Q, K and V are one fused projection, and GELU uses a vectorisable erf.
 
@@ -16,6 +16,9 @@ pub enum Family {
     Bert,
     Roberta,
     DistilBert,
+    /// RoBERTa's positions, no token types, and a relative position bias on every layer's
+    /// attention scores (all-mpnet-base-v2).
+    MpNet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub struct EncoderConfig {
     pub activation: Activation,
     /// First position id: RoBERTa counts from `pad_token_id + 1`.
     pub position_offset: usize,
+    /// Buckets of MPNet's relative position bias; 0 without one.
+    pub relative_buckets: usize,
 }
 
 impl EncoderConfig {
@@ -51,9 +56,10 @@ impl EncoderConfig {
             "bert" => Family::Bert,
             "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
             "distilbert" => Family::DistilBert,
+            "mpnet" => Family::MpNet,
             other => {
                 return Err(format!(
-                    "model_type '{other}' is not supported (bert, roberta, distilbert are)"
+                    "model_type '{other}' is not supported (bert, roberta, distilbert, mpnet are)"
                 ));
             }
         };
@@ -85,13 +91,17 @@ impl EncoderConfig {
             intermediate: get(&["intermediate_size", "hidden_dim"])?,
             max_positions: get(&["max_position_embeddings"])?,
             type_vocab_size: match family {
-                Family::DistilBert => 0,
+                Family::DistilBert | Family::MpNet => 0,
                 _ => get(&["type_vocab_size"]).unwrap_or(2),
             },
             eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
             activation,
             position_offset: match family {
-                Family::Roberta => get(&["pad_token_id"]).unwrap_or(1) + 1,
+                Family::Roberta | Family::MpNet => get(&["pad_token_id"]).unwrap_or(1) + 1,
+                _ => 0,
+            },
+            relative_buckets: match family {
+                Family::MpNet => get(&["relative_attention_num_buckets"]).unwrap_or(32),
                 _ => 0,
             },
         })
@@ -164,6 +174,8 @@ pub struct Encoder {
     activation: Activation,
     position_offset: u32,
     eps: f64,
+    /// MPNet's relative position bias, `[buckets, heads]`.
+    relative: Option<Tensor>,
 }
 
 /// The sequences of one forward pass, as token ids with their type ids.
@@ -197,6 +209,18 @@ const BERT_NAMES: LayerNames = LayerNames {
     output_norm: "output.LayerNorm",
 };
 
+const MPNET_NAMES: LayerNames = LayerNames {
+    layer: "encoder.layer",
+    q: "attention.attn.q",
+    k: "attention.attn.k",
+    v: "attention.attn.v",
+    attention_out: "attention.attn.o",
+    attention_norm: "attention.LayerNorm",
+    intermediate: "intermediate.dense",
+    output: "output.dense",
+    output_norm: "output.LayerNorm",
+};
+
 const DISTILBERT_NAMES: LayerNames = LayerNames {
     layer: "transformer.layer",
     q: "attention.q_lin",
@@ -211,12 +235,13 @@ const DISTILBERT_NAMES: LayerNames = LayerNames {
 
 impl Encoder {
     /// Loads the encoder from `vb`, whose root may or may not carry the family's prefix (`bert.`,
-    /// `roberta.`, `distilbert.`): sentence-transformers checkpoints have none, classifiers do.
+    /// `roberta.`, `distilbert.`, `mpnet.`): sentence-transformers checkpoints have none, classifiers do.
     pub fn load(vb: &VarBuilder, config: &EncoderConfig) -> candle_core::Result<Self> {
         let (names, prefix) = match config.family {
             Family::Bert => (&BERT_NAMES, "bert"),
             Family::Roberta => (&BERT_NAMES, "roberta"),
             Family::DistilBert => (&DISTILBERT_NAMES, "distilbert"),
+            Family::MpNet => (&MPNET_NAMES, "mpnet"),
         };
         let vb = if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) {
             vb.pp(prefix)
@@ -266,6 +291,13 @@ impl Encoder {
             activation: config.activation,
             position_offset: config.position_offset as u32,
             eps,
+            relative: match config.relative_buckets {
+                0 => None,
+                n => Some(
+                    vb.pp("encoder.relative_attention_bias")
+                        .get((n, config.heads), "weight")?,
+                ),
+            },
         })
     }
 
@@ -422,7 +454,11 @@ impl Encoder {
                 (part(0)?, part(1)?, part(2)?)
             }
         };
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&packing.mask)?;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(table) = &self.relative {
+            scores = scores.broadcast_add(&relative_bias(table, longest)?)?;
+        }
+        let scores = scores.broadcast_add(&packing.mask)?;
         let probs = match grad {
             Grad::No => candle_nn::ops::softmax_last_dim(&scores)?,
             Grad::Yes => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
@@ -709,6 +745,43 @@ impl Packing {
             mask: Tensor::from_vec(mask, (n, 1, 1, longest), device)?,
         })
     }
+}
+
+/// MPNet's relative position bias for sequences of up to `longest` tokens, `[1, heads, longest,
+/// longest]`: query `i` and key `j` read the row of `table` (`[buckets, heads]`) for `j - i`.
+fn relative_bias(table: &Tensor, longest: usize) -> candle_core::Result<Tensor> {
+    let buckets = table.dim(0)?;
+    let index: Vec<u32> = (0..longest)
+        .flat_map(|i| (0..longest).map(move |j| relative_bucket(j as i64 - i as i64, buckets)))
+        .collect();
+    let index = Tensor::from_vec(index, longest * longest, table.device())?;
+    table
+        .embedding(&index)?
+        .reshape((longest, longest, ()))?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()
+}
+
+/// The bucket of a key `distance` tokens after its query (before when negative), as MPNet (and T5)
+/// count them: half the buckets for keys before, half for keys after; within each, exact distances
+/// up to a quarter of the buckets, then logarithmic up to 128 tokens, then the last bucket.
+fn relative_bucket(distance: i64, buckets: usize) -> u32 {
+    const MAX_DISTANCE: f32 = 128.0;
+    let half = (buckets / 2) as i64;
+    let before = -distance;
+    let side = if before < 0 { half } else { 0 };
+    let n = before.abs();
+    let exact = half / 2;
+    let bucket = if n < exact {
+        n
+    } else {
+        // In f32, as the reference computes it.
+        let log = ((n as f32 / exact as f32).ln() / (MAX_DISTANCE / exact as f32).ln()
+            * (half - exact) as f32) as i64;
+        (exact + log).min(half - 1)
+    };
+    (side + bucket) as u32
 }
 
 /// The values of a contiguous `f32` tensor, for a custom op named `op`.
