@@ -16,7 +16,7 @@ use super::ClassifyError;
 use super::head::LinearHead;
 use super::rng::SplitMix64;
 use crate::inference::{
-    Batch, BertEmbedder, Encoder, Grad, LINEAR_NAMES, LayerWeights, NORM_NAMES, Packing, Tokenized,
+    Batch, BertEmbedder, Encoder, Grad, LINEAR_NAMES, LayerWeights, NORM_NAMES, Tokenized,
 };
 
 pub const ADAPTER_FILE: &str = "tuned.safetensors";
@@ -301,7 +301,7 @@ pub fn fine_tune(
             ids,
             type_ids: types,
         };
-        let packing = Packing::new(&lens, &device)?;
+        let packing = encoder.packing(&lens)?;
         let x = encoder.embed(&batch)?;
         let x = encoder.run_layers(x, &packing, 0..first, Grad::No)?;
         let mut offset = 0;
@@ -366,7 +366,7 @@ pub fn fine_tune(
                 .collect();
             let parts: Vec<&Tensor> = chunk.iter().map(|&i| &states[i]).collect();
             let mut x = Tensor::cat(&parts, 0)?;
-            let packing = Packing::new(&lens, &device)?;
+            let packing = encoder.packing(&lens)?;
             for layer in &layers {
                 let built = encoder.build_layer(&layer.weights()?);
                 x = encoder.layer_forward(&built, &x, &packing, Grad::Yes)?;

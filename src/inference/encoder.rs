@@ -305,9 +305,19 @@ impl Encoder {
     /// sequence in batch order.
     pub fn forward(&self, batch: &Batch) -> candle_core::Result<Tensor> {
         let lens: Vec<usize> = batch.ids.iter().map(|s| s.len()).collect();
-        let packing = Packing::new(&lens, self.word.device())?;
+        let packing = self.packing(&lens)?;
         let x = self.embed(batch)?;
         self.run_layers(x, &packing, 0..self.layers.len(), Grad::No)
+    }
+
+    /// How sequences of `lens` tokens are packed, with what their attention scores get added: the
+    /// padding mask, and MPNet's relative position bias, computed once for every layer.
+    pub fn packing(&self, lens: &[usize]) -> candle_core::Result<Packing> {
+        let mut packing = Packing::new(lens, self.word.device())?;
+        if let Some(table) = &self.relative {
+            packing.mask = relative_bias(table, packing.longest)?.broadcast_add(&packing.mask)?;
+        }
+        Ok(packing)
     }
 
     /// The embedding layer's output for every real token, packed: `[total tokens, hidden]`.
@@ -454,11 +464,7 @@ impl Encoder {
                 (part(0)?, part(1)?, part(2)?)
             }
         };
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(table) = &self.relative {
-            scores = scores.broadcast_add(&relative_bias(table, longest)?)?;
-        }
-        let scores = scores.broadcast_add(&packing.mask)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&packing.mask)?;
         let probs = match grad {
             Grad::No => candle_nn::ops::softmax_last_dim(&scores)?,
             Grad::Yes => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
@@ -711,17 +717,20 @@ fn differentiable_layer_norm(norm: &LayerNorm, x: &Tensor) -> candle_core::Resul
 }
 
 /// Where each sequence's tokens sit in the packed layout (`[total tokens, hidden]`) and in the
-/// padded one attention needs (`[sequences, longest, hidden]`), with the padding mask.
+/// padded one attention needs (`[sequences, longest, hidden]`), with what the attention scores
+/// get added ([`Encoder::packing`]).
 pub struct Packing {
     lens: Vec<usize>,
     longest: usize,
     to_padded: Tensor,
     to_packed: Tensor,
+    /// The padding mask, `[sequences, 1, 1, longest]`; with MPNet's relative position bias added,
+    /// `[sequences, heads, longest, longest]`.
     mask: Tensor,
 }
 
 impl Packing {
-    pub fn new(lens: &[usize], device: &candle_core::Device) -> candle_core::Result<Self> {
+    fn new(lens: &[usize], device: &candle_core::Device) -> candle_core::Result<Self> {
         let (n, longest) = (lens.len(), lens.iter().copied().max().unwrap_or(1));
         let total: usize = lens.iter().sum();
         // Padded slot (b, p) reads packed token offset_b + p, or token 0 when p is padding (masked).
