@@ -55,6 +55,36 @@ async fn a_batched_request_returns_the_same_vectors_as_single_requests() {
     }
 }
 
+/// 32 texts of about 20 tokens pack into more rows than the panel kernel takes in one pass, so the
+/// batch runs on the projections' `f16` weights widened to `f32`; alone, each runs on the panels.
+#[tokio::test]
+async fn a_batch_too_large_for_the_panels_returns_the_same_vectors_as_single_requests() {
+    let server = spawn(&[]).await;
+    let texts: Vec<String> = (0..32)
+        .map(|i| {
+            format!(
+                "Boat number {i} came back to the quiet harbour at dusk, low in the water with \
+                 its catch of herring."
+            )
+        })
+        .collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batched = server.embed(&texts).await;
+    for i in [0, 13, 31] {
+        let alone = &server.embed(&[texts[i]]).await[0];
+        let worst = alone
+            .iter()
+            .zip(&batched[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{}: differs by {worst}", texts[i]);
+    }
+    assert!(
+        cosine(&batched[0], &batched[31]) < 0.9999,
+        "the numbers must tell the texts apart"
+    );
+}
+
 #[tokio::test]
 async fn many_concurrent_requests_all_succeed_with_their_own_answers() {
     let server = std::sync::Arc::new(spawn(&[]).await);

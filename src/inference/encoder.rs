@@ -129,36 +129,64 @@ pub struct Layer {
 /// projection has 147,456; tiny test models stay in `f32` throughout.
 const HALF_FROM: usize = 1 << 16;
 
-/// A linear layer; when large ([`HALF_FROM`]), its weight rounded to `f16` at load and kept both
-/// in `f16`, for [`Dense`], and in `f32` with the same values, for batches on candle's matmul: a
-/// text gets the same vector alone or in a batch (within the order of the sums). The rounding
-/// moves all-MiniLM-L6-v2's normalised embeddings by at most ≈1e-4 (cosine ≥ 0.9999997).
-///
-/// The `f16` copy is laid out in column panels (`[n / PANEL, k, PANEL]`,
-/// [`aitier_kernels::panels`]) when its width allows, which the x86 kernels multiply without
+/// A linear layer. A large one ([`HALF_FROM`]) on the CPU, with a bias and a width that is a
+/// multiple of [`PANEL`], is rounded to `f16` at load and kept only so, laid out in column panels
+/// (`[n / PANEL, k, PANEL]`, [`aitier_kernels::panels`]), which the x86 kernels multiply without
 /// horizontal sums: all-MiniLM-L6-v2's six layers of projections for a 13-token sentence on one
-/// core of an Intel Xeon (AVX-512), median of 50 passes after 200 ms idle, 7.0 → 3.6 ms.
+/// core of an Intel Xeon (AVX-512), median of 50 passes after 200 ms idle, 7.0 → 3.6 ms. The
+/// rounding moves all-MiniLM-L6-v2's normalised embeddings by at most ≈1e-4 (cosine ≥ 0.9999997).
+///
+/// Batches of more than [`PANEL_ROWS`] rows, fine-tuning and other dtypes get the same values
+/// widened to `f32` for the call ([`Projection::linear`]): for the thousands of rows that need it,
+/// widening costs well under 1% of the matmul, and keeping an `f32` copy cost twice the memory
+/// (all-MiniLM-L6-v2 42 MB, all-mpnet-base-v2 340 MB).
 #[derive(Clone)]
-struct Projection {
-    linear: Linear,
-    half: Option<Tensor>,
+enum Projection {
+    /// `f32`: candle's matmul, or [`Dense`] for a few rows. Small layers (tiny test models) and
+    /// layers off the CPU.
+    Full(Linear),
+    /// `f16` in panels, with an `f32` bias.
+    Panels { weight: Tensor, bias: Tensor },
 }
 
 impl Projection {
     fn new(linear: Linear) -> candle_core::Result<Self> {
-        if linear.weight().elem_count() < HALF_FROM {
-            return Ok(Self { linear, half: None });
-        }
-        let half = linear.weight().to_dtype(DType::F16)?;
-        let (n, k) = half.dims2()?;
-        let laid = aitier_kernels::panels(&half.flatten_all()?.to_vec1()?, n, k);
-        Ok(Self {
-            linear: Linear::new(half.to_dtype(DType::F32)?, linear.bias().cloned()),
-            half: Some(match laid {
-                Some(laid) => Tensor::from_vec(laid, (n / PANEL, k, PANEL), half.device())?,
-                None => half,
-            }),
+        let weight = linear.weight();
+        let (n, k) = weight.dims2()?;
+        let bias = match linear.bias() {
+            Some(bias) if weight.elem_count() >= HALF_FROM && weight.device().is_cpu() => bias,
+            _ => return Ok(Self::Full(linear)),
+        };
+        let half = weight.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
+        Ok(match aitier_kernels::panels(&half, n, k) {
+            Some(laid) => Self::Panels {
+                weight: Tensor::from_vec(laid, (n / PANEL, k, PANEL), weight.device())?,
+                bias: bias.clone(),
+            },
+            None => Self::Full(linear),
         })
+    }
+
+    /// The layer in `f32` (for panels, their `f16` values widened, row-major again).
+    fn linear(&self) -> candle_core::Result<Linear> {
+        match self {
+            Self::Full(linear) => Ok(linear.clone()),
+            Self::Panels { weight, bias } => {
+                let (panels, k, _) = weight.dims3()?;
+                let rows = weight.transpose(1, 2)?.reshape((panels * PANEL, k))?;
+                Ok(Linear::new(rows.to_dtype(DType::F32)?, Some(bias.clone())))
+            }
+        }
+    }
+}
+
+/// A word embedding table as large as a real model's, on the CPU, rounded to `f16` and kept so;
+/// a pass widens the rows it gathers. Half the memory (all-MiniLM-L6-v2 47 → 23 MB,
+/// all-mpnet-base-v2 94 → 47 MB); it moves all-MiniLM-L6-v2's normalised embeddings by ≈1e-4.
+fn half_table(table: Tensor) -> candle_core::Result<Tensor> {
+    match table.elem_count() >= HALF_FROM && table.device().is_cpu() {
+        true => table.to_dtype(DType::F16),
+        false => Ok(table),
     }
 }
 
@@ -278,7 +306,7 @@ impl Encoder {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            word: table("word_embeddings", config.vocab_size)?,
+            word: half_table(table("word_embeddings", config.vocab_size)?)?,
             position: table("position_embeddings", config.max_positions)?,
             token_type: match config.type_vocab_size {
                 0 => None,
@@ -336,6 +364,7 @@ impl Encoder {
         let mut embedded = (self
             .word
             .embedding(&Tensor::from_vec(ids, total, device)?)?
+            .to_dtype(DType::F32)?
             + self
                 .position
                 .embedding(&Tensor::from_vec(positions, total, device)?)?)?;
@@ -374,7 +403,10 @@ impl Encoder {
         let pair = |w: &Tensor, b: Option<&Tensor>| -> candle_core::Result<(Tensor, Tensor)> {
             Ok((w.clone(), b.cloned().ok_or_else(missing)?))
         };
-        let linear = |x: &Projection| pair(x.linear.weight(), x.linear.bias());
+        let linear = |x: &Projection| {
+            let linear = x.linear()?;
+            pair(linear.weight(), linear.bias())
+        };
         let norm = |n: &LayerNorm| pair(n.weight(), n.bias());
         Ok(LayerWeights {
             linears: [
@@ -398,7 +430,7 @@ impl Encoder {
             &mut layer.intermediate,
             &mut layer.output,
         ] {
-            *projection = Projection::new(projection.linear.clone())?;
+            *projection = Projection::new(projection.linear()?)?;
         }
         let mut tuned = self.clone();
         tuned.layers[i] = layer;
@@ -407,11 +439,10 @@ impl Encoder {
 
     /// A layer from its weights (fine-tuning's: in `f32` only).
     pub fn build_layer(&self, weights: &LayerWeights) -> Layer {
-        let [qkv, attention_out, intermediate, output] =
-            weights.linears.clone().map(|(w, b)| Projection {
-                linear: Linear::new(w, Some(b)),
-                half: None,
-            });
+        let [qkv, attention_out, intermediate, output] = weights
+            .linears
+            .clone()
+            .map(|(w, b)| Projection::Full(Linear::new(w, Some(b))));
         let [attention_norm, output_norm] = weights
             .norms
             .clone()
@@ -506,32 +537,40 @@ const DENSE_ROWS_SPLIT: usize = 96;
 const PANEL_ROWS: usize = 512;
 
 /// `x · weightᵀ + bias`, then GELU ([`GeluErf`]) with `gelu`: on [`Dense`] for a few rows outside
-/// training (with the `f16` weight when there is one), else candle's matmul.
+/// training (panels up to [`PANEL_ROWS`]), else candle's matmul.
 fn project(
     projection: &Projection,
     x: &Tensor,
     grad: Grad,
     gelu: bool,
 ) -> candle_core::Result<Tensor> {
-    let linear = &projection.linear;
-    let most = if projection.half.as_ref().is_some_and(|h| h.rank() == 3) {
-        PANEL_ROWS
-    } else if super::second_core::splitting() {
-        DENSE_ROWS_SPLIT
-    } else {
-        DENSE_ROWS
+    let dense = |most: usize| -> candle_core::Result<bool> {
+        Ok(grad == Grad::No
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && (1..=most).contains(&x.dim(0)?))
     };
-    match (grad, linear.bias()) {
-        (Grad::No, Some(bias))
-            if x.device().is_cpu()
-                && x.dtype() == DType::F32
-                && (1..=most).contains(&x.dim(0)?) =>
-        {
-            let weight = projection.half.as_ref().unwrap_or(linear.weight());
-            x.apply_op3_no_bwd(weight, bias, &Dense { gelu })
+    let linear = match projection {
+        Projection::Panels { weight, bias } if dense(PANEL_ROWS)? => {
+            return x.apply_op3_no_bwd(weight, bias, &Dense { gelu });
         }
-        _ if gelu => linear.forward(x)?.apply_op1_no_bwd(&GeluErf),
-        _ => linear.forward(x),
+        Projection::Panels { .. } => projection.linear()?,
+        Projection::Full(linear) => {
+            let most = match super::second_core::splitting() {
+                true => DENSE_ROWS_SPLIT,
+                false => DENSE_ROWS,
+            };
+            match linear.bias() {
+                Some(bias) if dense(most)? => {
+                    return x.apply_op3_no_bwd(linear.weight(), bias, &Dense { gelu });
+                }
+                _ => linear.clone(),
+            }
+        }
+    };
+    match gelu {
+        true => linear.forward(x)?.apply_op1_no_bwd(&GeluErf),
+        false => linear.forward(x),
     }
 }
 
