@@ -55,8 +55,8 @@ async fn a_batched_request_returns_the_same_vectors_as_single_requests() {
     }
 }
 
-/// 32 texts of about 20 tokens pack into more rows than the panel kernel takes in one pass, so the
-/// batch runs on the projections' `f16` weights widened to `f32`; alone, each runs on the panels.
+/// 32 texts of about 22 tokens pack into more rows than the panel kernel takes in one call, so the
+/// batch runs in chunks; alone, each text runs in one.
 #[tokio::test]
 async fn a_batch_too_large_for_the_panels_returns_the_same_vectors_as_single_requests() {
     let server = spawn(&[]).await;

@@ -136,14 +136,13 @@ const HALF_FROM: usize = 1 << 16;
 /// core of an Intel Xeon (AVX-512), median of 50 passes after 200 ms idle, 7.0 → 3.6 ms. The
 /// rounding moves all-MiniLM-L6-v2's normalised embeddings by at most ≈1e-4 (cosine ≥ 0.9999997).
 ///
-/// Batches of more than [`PANEL_ROWS`] rows, fine-tuning and other dtypes get the same values
-/// widened to `f32` for the call ([`Projection::linear`]): for the thousands of rows that need it,
-/// widening costs well under 1% of the matmul, and keeping an `f32` copy cost twice the memory
-/// (all-MiniLM-L6-v2 42 MB, all-mpnet-base-v2 340 MB).
+/// Batches run on the panels too, [`PANEL_ROWS`] rows at a time. Fine-tuning and differentiable
+/// passes get the same values widened to `f32` ([`Projection::linear`]), so there is no `f32`
+/// copy, which cost twice the memory (all-MiniLM-L6-v2 42 MB, all-mpnet-base-v2 340 MB).
 #[derive(Clone)]
 enum Projection {
-    /// `f32`: candle's matmul, or [`Dense`] for a few rows. Small layers (tiny test models) and
-    /// layers off the CPU.
+    /// `f32`: candle's matmul, or [`Dense`] for a few rows. Small layers (tiny test models),
+    /// layers off the CPU, without a bias or of another width, and layers built for fine-tuning.
     Full(Linear),
     /// `f16` in panels, with an `f32` bias.
     Panels { weight: Tensor, bias: Tensor },
@@ -182,7 +181,8 @@ impl Projection {
 
 /// A word embedding table as large as a real model's, on the CPU, rounded to `f16` and kept so;
 /// a pass widens the rows it gathers. Half the memory (all-MiniLM-L6-v2 47 → 23 MB,
-/// all-mpnet-base-v2 94 → 47 MB); it moves all-MiniLM-L6-v2's normalised embeddings by ≈1e-4.
+/// all-mpnet-base-v2 94 → 47 MB); it moves all-MiniLM-L6-v2's normalised embeddings by at most
+/// 2.7e-5 more (four texts and 32 of one batch).
 fn half_table(table: Tensor) -> candle_core::Result<Tensor> {
     match table.elem_count() >= HALF_FROM && table.device().is_cpu() {
         true => table.to_dtype(DType::F16),
@@ -531,13 +531,15 @@ const DENSE_ROWS: usize = 32;
 /// ... when the pass runs alone, on two cores ([`super::second_core`]): candle's matmul then runs
 /// on one (each worker's compute thread), the few-rows kernel on both.
 const DENSE_ROWS_SPLIT: usize = 96;
-/// ... with its weights in panels, alone or not: one thread, all-MiniLM-L6-v2's four projections
-/// (`benches/dense_rows.rs`, Intel Xeon, AVX-512) took 0.50 against candle's 2.14 ms at 13 rows,
-/// 2.9 against 4.7 at 64, 8.7 against 10.2 at 256 and 17.1 against 21.0 at 416.
+/// With its weights in panels, any number of rows runs on [`Dense`], alone or not, in chunks of
+/// this many rows (which bounds the kernels' per-call scratch: the AMX path packs its input). One
+/// thread, all-MiniLM-L6-v2's four projections (`benches/dense_rows.rs`, Intel Xeon, AVX-512) took
+/// 0.50 against candle's 2.14 ms at 13 rows, 2.9 against 4.7 at 64, 8.7 against 10.2 at 256 and
+/// 17.1 against 21.0 at 416.
 const PANEL_ROWS: usize = 512;
 
 /// `x · weightᵀ + bias`, then GELU ([`GeluErf`]) with `gelu`: on [`Dense`] for a few rows outside
-/// training (panels up to [`PANEL_ROWS`]), else candle's matmul.
+/// training (panels at any number of rows), else candle's matmul.
 fn project(
     projection: &Projection,
     x: &Tensor,
@@ -551,8 +553,16 @@ fn project(
             && (1..=most).contains(&x.dim(0)?))
     };
     let linear = match projection {
-        Projection::Panels { weight, bias } if dense(PANEL_ROWS)? => {
-            return x.apply_op3_no_bwd(weight, bias, &Dense { gelu });
+        Projection::Panels { weight, bias } if dense(usize::MAX)? => {
+            let rows = x.dim(0)?;
+            if rows <= PANEL_ROWS {
+                return x.apply_op3_no_bwd(weight, bias, &Dense { gelu });
+            }
+            let chunks = (0..rows).step_by(PANEL_ROWS).map(|start| {
+                x.narrow(0, start, PANEL_ROWS.min(rows - start))?
+                    .apply_op3_no_bwd(weight, bias, &Dense { gelu })
+            });
+            return Tensor::cat(&chunks.collect::<candle_core::Result<Vec<_>>>()?, 0);
         }
         Projection::Panels { .. } => projection.linear()?,
         Projection::Full(linear) => {
