@@ -45,14 +45,16 @@ async fn a_batched_request_returns_the_same_vectors_as_single_requests() {
     ];
     let batched = server.embed(&texts).await;
     for (text, together) in texts.iter().zip(&batched) {
-        let alone = &server.embed(&[text]).await[0];
-        let worst = alone
-            .iter()
-            .zip(together)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = largest_difference(&server.embed(&[text]).await[0], together);
         assert!(worst < 1e-4, "{text}: differs by {worst}");
     }
+}
+
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
 }
 
 /// 32 texts of about 22 tokens pack into more rows than the panel kernel takes in one call, so the
@@ -71,12 +73,7 @@ async fn a_batch_too_large_for_the_panels_returns_the_same_vectors_as_single_req
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let batched = server.embed(&texts).await;
     for i in [0, 13, 31] {
-        let alone = &server.embed(&[texts[i]]).await[0];
-        let worst = alone
-            .iter()
-            .zip(&batched[i])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = largest_difference(&server.embed(&[texts[i]]).await[0], &batched[i]);
         assert!(worst < 1e-4, "{}: differs by {worst}", texts[i]);
     }
     assert!(
