@@ -7,6 +7,7 @@ pub mod metrics;
 mod registry;
 mod rng;
 pub mod segment;
+pub mod soft;
 pub mod train;
 pub mod tune;
 

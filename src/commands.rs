@@ -60,6 +60,7 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<()> {
             max_tokens: args.tune_max_tokens,
             progress: true,
         }),
+        teacher_data: args.teacher_data,
         hub: HubOptions::default(),
         progress: true,
     };

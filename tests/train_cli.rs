@@ -243,6 +243,97 @@ fn fine_tuned_layers_are_written_and_served() {
     assert_ne!(line(&tuned), line(&frozen));
 }
 
+/// `--teacher-data`: fine-tuning learns a teacher's probabilities beside the labels. A teacher
+/// that says the opposite of every label, three times over, pulls the classifier away from the
+/// labels; the same run without it does not. Bad teacher files are refused with a clear error.
+#[test]
+fn fine_tuning_learns_a_teachers_probabilities() {
+    let dir = scratch("teacher");
+    let data = reviews_csv(&dir);
+    let mut opposite = csv::Writer::from_path(dir.join("teacher.csv")).unwrap();
+    opposite
+        .write_record(["text", "negative", "neutral", "positive"])
+        .unwrap();
+    let rows = std::fs::read_to_string(format!("{ROOT}/tests/fixtures/sentiment_offdomain.jsonl"))
+        .unwrap();
+    for _ in 0..3 {
+        for line in rows.lines() {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let p = match row["label"].as_str().unwrap() {
+                "positive" => ["0.9", "0.05", "0.05"],
+                "negative" => ["0.05", "0.05", "0.9"],
+                _ => ["0.45", "0.1", "0.45"],
+            };
+            let text = row["text"].as_str().unwrap();
+            opposite.write_record([text, p[0], p[1], p[2]]).unwrap();
+        }
+    }
+    opposite.flush().unwrap();
+    let tune = [
+        "--holdout",
+        "0",
+        "--tune-layers",
+        "1",
+        "--tune-epochs",
+        "3",
+        "--tune-batch",
+        "8",
+    ];
+    let accuracy = |out: &Path| -> f64 {
+        let stdout = eval(out, "reviews", &data);
+        let figure = stdout.split("accuracy ").nth(1).unwrap();
+        figure[..5].parse().unwrap()
+    };
+    let plain = dir.join("plain");
+    let run = train(&data, &plain, &tune);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let taught = dir.join("taught");
+    let teacher = dir.join("teacher.csv");
+    let mut args: Vec<&str> = tune.to_vec();
+    args.extend(["--teacher-data", teacher.to_str().unwrap()]);
+    let run = train(&data, &taught, &args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("180 texts with a teacher's probabilities"),
+        "{stdout}"
+    );
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(taught.join("reviews").join("classifier.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["training"]["teacher_data"]["examples"], 180);
+    let (plain, taught) = (accuracy(&plain), accuracy(&taught));
+    assert!(
+        taught < plain - 0.2,
+        "the opposite teacher moved accuracy on its own texts from {plain} only to {taught}"
+    );
+
+    // Without fine-tuning there is nothing to learn them with; a broken row is named.
+    let run = train(
+        &data,
+        &dir.join("frozen"),
+        &["--teacher-data", teacher.to_str().unwrap()],
+    );
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("--tune-layers"), "{}", stderr(&run));
+    let broken = dir.join("broken.csv");
+    std::fs::write(
+        &broken,
+        "text,negative,neutral,positive\nGood.,0,0,1\nBad.,0.9,0.9,0.9\n",
+    )
+    .unwrap();
+    let mut args: Vec<&str> = tune.to_vec();
+    args.extend(["--teacher-data", broken.to_str().unwrap()]);
+    let run = train(&data, &dir.join("broken"), &args);
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("row 2") && stderr(&run).contains("sum to 1"),
+        "{}",
+        stderr(&run)
+    );
+}
+
 /// `classifier calibrate` on the committed sentiment classifier and the calibration texts
 /// models/fetch builds (IMDB reviews first): it fits a sharpening that makes the scores of
 /// reviews honest, records it, and refuses a file with too few texts of several sentences.

@@ -15,7 +15,8 @@ use serde_json::json;
 use super::head::{HEAD_FILE, HeadMeta, InferenceMode, LinearHead, META_FILE};
 use super::metrics::{Metrics, evaluate, print_metrics};
 use super::rng::SplitMix64;
-use super::tune::{self, TuneExample, TuneOptions};
+use super::soft::{self, SoftError};
+use super::tune::{self, Target, TuneExample, TuneOptions};
 use crate::inference::source::{self, HubOptions};
 use crate::inference::{BatchConfig, BertEmbedder, EmbeddingService, SequenceModel};
 
@@ -37,6 +38,8 @@ pub struct TrainOptions {
     pub class_weights: bool,
     /// Fine-tune the embedding model's top layers with the head.
     pub tune: Option<TuneOptions>,
+    /// Texts with a teacher's probabilities, fine-tuned on beside the labelled rows.
+    pub teacher_data: Option<PathBuf>,
     pub hub: HubOptions,
     pub batch: BatchConfig,
     pub progress: bool,
@@ -67,6 +70,10 @@ pub enum TrainError {
     Name(String),
     #[error("embedding model: {0}")]
     Model(String),
+    #[error("--teacher-data: {0}")]
+    Soft(#[from] SoftError),
+    #[error("--teacher-data is learnt while fine-tuning: give --tune-layers too")]
+    TeacherWithoutTuning,
     #[error("training: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("writing the classifier: {0}")]
@@ -278,6 +285,9 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
     if !super::registry::valid_name(&options.name) {
         return Err(TrainError::Name(options.name.clone()));
     }
+    if options.teacher_data.is_some() && options.tune.is_none() {
+        return Err(TrainError::TeacherWithoutTuning);
+    }
     let data = read_csv(&options.data, &options.text_column, &options.label_column)?;
     if data.labels.len() < 2 {
         return Err(TrainError::TooFewLabels {
@@ -285,6 +295,18 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
             labels: data.labels,
         });
     }
+    let taught = match &options.teacher_data {
+        Some(path) => {
+            let rows = soft::read_soft_csv(path, &options.text_column, &data.labels)?;
+            println!(
+                "{}: {} texts with a teacher's probabilities",
+                path.display(),
+                rows.len()
+            );
+            rows
+        }
+        None => Vec::new(),
+    };
     println!(
         "{}: {} examples, labels {:?}, {} skipped (empty text or label)",
         options.data.display(),
@@ -342,13 +364,21 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
                 let frozen = evaluate(&data.labels, &y_test, &probabilities);
                 print_metrics("held-out, frozen encoder", &data.labels, &frozen);
             }
-            let examples = train_rows
+            let labelled = train_rows.iter().map(|&i| {
+                (
+                    &data.examples[i].text,
+                    Target::Label(data.examples[i].label),
+                )
+            });
+            let soft = taught
                 .iter()
-                .map(|&i| {
-                    let e = &data.examples[i];
+                .map(|e| (&e.text, Target::Soft(e.probabilities.clone())));
+            let examples = labelled
+                .chain(soft)
+                .map(|(text, target)| {
                     Ok(TuneExample {
-                        tokens: tune::cut(embedder.tokenize(&e.text)?, tune.max_tokens),
-                        label: e.label,
+                        tokens: tune::cut(embedder.tokenize(text)?, tune.max_tokens),
+                        target,
                     })
                 })
                 .collect::<Result<Vec<_>, crate::inference::ModelError>>()
@@ -423,6 +453,10 @@ pub async fn train(options: &TrainOptions) -> Result<Option<Metrics>, TrainError
                 "lr": t.lr,
                 "max_tokens": t.max_tokens,
                 "method": "LoRA on the top layers' projections (biases and layer norms in full), warm-started from the frozen head, AdamW, linear warm-up and decay",
+            })),
+            "teacher_data": options.teacher_data.as_ref().map(|p| json!({
+                "data": p.display().to_string(),
+                "examples": taught.len(),
             })),
             "temperature": temperature,
             "label_counts": label_counts(&data),

@@ -261,15 +261,24 @@ impl LayerVars {
     }
 }
 
-/// A training text: its tokens (cut to the training length) and label.
+/// A training text: its tokens (cut to the training length) and what the head should answer.
 pub struct TuneExample {
     pub tokens: Tokenized,
-    pub label: usize,
+    pub target: Target,
+}
+
+/// What a training text should be classified as.
+pub enum Target {
+    /// A label, weighed by its class weight.
+    Label(usize),
+    /// A teacher's probability of each label (weight 1): distillation.
+    Soft(Vec<f32>),
 }
 
 /// Fine-tunes the top `options.layers` layers of `embedder` and `head` (warm-started: the head
 /// fitted on the frozen embeddings) on `examples`, minimising class-weighted cross-entropy of the
-/// head on the pooled, L2-normalised embedding. Returns the adapter and the tuned head.
+/// head on the pooled, L2-normalised embedding (against a teacher's probabilities for a
+/// [`Target::Soft`] text). Returns the adapter and the tuned head.
 pub fn fine_tune(
     embedder: &BertEmbedder,
     examples: &[TuneExample],
@@ -277,6 +286,15 @@ pub fn fine_tune(
     class_weight: &[f32],
     options: &TuneOptions,
 ) -> Result<(Adapter, LinearHead), ClassifyError> {
+    if let Some(bad) = examples.iter().find_map(|e| match &e.target {
+        Target::Soft(p) if p.len() != head.labels() => Some(p.len()),
+        _ => None,
+    }) {
+        return Err(ClassifyError::Invalid(format!(
+            "a soft target has {bad} probabilities for {} labels",
+            head.labels()
+        )));
+    }
     let encoder = embedder.encoder();
     let depth = encoder.depth();
     let first = depth.saturating_sub(options.layers.min(depth));
@@ -379,9 +397,17 @@ pub fn fine_tune(
             let mut target = vec![0f32; chunk.len() * labels];
             let mut total = 0f32;
             for (row, &i) in chunk.iter().enumerate() {
-                let y = examples[i].label;
-                target[row * labels + y] = class_weight[y];
-                total += class_weight[y];
+                let row = &mut target[row * labels..(row + 1) * labels];
+                match &examples[i].target {
+                    Target::Label(y) => {
+                        row[*y] = class_weight[*y];
+                        total += class_weight[*y];
+                    }
+                    Target::Soft(p) => {
+                        row.copy_from_slice(p);
+                        total += 1.0;
+                    }
+                }
             }
             let target =
                 (Tensor::from_vec(target, (chunk.len(), labels), &device)? / f64::from(total))?;

@@ -130,6 +130,11 @@ pub struct TrainArgs {
     /// Training texts are cut to this many tokens when fine-tuning.
     #[arg(long, default_value_t = 128)]
     pub tune_max_tokens: usize,
+    /// Distillation: a CSV of texts (the --text-column) with another classifier's probability of
+    /// each label in a column named after it, as `scores` in its answers. Fine-tuning learns to
+    /// answer those probabilities beside the labelled rows; needs --tune-layers.
+    #[arg(long)]
+    pub teacher_data: Option<PathBuf>,
     /// Folder of named classifiers.
     #[arg(
         long,
