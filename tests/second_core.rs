@@ -1,6 +1,7 @@
 //! The second-core helper of lone embedding passes (`aitier::inference::second_core`), in a
 //! process of its own so that no other test's pass runs beside these: a projection split between
-//! the pass and the helper gives the same bits as the kernel alone, and the helper does take work.
+//! the pass and the helper gives the same bits as the kernel alone, the helper does take work,
+//! and it runs on another core than the pass.
 
 use aitier::inference::second_core::{dense, helped, pass, splitting};
 use aitier_kernels::DenseWeights;
@@ -66,6 +67,23 @@ fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
             }
             eprintln!("{rows}x{k} by {n}, {kind}: {took} on the helper");
         }
+    }
+    // The helper polls on another core than the pass's (on Linux): woken by the pass, the
+    // scheduler could put it on the pass's own core, where its polling slowed the pass down.
+    #[cfg(target_os = "linux")]
+    {
+        let kept_off = (0..50).any(|_| {
+            pass(|| {
+                // SAFETY: no preconditions.
+                let core = unsafe { libc::sched_getcpu() } as usize;
+                let cores =
+                    aitier::inference::second_core::helper_cores().expect("the helper has started");
+                assert!(!cores.is_empty());
+                eprintln!("pass on core {core}, helper on {cores:?}");
+                !cores.contains(&core)
+            })
+        });
+        assert!(kept_off, "the helper was never kept off the pass's core");
     }
     // A pass beside another one does not split.
     pass(|| {

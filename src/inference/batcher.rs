@@ -204,24 +204,20 @@ fn worker(
     running: &AtomicUsize,
     config: &BatchConfig,
 ) {
-    // The forward passes run on a compute thread of the worker's own: candle's ops then run their
-    // parallel loops where they are, rather than handing each one to rayon's global pool and
-    // sleeping until it is done (≈100 such hand-offs in a pass of a short sentence, a third of
-    // its time on an idle server).
+    // The forward passes run in a rayon pool of the worker's own, whose one thread is this one:
+    // candle's ops then run their parallel loops where they are, rather than handing each one to
+    // rayon's global pool and sleeping until it is done (≈100 such hand-offs in a pass of a short
+    // sentence, a third of its time on an idle server). The pool spawns no thread: a pool thread
+    // of its own would cost two more hand-offs per batch, and the one back is a wake-up of this
+    // thread, which on a VM whose other core sleeps took 1-4 ms of a lone request's 5-6.
     let compute = match rayon::ThreadPoolBuilder::new()
         .num_threads(1)
-        .thread_name({
-            let worker = std::thread::current()
-                .name()
-                .unwrap_or("aitier")
-                .to_string();
-            move |_| format!("{worker}-compute")
-        })
+        .use_current_thread()
         .build()
     {
         Ok(pool) => Some(pool),
         Err(e) => {
-            tracing::warn!(model = %config.name, error = %e, "no compute thread of its own: the passes use rayon's pool");
+            tracing::warn!(model = %config.name, error = %e, "no compute pool of its own: the passes use rayon's pool");
             None
         }
     };

@@ -3,10 +3,18 @@
 //! core of two: the few-rows projections, ≈80% of a short sentence's pass, are compute-bound.
 //!
 //! While exactly one pass runs in the process, [`dense`] hands half of each projection's columns to
-//! a helper thread that spins (`spin_loop`) for the length of that pass, so a hand-off costs
-//! about a microsecond instead of a sleeping thread's wake-up. A task the helper has not taken by
-//! the time the pass's own half is done is taken back and run by the pass itself: a helper starved
-//! of its core (chat generating, another process) costs at most the time of doing the work alone.
+//! a helper thread that polls for the length of that pass, so a hand-off costs about a microsecond
+//! instead of a sleeping thread's wake-up. A task the helper has not taken by the time the pass's
+//! own half is done is taken back and run by the pass itself: a helper starved of its core (chat
+//! generating, another process) costs at most the time of doing the work alone.
+//!
+//! The helper must poll on the other core, not the pass's. Woken by the pass, it was often put on
+//! the pass's own core by the scheduler (the other core asleep), where its polling took slices of
+//! the pass: on an AMD EPYC Zen 4 VM (2 cores), a lone 10-word request after a pause helped 0 or
+//! 1 of its 24 projections and took 3.2-7.8 ms where a helped pass takes 1.9-2.2. So on Linux a
+//! pass keeps the helper off the core it runs on ([`keep_off`], one `sched_setaffinity` when that
+//! core changes), and the helper yields between polls, so a core it shares with anything else
+//! is not held.
 //!
 //! Every output column is computed by the same kernel in the same order on either thread, so the
 //! vectors are the same bits with or without the helper. The unsafe sharing of the slices with the
@@ -99,6 +107,10 @@ thread_local! {
 /// Projections the helper has run since start-up.
 static HELPED: AtomicUsize = AtomicUsize::new(0);
 
+/// The cores the helper may run on now, on Linux (for tests): all the process's but the core of
+/// the last lone pass.
+pub use placement::helper_cores;
+
 /// Projections the helper has run since start-up (for tests and logs).
 pub fn helped() -> usize {
     HELPED.load(Ordering::Relaxed)
@@ -114,6 +126,7 @@ fn helper() -> Option<&'static Helper> {
             let spawned = std::thread::Builder::new()
                 .name("embed-second-core".into())
                 .spawn(|| {
+                    placement::record();
                     // HELPER is set as soon as the thread that spawned this one returns.
                     loop {
                         match HELPER.get() {
@@ -187,7 +200,9 @@ impl Helper {
                     }
                     self.state.store(DONE, Ordering::Release);
                 } else {
-                    std::hint::spin_loop();
+                    // A system call per poll, which costs less than a projection's hand-off and
+                    // leaves the core to any other thread that wants it.
+                    std::thread::yield_now();
                 }
             }
         }
@@ -216,6 +231,7 @@ pub fn pass<R>(f: impl FnOnce() -> R) -> R {
     let alone = PASSES.fetch_add(1, Ordering::AcqRel) == 0;
     let split = alone && helper().is_some();
     if split && let Some(helper) = helper() {
+        placement::keep_off();
         helper.active.store(true, Ordering::Release);
         helper.thread.unpark();
     }
@@ -304,4 +320,84 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
         out.extend_from_slice(high);
     }
     out
+}
+
+/// Where the helper runs: on Linux, anywhere the process may run but the core of the pass that
+/// wakes it.
+#[cfg(target_os = "linux")]
+mod placement {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The helper's thread id and the cores it may run on, as it started.
+    static HELPER: OnceLock<(libc::pid_t, libc::cpu_set_t)> = OnceLock::new();
+    /// The core the helper was last kept off (`usize::MAX`: none).
+    static KEPT_OFF: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+    /// Called by the helper thread as it starts.
+    pub fn record() {
+        // SAFETY: `gettid` has no preconditions; `sched_getaffinity` writes at most the size
+        // given into the set, which is a plain bit array that may start zeroed.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                let _ = HELPER.set((libc::gettid(), set));
+            }
+        }
+    }
+
+    /// The cores the helper may run on now (`None` before it has started).
+    pub fn helper_cores() -> Option<Vec<usize>> {
+        let (tid, _) = HELPER.get()?;
+        // SAFETY: as in `record`; `CPU_ISSET` reads the set's own bits.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(*tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0
+            {
+                return None;
+            }
+            Some(
+                (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, &set))
+                    .collect(),
+            )
+        }
+    }
+
+    /// Keeps the helper off the core this thread runs on now (when there is another one left).
+    pub fn keep_off() {
+        let Some((tid, allowed)) = HELPER.get() else {
+            return;
+        };
+        // SAFETY: no preconditions.
+        let Ok(core) = usize::try_from(unsafe { libc::sched_getcpu() }) else {
+            return;
+        };
+        if KEPT_OFF.load(Ordering::Relaxed) == core {
+            return;
+        }
+        let mut set = *allowed;
+        // SAFETY: `CPU_CLR` and `CPU_COUNT` touch the set's own bits (`CPU_CLR` ignores a core
+        // past its size); `sched_setaffinity` reads a valid set of the size given.
+        let done = unsafe {
+            libc::CPU_CLR(core, &mut set);
+            if libc::CPU_COUNT(&set) == 0 {
+                return;
+            }
+            libc::sched_setaffinity(*tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if done == 0 {
+            KEPT_OFF.store(core, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Elsewhere the scheduler places the helper.
+#[cfg(not(target_os = "linux"))]
+mod placement {
+    pub fn record() {}
+    pub fn keep_off() {}
+    pub fn helper_cores() -> Option<Vec<usize>> {
+        None
+    }
 }
