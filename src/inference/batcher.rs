@@ -204,23 +204,20 @@ fn worker(
     running: &AtomicUsize,
     config: &BatchConfig,
 ) {
-    // The forward passes run in a rayon pool of the worker's own, whose one thread is this one:
-    // candle's ops then run their parallel loops where they are, rather than handing each one to
-    // rayon's global pool and sleeping until it is done (≈100 such hand-offs in a pass of a short
-    // sentence, a third of its time on an idle server). The pool spawns no thread: a pool thread
-    // of its own would cost two more hand-offs per batch, and the one back is a wake-up of this
-    // thread, which on a VM whose other core sleeps took 1-4 ms of a lone request's 5-6.
-    let compute = match rayon::ThreadPoolBuilder::new()
+    // The forward passes run in a rayon pool of the worker's own, whose one thread is this one
+    // (from `build` on, so the passes need no `install`): candle's ops then run their parallel
+    // loops where they are, rather than handing each one to rayon's global pool and sleeping until
+    // it is done (≈100 such hand-offs in a pass of a short sentence, a third of its time on an idle
+    // server). The pool spawns no thread: a pool thread of its own would cost two more hand-offs
+    // per batch, and the one back is a wake-up of this thread, which on a VM whose other core
+    // sleeps took 1-4 ms of a lone request's 5-6. The pool lives as long as the worker.
+    let _compute = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .use_current_thread()
         .build()
-    {
-        Ok(pool) => Some(pool),
-        Err(e) => {
+        .inspect_err(|e| {
             tracing::warn!(model = %config.name, error = %e, "no compute pool of its own: the passes use rayon's pool");
-            None
-        }
-    };
+        });
     loop {
         let jobs = {
             let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -231,7 +228,7 @@ fn worker(
             running.fetch_add(1, Ordering::SeqCst);
             jobs
         };
-        run_jobs(model, jobs, config, compute.as_ref());
+        run_jobs(model, jobs, config);
         running.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -308,12 +305,7 @@ fn prepare(job: Job, name: &str) -> Option<Prepared> {
 
 /// Runs the sequences of all `jobs` sorted by length, in sub-batches that respect the limits, so
 /// short texts are not padded to the length of a long one; then answers every job.
-fn run_jobs(
-    model: &dyn SequenceModel,
-    jobs: Vec<Prepared>,
-    config: &BatchConfig,
-    compute: Option<&rayon::ThreadPool>,
-) {
+fn run_jobs(model: &dyn SequenceModel, jobs: Vec<Prepared>, config: &BatchConfig) {
     let started = Instant::now();
     let label = config.name.clone();
     for job in &jobs {
@@ -335,12 +327,7 @@ fn run_jobs(
     for chunk in sub_batches(&order, |&(j, s)| jobs[j].seqs[s].ids.len(), config) {
         passes += 1;
         let batch: Vec<&Tokenized> = chunk.iter().map(|&(j, s)| &jobs[j].seqs[s]).collect();
-        let pass = || super::second_core::pass(|| model.forward(&batch));
-        let forward = || match compute {
-            Some(pool) => pool.install(pass),
-            None => pass(),
-        };
-        let result = guarded(forward);
+        let result = guarded(|| super::second_core::pass(|| model.forward(&batch)));
         match result {
             Ok(vectors) if vectors.len() == chunk.len() => {
                 for (&(j, s), v) in chunk.iter().zip(vectors) {

@@ -12,9 +12,9 @@
 //! the pass's own core by the scheduler (the other core asleep), where its polling took slices of
 //! the pass: on an AMD EPYC Zen 4 VM (2 cores), a lone 10-word request after a pause helped 0 or
 //! 1 of its 24 projections and took 3.2-7.8 ms where a helped pass takes 1.9-2.2. So on Linux a
-//! pass keeps the helper off the core it runs on ([`keep_off`], one `sched_setaffinity` when that
-//! core changes), and the helper yields between polls, so a core it shares with anything else
-//! is not held.
+//! pass keeps the helper off the core it runs on (`placement::keep_off`, one `sched_setaffinity`
+//! when that core changes), and the helper yields between polls, so a core it shares with anything
+//! else is not held.
 //!
 //! Every output column is computed by the same kernel in the same order on either thread, so the
 //! vectors are the same bits with or without the helper. The unsafe sharing of the slices with the
