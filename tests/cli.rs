@@ -7,6 +7,15 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_aitier");
 const MINILM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/all-MiniLM-L6-v2");
 
+/// The server binary with a SQLite file of its own, so that a test run leaves nothing in the
+/// checkout's `data/` and each test starts from a new database.
+fn server() -> Command {
+    let file = std::env::temp_dir().join(format!("aitier-cli-{}.db", uuid::Uuid::new_v4()));
+    let mut command = Command::new(BIN);
+    command.env("DATABASE_URL", format!("sqlite://{}", file.display()));
+    command
+}
+
 #[test]
 fn a_missing_model_stops_start_up_with_a_message_naming_it() {
     let out = Command::new(BIN)
@@ -25,7 +34,7 @@ fn a_missing_model_stops_start_up_with_a_message_naming_it() {
 
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
-    let mut child = Command::new(BIN)
+    let mut child = server()
         .args([
             "--port",
             "0",
@@ -92,7 +101,7 @@ fn help_never_prints_a_secret_from_the_environment() {
 #[test]
 fn api_keys_never_reach_the_log() {
     const KEY: &str = "log-leak-check-0123456789";
-    let mut child = Command::new(BIN)
+    let mut child = server()
         .args([
             "--port",
             "0",
@@ -158,7 +167,7 @@ fn get_status(addr: &str, path: &str) -> u16 {
 
 #[test]
 fn readiness_probes_while_loading_are_not_logged_as_errors() {
-    let mut child = Command::new(BIN)
+    let mut child = server()
         .args([
             "--port",
             "0",

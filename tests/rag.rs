@@ -927,3 +927,25 @@ on_both_backends!(
     an_ingest_that_fails_midway_leaves_nothing,
     a_long_document_is_split_into_searchable_chunks,
 );
+
+/// Servers opening one new SQLite file at once (replicas started together, the tests of one run)
+/// all come up on it: SQLite's migrator takes no lock, so the one that commits second must find the
+/// first one's tables applied and go on instead of failing with `table collections already exists`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn servers_opening_a_new_sqlite_file_at_once_all_migrate() {
+    for round in 0..10 {
+        let file = std::env::temp_dir().join(format!("aitier-race-{}.db", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}", file.display());
+        let opened = futures::future::join_all((0..4).map(|_| aitier::store::open(&url))).await;
+        for (i, store) in opened.iter().enumerate() {
+            match store {
+                Ok(store) => assert!(store.collections().await.unwrap().is_empty()),
+                Err(e) => panic!("round {round}, store {i}: {e}"),
+            }
+        }
+        drop(opened);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -49,6 +49,50 @@ fn migrator() -> Migrator {
         include_str!("../../migrations/sqlite/0001_rag.sql").into_sql_str(),
         false,
     )])
+}
+
+/// Opens the pool and applies the migrations its file lacks. Servers opening one new file at once
+/// race: SQLite's migrator takes no lock, so the one that commits second finds the tables it creates
+/// already there (`table collections already exists`), and switching a new file to WAL can meet
+/// another server's connection (`database is locked`). Each migration commits with its bookkeeping
+/// row, so trying again a moment later finds the other server's work done and goes on.
+async fn connect(options: SqliteConnectOptions) -> StoreResult<SqlitePool> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        let error = match connect_once(options.clone()).await {
+            Ok(pool) => return Ok(pool),
+            Err(e) => e,
+        };
+        if attempt == ATTEMPTS || !raced(&error) {
+            return Err(error.into());
+        }
+        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+        attempt += 1;
+    }
+}
+
+async fn connect_once(options: SqliteConnectOptions) -> Result<SqlitePool, MigrateError> {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await?;
+    migrator().run(&pool).await?;
+    Ok(pool)
+}
+
+/// Whether `error` may be another server opening the same file: a migration that failed to
+/// execute, or SQLite's busy or locked (primary codes 5 and 6, with their extended codes).
+fn raced(error: &MigrateError) -> bool {
+    match error {
+        MigrateError::ExecuteMigration(..) => true,
+        MigrateError::Execute(sqlx::Error::Database(db)) => db
+            .code()
+            .and_then(|code| code.parse::<u32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+        _ => false,
+    }
 }
 
 /// Registers the statically linked sqlite-vec with SQLite, so that every connection opened after
@@ -140,12 +184,7 @@ impl SqliteStore {
                 StoreError::Url(format!("cannot create the folder {}: {e}", dir.display()))
             })?;
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await?;
-        migrator().run(&pool).await?;
+        let pool = connect(options).await?;
         Ok(Self {
             pool,
             vector_tables: Mutex::new(HashSet::new()),
