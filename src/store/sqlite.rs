@@ -58,13 +58,17 @@ fn migrator() -> Migrator {
 /// row, so trying again a moment later finds the other server's work done and goes on.
 async fn connect(options: SqliteConnectOptions) -> StoreResult<SqlitePool> {
     const ATTEMPTS: u32 = 5;
+    // Another server's opening takes milliseconds; an attempt that failed after waiting out the
+    // busy timeout met a lock held for longer, which trying again will not outlast.
+    const RACE: Duration = Duration::from_secs(1);
     let mut attempt = 1;
     loop {
+        let started = std::time::Instant::now();
         let error = match connect_once(options.clone()).await {
             Ok(pool) => return Ok(pool),
             Err(e) => e,
         };
-        if attempt == ATTEMPTS || !raced(&error) {
+        if attempt == ATTEMPTS || started.elapsed() > RACE || !raced(&error) {
             return Err(error.into());
         }
         tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
