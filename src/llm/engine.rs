@@ -190,6 +190,9 @@ impl Worker {
     /// starts empty again, since a panic may have left a cache half-written.
     fn supervise(mut self, jobs: std_mpsc::Receiver<Job>) {
         raise_on_panic();
+        // Kept for the life of the engine: from here on, this thread is the first of the model's
+        // compute threads, and runs its passes where it calls them.
+        let _compute = self.model.llama().pool_here();
         ENGINE
             .with(|engine| *engine.borrow_mut() = Some((self.stats.clone(), self.active.clone())));
         let mut backoff = RESTART_BACKOFF_MIN;

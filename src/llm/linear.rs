@@ -4,7 +4,7 @@
 //! other type is converted to Q8_0 once at load.
 
 use std::io::{Read, Seek};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
@@ -16,33 +16,68 @@ use super::kernels::{Format, Isa, QActs, QMatrix, matmul_cols};
 /// How projections run: the kernels' instruction set, and the threads the columns are split over.
 pub(crate) struct Compute {
     pub isa: Isa,
-    /// `None`: on the calling thread alone.
-    pool: Option<rayon::ThreadPool>,
+    threads: usize,
+    /// The threads of a caller that has none of its own (tests, benches), started on first use.
+    /// The chat engine runs its passes in a pool built on its own thread ([`Self::pool_here`]).
+    pool: OnceLock<rayon::ThreadPool>,
 }
 
 impl Compute {
     pub(crate) fn new(isa: Isa, threads: usize) -> Self {
-        let pool = (threads > 1).then(|| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("chat-compute-{i}"))
-                .build()
-                .expect("start the chat compute threads")
-        });
-        Self { isa, pool }
+        Self {
+            isa,
+            threads: threads.max(1),
+            pool: OnceLock::new(),
+        }
     }
 
     pub(crate) fn threads(&self) -> usize {
-        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+        self.threads
     }
 
-    /// Runs `f` on one of the compute threads (on this one when there are none): the splits
-    /// inside it then start without waking a sleeping thread.
-    pub(crate) fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match &self.pool {
-            Some(pool) => pool.install(f),
-            None => f(),
+    /// A pool of the compute threads whose first thread is the calling one, from now on and for
+    /// as long as the pool lives (`None` with one thread: the passes run here anyway). The passes
+    /// this thread runs then start where they are called, and return with no thread to wake:
+    /// otherwise each one is handed to a pool thread and this one sleeps until it is done, and
+    /// after a pause, waking it on a core gone idle took about a millisecond.
+    pub(crate) fn pool_here(&self) -> Option<rayon::ThreadPool> {
+        if self.threads == 1 {
+            return None;
         }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .use_current_thread()
+            .thread_name(|i| format!("chat-compute-{i}"))
+            .build()
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "no compute pool on the chat engine's thread"),
+            )
+            .ok()
+    }
+
+    /// Runs `f` among the compute threads: here when this thread is one of a pool of that many
+    /// (the engine's, [`Self::pool_here`]), else on the pool of this `Compute`'s own.
+    fn within<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let here =
+            rayon::current_thread_index().is_some() && rayon::current_num_threads() == self.threads;
+        if self.threads == 1 || here {
+            return f();
+        }
+        self.pool
+            .get_or_init(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(self.threads)
+                    .thread_name(|i| format!("chat-compute-{i}"))
+                    .build()
+                    .expect("start the chat compute threads")
+            })
+            .install(f)
+    }
+
+    /// Runs `f` on one of the compute threads (on this one when there are none, or when it is
+    /// one): the splits inside it then start without waking a sleeping thread.
+    pub(crate) fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.within(f)
     }
 
     /// Runs `work` on every task, spread over the compute threads; each thread keeps one scratch
@@ -53,15 +88,14 @@ impl Compute {
         scratch: impl Fn() -> S + Send + Sync,
         work: impl Fn(&mut S, T) + Send + Sync,
     ) {
-        match &self.pool {
-            Some(pool) if tasks.len() > 1 => pool.install(|| {
+        if self.threads > 1 && tasks.len() > 1 {
+            self.within(|| {
                 use rayon::prelude::*;
                 tasks.into_par_iter().for_each_init(&scratch, &work)
-            }),
-            _ => {
-                let mut s = scratch();
-                tasks.into_iter().for_each(|t| work(&mut s, t));
-            }
+            })
+        } else {
+            let mut s = scratch();
+            tasks.into_iter().for_each(|t| work(&mut s, t));
         }
     }
 }
@@ -208,34 +242,33 @@ fn project(compute: &Compute, w: &QMatrix, acts: &QActs, rows: usize) -> Vec<f32
     let n = w.rows();
     let mut out = vec![0f32; rows * n];
     let threads = compute.threads();
-    match &compute.pool {
-        Some(pool) if n >= MIN_SPLIT_COLUMNS * 2 => {
-            // Contiguous column ranges, a multiple of 16 wide, one per thread.
-            let per = n.div_ceil(threads).next_multiple_of(16);
-            let ranges: Vec<std::ops::Range<usize>> = (0..n)
-                .step_by(per)
-                .map(|start| start..(start + per).min(n))
-                .collect();
-            let parts: Vec<Vec<f32>> = pool.install(|| {
-                use rayon::prelude::*;
-                ranges
-                    .par_iter()
-                    .map(|cols| {
-                        let mut part = vec![0f32; rows * cols.len()];
-                        matmul_cols(compute.isa, w, acts, cols.clone(), &mut part);
-                        part
-                    })
-                    .collect()
-            });
-            for (cols, part) in ranges.iter().zip(&parts) {
-                let width = cols.len();
-                for r in 0..rows {
-                    out[r * n + cols.start..r * n + cols.end]
-                        .copy_from_slice(&part[r * width..(r + 1) * width]);
-                }
+    if threads > 1 && n >= MIN_SPLIT_COLUMNS * 2 {
+        // Contiguous column ranges, a multiple of 16 wide, one per thread.
+        let per = n.div_ceil(threads).next_multiple_of(16);
+        let ranges: Vec<std::ops::Range<usize>> = (0..n)
+            .step_by(per)
+            .map(|start| start..(start + per).min(n))
+            .collect();
+        let parts: Vec<Vec<f32>> = compute.within(|| {
+            use rayon::prelude::*;
+            ranges
+                .par_iter()
+                .map(|cols| {
+                    let mut part = vec![0f32; rows * cols.len()];
+                    matmul_cols(compute.isa, w, acts, cols.clone(), &mut part);
+                    part
+                })
+                .collect()
+        });
+        for (cols, part) in ranges.iter().zip(&parts) {
+            let width = cols.len();
+            for r in 0..rows {
+                out[r * n + cols.start..r * n + cols.end]
+                    .copy_from_slice(&part[r * width..(r + 1) * width]);
             }
         }
-        _ => matmul_cols(compute.isa, w, acts, 0..n, &mut out),
+    } else {
+        matmul_cols(compute.isa, w, acts, 0..n, &mut out);
     }
     out
 }
@@ -278,5 +311,40 @@ mod tests {
             }
         }
         assert!(q4k_as_q4_1(&[0u8; 100]).is_none());
+    }
+
+    /// A thread that took the compute pool (`pool_here`) runs its passes itself, and the columns
+    /// come out the same as on the `Compute`'s own threads and on one thread.
+    #[test]
+    fn the_pool_owner_runs_its_passes_where_it_calls_them() {
+        let (n, k, rows) = (MIN_SPLIT_COLUMNS * 2 + 48, 64, 3);
+        let values: Vec<f32> = (0..n * k)
+            .map(|i| (i * 7919 % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        let w = Linear::new(Arc::new(QMatrix::quantize_q8_0(&values, n, k).unwrap()));
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| (i % 17) as f32 / 17.0 - 0.3)
+            .collect();
+        let isa = Isa::detect();
+        let alone = w.forward(&Compute::new(isa, 1), &x, rows);
+
+        let compute = Compute::new(isa, 2);
+        let caller = std::thread::current().id();
+        let ran_on = compute.run(|| std::thread::current().id());
+        assert_ne!(
+            ran_on, caller,
+            "without a pool of its own, the pass goes to a compute thread"
+        );
+        assert_eq!(w.forward(&compute, &x, rows), alone);
+
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let owner = std::thread::current().id();
+                let _pool = compute.pool_here().expect("a pool on this thread");
+                assert_eq!(compute.run(|| std::thread::current().id()), owner);
+                assert_eq!(rayon::current_num_threads(), 2);
+                assert_eq!(w.forward(&compute, &x, rows), alone);
+            });
+        });
     }
 }

@@ -235,6 +235,13 @@ impl Llama {
         self.compute.threads()
     }
 
+    /// Makes the calling thread the first of the compute threads for as long as the returned pool
+    /// lives (`None` with one thread): the passes it runs then start and end on it, with no
+    /// hand-off to another thread and back. The chat engine keeps one on its thread.
+    pub fn pool_here(&self) -> Option<rayon::ThreadPool> {
+        self.compute.pool_here()
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
@@ -270,9 +277,10 @@ impl Llama {
     /// cold, after a cached prefix, in chunks, or next to other sequences, and greedy decoding
     /// gives the same text whatever ran before.
     pub fn forward(&self, inputs: &mut [Input<'_>]) -> Result<Vec<f32>, LlmError> {
-        // The whole pass runs on the compute threads: each projection's split is then picked up
-        // by a thread still awake from the last one, instead of being handed from this thread to
-        // sleeping ones and back (≈20 µs each way on a VM, 180 times a step).
+        // The whole pass runs on the compute threads (on this one when it is the first of them,
+        // see `pool_here`): each projection's split is then picked up by a thread still awake
+        // from the last one, instead of being handed from this thread to sleeping ones and back
+        // (≈20 µs each way on a VM, 180 times a step).
         self.compute.run(|| self.pass(inputs))
     }
 
