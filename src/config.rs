@@ -72,6 +72,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// The widest instruction set the models' kernels may use (`--max-isa`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MaxIsa {
+    /// AVX-512 with VNNI where the CPU has it (and AMX tiles for long batches), else narrower.
+    Avx512,
+    /// AVX2 and FMA at most.
+    Avx2,
+    /// Portable code only.
+    Scalar,
+}
+
+impl MaxIsa {
+    /// Keeps the kernels of this process within this set; before any model loads.
+    pub fn apply(self) {
+        aitier_kernels::limit_isa(match self {
+            MaxIsa::Avx512 => aitier_kernels::Isa::Avx512Vnni,
+            MaxIsa::Avx2 => aitier_kernels::Isa::Avx2,
+            MaxIsa::Scalar => aitier_kernels::Isa::Scalar,
+        });
+    }
+}
+
 /// `Debug` prints every field; secrets are [`Secret`]s, which print redacted.
 #[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
@@ -186,6 +208,14 @@ pub struct ServeArgs {
     /// comes: on a machine shared with other busy processes, 1 is steadier.
     #[arg(long, env = "AITIER_CHAT_THREADS")]
     pub chat_threads: Option<usize>,
+
+    /// The widest instruction set the kernels may use, when narrower than the CPU's. The fastest
+    /// set is picked at start-up; `avx2` stays off AVX-512 (on CPUs where it lowers the clock, or
+    /// to measure the AVX2 path on an AVX-512 machine), `scalar` off SIMD altogether. Embeddings
+    /// are the same bits on `avx512` and `avx2` (up to AMX's rounding on long batches); chat
+    /// logits too.
+    #[arg(long, env = "AITIER_MAX_ISA", value_enum, default_value_t = MaxIsa::Avx512)]
+    pub max_isa: MaxIsa,
 
     /// Most tokens of a conversation, prompt and answer together (default: the model's own
     /// context, 8192 for SmolLM2), as llama.cpp's `-c` or vLLM's `--max-model-len`. A smaller

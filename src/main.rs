@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
                 .block_on(aitier::commands::rag_eval(args))
         }
         Command::Serve(args) => {
+            args.max_isa.apply();
             // Before the runtime starts its threads: it changes the environment.
             aitier::inference::use_one_compute_thread_per_worker();
             aitier::telemetry::init(args.log_format);

@@ -225,3 +225,113 @@ fn readiness_probes_while_loading_are_not_logged_as_errors() {
     let errors: Vec<&String> = log.iter().filter(|l| l.contains("\"ERROR\"")).collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }
+
+/// Sends `POST path` with a JSON body over a plain socket: the status and the JSON answer.
+fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (_, json) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        answer[9..12].parse().unwrap(),
+        serde_json::from_str(json).expect("a JSON body"),
+    )
+}
+
+/// What a server run with `--max-isa isa` answers: the chat kernels it logged, two embeddings and
+/// a greedy chat answer.
+fn answers_within(isa: &str) -> (String, serde_json::Value, String) {
+    /// Stops the server however the test ends.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stop(
+        server()
+            .args(["--port", "0", "--log-format", "json", "--max-isa", isa])
+            .args(["--embedding-model", MINILM])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let (mut addr, mut kernels) = (None, None);
+    while addr.is_none() || kernels.is_none() {
+        let line = lines.next().expect("the server logs").unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        match event["message"].as_str() {
+            Some("listening") => addr = event["addr"].as_str().map(String::from),
+            Some("chat model loaded") if event["kernels"].is_string() => {
+                kernels = event["kernels"].as_str().map(String::from)
+            }
+            _ => {}
+        }
+    }
+    let addr = addr.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while get_status(&addr, "/health/ready") != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let texts = [
+        "The room was spotless.",
+        "A long day of meetings ended late.",
+    ];
+    let (status, embedded) = post_json(&addr, "/api/embed", &serde_json::json!({ "texts": texts }));
+    assert_eq!(status, 200, "{embedded}");
+    let question = "What is the capital of France?";
+    let (status, chat) = post_json(
+        &addr,
+        "/v1/chat/completions",
+        &serde_json::json!({
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{ "role": "user", "content": question }],
+            "max_tokens": 24,
+            "temperature": 0,
+        }),
+    );
+    assert_eq!(status, 200, "{chat}");
+    // Stopped while its log is still open: a closed pipe would fail the server's last lines.
+    drop(child);
+    let answer = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    (
+        kernels.unwrap(),
+        embedded["embeddings"].clone(),
+        answer.to_string(),
+    )
+}
+
+/// `--max-isa avx2` keeps the kernels off AVX-512, and the answers are the same bits: the two x86
+/// paths of every kernel compute the same operations in the same order.
+#[test]
+fn max_isa_narrows_the_kernels_and_keeps_the_answers() {
+    let (widest, embeddings, answer) = answers_within("avx512");
+    let (narrow, embeddings_avx2, answer_avx2) = answers_within("avx2");
+    assert_eq!(narrow, "Avx2");
+    if widest == "Avx2" {
+        eprintln!("AVX-512 VNNI: not on this CPU, not run (AVX2 compared with itself)");
+    } else {
+        assert_eq!(widest, "Avx512Vnni");
+    }
+    assert!(
+        embeddings.as_array().is_some_and(|e| e.len() == 2),
+        "{embeddings}"
+    );
+    assert_eq!(embeddings, embeddings_avx2);
+    assert!(!answer.is_empty());
+    assert_eq!(answer, answer_avx2);
+}

@@ -23,6 +23,8 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use attention::{Heads, Queries};
 
 /// Rows from which [`dense`] multiplies [`DenseWeights::Panels`] on AMX tiles, where the CPU has
@@ -34,7 +36,7 @@ pub const AMX_ROWS: usize = 160;
 /// Whether this CPU (and OS) runs the AMX kernel that [`dense`] uses for panels of many rows.
 pub fn amx_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return amx::supported();
+    return allowed(Isa::Avx512Vnni) && amx::supported();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -57,18 +59,35 @@ pub const BLOCK: usize = 32;
 /// Weight rows the x86 kernels run at once (a vector's `f32` lanes), and [`QMatrix`] groups.
 pub const LANES: usize = 8;
 
-/// The instruction sets the kernels come in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The instruction sets the kernels come in, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Isa {
     Scalar,
     Avx2,
     Avx512Vnni,
 }
 
+/// The widest set [`limit_isa`] allows (as `Isa as u8`).
+static MAX_ISA: AtomicU8 = AtomicU8::new(Isa::Avx512Vnni as u8);
+
+/// Keeps every kernel within `max` from now on, whatever wider sets the CPU has: [`Isa::detect`],
+/// [`Isa::supported`] and the kernels that pick their own path (attention, AMX) answer within it.
+/// For measuring a narrower path on a wider CPU, or for staying off AVX-512 where it costs the
+/// core its clock. Call it before any model loads.
+pub fn limit_isa(max: Isa) {
+    MAX_ISA.store(max as u8, Ordering::Relaxed);
+}
+
+/// Whether [`limit_isa`] allows `isa`.
+fn allowed(isa: Isa) -> bool {
+    isa as u8 <= MAX_ISA.load(Ordering::Relaxed)
+}
+
 impl Isa {
     pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
 
-    /// The fastest set this CPU supports.
+    /// The fastest set this CPU supports (within [`limit_isa`]).
     pub fn detect() -> Self {
         [Isa::Avx512Vnni, Isa::Avx2]
             .into_iter()

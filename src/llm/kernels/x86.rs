@@ -21,13 +21,15 @@ use super::attention::{self, Heads, Queries};
 use super::{BLOCK, DenseWeights, Format, LANES, PANEL};
 
 pub(super) fn avx2_supported() -> bool {
-    is_x86_feature_detected!("avx2")
+    super::allowed(super::Isa::Avx2)
+        && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
 }
 
 pub(super) fn avx512_vnni_supported() -> bool {
-    avx2_supported()
+    super::allowed(super::Isa::Avx512Vnni)
+        && avx2_supported()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512bw")
@@ -1032,7 +1034,7 @@ fn panels(
     if wide
         && rows >= super::AMX_ROWS
         && k.is_multiple_of(super::amx::DEPTH)
-        && super::amx::supported()
+        && super::amx_supported()
     {
         return super::amx::panels(x, rows, w, bias, out);
     }

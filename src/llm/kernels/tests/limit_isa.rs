@@ -1,0 +1,20 @@
+//! `limit_isa` in a process of its own: it holds for every kernel from the call on.
+
+use aitier_kernels::{Isa, amx_supported, limit_isa};
+
+#[test]
+fn a_limit_keeps_detection_and_every_kernel_within_it() {
+    let widest = Isa::detect();
+    limit_isa(Isa::Avx2);
+    assert!(!Isa::Avx512Vnni.supported());
+    assert!(!amx_supported());
+    match widest {
+        Isa::Scalar => assert_eq!(Isa::detect(), Isa::Scalar, "no AVX2 here: not run"),
+        _ => assert_eq!(Isa::detect(), Isa::Avx2),
+    }
+    limit_isa(Isa::Scalar);
+    assert_eq!(Isa::detect(), Isa::Scalar);
+    assert!(!Isa::Avx2.supported());
+    limit_isa(Isa::Avx512Vnni);
+    assert_eq!(Isa::detect(), widest);
+}
