@@ -55,9 +55,10 @@ impl Compute {
             .ok()
     }
 
-    /// Runs `f` among the compute threads: here when this thread is one of a pool of that many
-    /// (the engine's, [`Self::pool_here`]), else on the pool of this `Compute`'s own.
-    fn within<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+    /// Runs `f` among the compute threads, so that the splits inside it start without waking a
+    /// sleeping thread: here when this thread is one of a pool of that many (the engine's,
+    /// [`Self::pool_here`]) or there is one thread, else on the pool of this `Compute`'s own.
+    pub(crate) fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         let here =
             rayon::current_thread_index().is_some() && rayon::current_num_threads() == self.threads;
         if self.threads == 1 || here {
@@ -74,12 +75,6 @@ impl Compute {
             .install(f)
     }
 
-    /// Runs `f` on one of the compute threads (on this one when there are none, or when it is
-    /// one): the splits inside it then start without waking a sleeping thread.
-    pub(crate) fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.within(f)
-    }
-
     /// Runs `work` on every task, spread over the compute threads; each thread keeps one scratch
     /// value from `scratch` for all the tasks it runs.
     pub(crate) fn each<T: Send, S>(
@@ -89,7 +84,7 @@ impl Compute {
         work: impl Fn(&mut S, T) + Send + Sync,
     ) {
         if self.threads > 1 && tasks.len() > 1 {
-            self.within(|| {
+            self.run(|| {
                 use rayon::prelude::*;
                 tasks.into_par_iter().for_each_init(&scratch, &work)
             })
@@ -249,7 +244,7 @@ fn project(compute: &Compute, w: &QMatrix, acts: &QActs, rows: usize) -> Vec<f32
             .step_by(per)
             .map(|start| start..(start + per).min(n))
             .collect();
-        let parts: Vec<Vec<f32>> = compute.within(|| {
+        let parts: Vec<Vec<f32>> = compute.run(|| {
             use rayon::prelude::*;
             ranges
                 .par_iter()
