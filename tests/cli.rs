@@ -151,18 +151,32 @@ fn api_keys_never_reach_the_log() {
     assert!(!log.contains("log-leak-check"), "{log}");
 }
 
-/// Sends `GET path` over a plain socket and returns the status code.
-fn get_status(addr: &str, path: &str) -> u16 {
+/// Sends one HTTP/1.1 request over a plain socket (`Connection: close`): the status code and the
+/// body.
+fn exchange(addr: &str, method: &str, path: &str, json: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let body = json.map_or(String::new(), |b| {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )
+    });
+    let end = if json.is_some() { "" } else { "\r\n" };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{end}{body}"
     )
     .unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
-    answer[9..12].parse().unwrap()
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (answer[9..12].parse().unwrap(), body.to_string())
+}
+
+/// Sends `GET path` over a plain socket and returns the status code.
+fn get_status(addr: &str, path: &str) -> u16 {
+    exchange(addr, "GET", path, None).0
 }
 
 #[test]
@@ -228,22 +242,8 @@ fn readiness_probes_while_loading_are_not_logged_as_errors() {
 
 /// Sends `POST path` with a JSON body over a plain socket: the status and the JSON answer.
 fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let body = body.to_string();
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (_, json) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    (
-        answer[9..12].parse().unwrap(),
-        serde_json::from_str(json).expect("a JSON body"),
-    )
+    let (status, json) = exchange(addr, "POST", path, Some(&body.to_string()));
+    (status, serde_json::from_str(&json).expect("a JSON body"))
 }
 
 /// What a server run with `--max-isa isa` answers: the chat kernels it logged, two embeddings and

@@ -35,6 +35,12 @@ impl Compute {
         self.threads
     }
 
+    fn builder(&self) -> rayon::ThreadPoolBuilder {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .thread_name(|i| format!("chat-compute-{i}"))
+    }
+
     /// A pool of the compute threads whose first thread is the calling one, from now on and for
     /// as long as the pool lives (`None` with one thread: the passes run here anyway). The passes
     /// this thread runs then start where they are called, and return with no thread to wake:
@@ -44,10 +50,8 @@ impl Compute {
         if self.threads == 1 {
             return None;
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(self.threads)
+        self.builder()
             .use_current_thread()
-            .thread_name(|i| format!("chat-compute-{i}"))
             .build()
             .inspect_err(
                 |e| tracing::warn!(error = %e, "no compute pool on the chat engine's thread"),
@@ -66,9 +70,7 @@ impl Compute {
         }
         self.pool
             .get_or_init(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(self.threads)
-                    .thread_name(|i| format!("chat-compute-{i}"))
+                self.builder()
                     .build()
                     .expect("start the chat compute threads")
             })

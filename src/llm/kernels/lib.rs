@@ -60,7 +60,7 @@ pub const BLOCK: usize = 32;
 pub const LANES: usize = 8;
 
 /// The instruction sets the kernels come in, narrowest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Isa {
     Scalar,
