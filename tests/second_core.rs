@@ -19,11 +19,15 @@ fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
         "the helper needs a second core"
     );
     let isa = aitier_kernels::Isa::detect();
-    // Wide ones are split (a 384-wide model's q|k|v and feed-forward), narrow ones are not.
+    // Wide ones are split (a 384-wide model's q|k|v and feed-forward), narrow ones are not; in
+    // chunks of whole panels, the last one narrower where the width is not a multiple of them
+    // (1,000 columns in eight; 300 in two halves from `AMX_ROWS` rows).
     for (rows, k, n) in [
         (1, 384, 1152),
         (7, 384, 1536),
         (13, 1536, 384),
+        (5, 384, 1000),
+        (aitier_kernels::AMX_ROWS, 64, 300),
         (3, 64, 200),
     ] {
         let (x, w, bias) = (values(rows * k, 1), values(n * k, 2), values(n, 3));

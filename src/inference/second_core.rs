@@ -2,11 +2,13 @@
 //! right under load (every core runs a batch) but leaves a lone request on an idle server using one
 //! core of two: the few-rows projections, ≈80% of a short sentence's pass, are compute-bound.
 //!
-//! While exactly one pass runs in the process, [`dense`] hands half of each projection's columns to
-//! a helper thread that polls for the length of that pass, so a hand-off costs about a microsecond
-//! instead of a sleeping thread's wake-up. A task the helper has not taken by the time the pass's
-//! own half is done is taken back and run by the pass itself: a helper starved of its core (chat
-//! generating, another process) costs at most the time of doing the work alone.
+//! While exactly one pass runs in the process, [`dense`] shares each projection's columns with a
+//! helper thread that polls for the length of that pass, so a hand-off costs about a microsecond
+//! instead of a sleeping thread's wake-up. The columns go in chunks that each thread claims in turn,
+//! the pass from the first up and the helper from the last down: a helper that starts late, or is
+//! starved of its core (chat generating, another process), leaves more chunks to the pass, which
+//! then waits at most for the one chunk the helper is running. (Halves fixed in advance had the
+//! pass wait for the helper's whole half: on an AMD EPYC Zen 4, 10% of a lone pass's thread.)
 //!
 //! The helper must poll on the other core, not the pass's. Woken by the pass, it was often put on
 //! the pass's own core by the scheduler (the other core asleep), where its polling took slices of
@@ -18,7 +20,7 @@
 //!
 //! Every output column is computed by the same kernel in the same order on either thread, so the
 //! vectors are the same bits with or without the helper. The unsafe sharing of the slices with the
-//! helper lives in this file: the pass waits (or takes the task back) before the slices go.
+//! helper lives in this file: the pass waits (or takes the job back) before the slices go.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -29,25 +31,78 @@ use aitier_kernels::DenseWeights;
 
 /// Columns below which a projection is not split: the hand-off would cost more than half of it.
 const MIN_SPLIT_COLUMNS: usize = 128;
+/// Multiply-adds of a chunk of a split projection (whole panels, at least one): at the end of a
+/// projection the pass waits for the helper's last chunk, and each chunk costs an atomic claim.
+const CHUNK_MACS: usize = 256 * 1024;
 
 const IDLE: u8 = 0;
 const POSTED: u8 = 1;
 const TAKEN: u8 = 2;
 const DONE: u8 = 3;
-/// The helper's projection panicked: the pass runs that half itself (and meets the panic there).
+/// The helper's chunk panicked: the pass runs that chunk itself (and meets the panic there).
 const FAILED: u8 = 4;
 
-/// Half a projection, as raw parts of slices that outlive the task (see [`dense`]).
-#[derive(Clone, Copy)]
-struct Task {
+/// A projection shared by the pass and the helper, in chunks of columns that each claims in turn:
+/// the pass from the first chunk up, the helper from the last one down, until they meet. Raw parts
+/// of slices that outlive the job (see [`dense`]).
+struct Job {
     x: *const f32,
     x_len: usize,
     rows: usize,
     w: RawWeights,
     bias: *const f32,
-    bias_len: usize,
+    /// Output columns, `bias`'s length.
+    n: usize,
+    /// `rows × n`, row-major: each chunk's columns are written by the thread that claimed it.
     out: *mut f32,
-    out_len: usize,
+    /// Columns per chunk (the last may be narrower): whole panels.
+    chunk: usize,
+    chunks: usize,
+    /// Chunks claimed so far by either thread (past `chunks`: all are).
+    claimed: AtomicUsize,
+    /// The chunk the helper was running when it panicked, for the pass to run again.
+    lost: AtomicUsize,
+}
+
+impl Job {
+    /// One more chunk for the caller, if any is left.
+    fn claim(&self) -> bool {
+        self.claimed.fetch_add(1, Ordering::AcqRel) < self.chunks
+    }
+
+    /// Chunk `c` into its columns of the output, through `scratch`.
+    ///
+    /// # Safety
+    /// The job's slices must be alive, and chunk `c` claimed by the caller alone.
+    unsafe fn run(&self, c: usize, scratch: &mut Vec<f32>) {
+        let (j0, j1) = (c * self.chunk, ((c + 1) * self.chunk).min(self.n));
+        let cols = j1 - j0;
+        // SAFETY: the caller's; `x`, the weights and `bias` are only read, by both threads.
+        let (x, w, bias) = unsafe {
+            (
+                std::slice::from_raw_parts(self.x, self.x_len),
+                self.w.get(),
+                std::slice::from_raw_parts(self.bias, self.n),
+            )
+        };
+        let k = self.x_len / self.rows;
+        scratch.resize(self.rows * cols, 0.0);
+        aitier_kernels::dense(
+            aitier_kernels::Isa::detect(),
+            x,
+            self.rows,
+            w.rows(j0..j1, k),
+            Some(&bias[j0..j1]),
+            scratch,
+        );
+        for (r, values) in scratch.chunks_exact(cols).enumerate() {
+            // SAFETY: columns `j0..j1` of row `r < rows` lie within the `rows × n` output, and
+            // no other thread touches them: the chunk is the caller's alone.
+            unsafe {
+                std::ptr::copy_nonoverlapping(values.as_ptr(), self.out.add(r * self.n + j0), cols)
+            };
+        }
+    }
 }
 
 /// A [`DenseWeights`] slice as raw parts.
@@ -83,13 +138,18 @@ impl RawWeights {
     }
 }
 
-// SAFETY: a task only travels to the helper while the pass that posted it waits for it to be done
-// (or takes it back), so the slices it points into are alive and not touched by the pass meanwhile.
-unsafe impl Send for Task {}
+/// A [`Job`] on the pass's stack, as the helper sees it.
+#[derive(Clone, Copy)]
+struct Posted(*const Job);
+
+// SAFETY: a job only travels to the helper while the pass that posted it waits for it to be done
+// (or takes it back), so the job and the slices it points into are alive meanwhile; the two
+// threads touch disjoint chunks of the output, each claimed once through an atomic counter.
+unsafe impl Send for Posted {}
 
 struct Helper {
     state: AtomicU8,
-    task: Mutex<Option<Task>>,
+    task: Mutex<Option<Posted>>,
     /// Set while a pass may post tasks: the helper spins; cleared, it parks.
     active: AtomicBool,
     thread: Thread,
@@ -104,14 +164,14 @@ thread_local! {
     static SPLIT: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Projections the helper has run since start-up.
+/// Projections the helper has run a chunk of since start-up.
 static HELPED: AtomicUsize = AtomicUsize::new(0);
 
 /// The cores the helper may run on now, on Linux (for tests): all the process's but the core of
 /// the last lone pass.
 pub use placement::helper_cores;
 
-/// Projections the helper has run since start-up (for tests and logs).
+/// Projections the helper has run a chunk of since start-up (for tests and logs).
 pub fn helped() -> usize {
     HELPED.load(Ordering::Relaxed)
 }
@@ -169,34 +229,30 @@ impl Helper {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .take();
-                    if let Some(t) = task {
-                        // A panic here must not leave the pass waiting, nor its half unwritten:
-                        // it is caught, and the pass runs the half itself.
-                        let run = std::panic::catch_unwind(|| {
-                            // SAFETY: see `Task`; the pass waits for DONE before these go.
-                            let (x, w, bias, out) = unsafe {
-                                (
-                                    std::slice::from_raw_parts(t.x, t.x_len),
-                                    t.w.get(),
-                                    std::slice::from_raw_parts(t.bias, t.bias_len),
-                                    std::slice::from_raw_parts_mut(t.out, t.out_len),
-                                )
-                            };
-                            aitier_kernels::dense(
-                                aitier_kernels::Isa::detect(),
-                                x,
-                                t.rows,
-                                w,
-                                Some(bias),
-                                out,
-                            );
-                        });
+                    if let Some(Posted(job)) = task {
+                        // SAFETY: see `Posted`; the pass waits for DONE or FAILED before the job
+                        // goes.
+                        let job = unsafe { &*job };
+                        let (mut taken, mut scratch) = (0, Vec::new());
+                        // A panic here must not leave the pass waiting, nor a chunk unwritten:
+                        // it is caught, and the pass runs that chunk itself.
+                        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            while job.claim() {
+                                taken += 1;
+                                let c = job.chunks - taken;
+                                job.lost.store(c, Ordering::Relaxed);
+                                // SAFETY: claimed by this thread alone (see `Job`).
+                                unsafe { job.run(c, &mut scratch) };
+                            }
+                        }));
                         if run.is_err() {
                             tracing::error!("the second-core helper's projection panicked");
                             self.state.store(FAILED, Ordering::Release);
                             continue;
                         }
-                        HELPED.fetch_add(1, Ordering::Relaxed);
+                        if taken > 0 {
+                            HELPED.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     self.state.store(DONE, Ordering::Release);
                 } else {
@@ -245,8 +301,10 @@ pub fn splitting() -> bool {
     SPLIT.with(Cell::get) && PASSES.load(Ordering::Acquire) == 1
 }
 
-/// `out = x · wᵀ + bias` ([`aitier_kernels::dense`]), the upper half of the columns on the helper
-/// when this thread's pass runs alone (see [`pass`]).
+/// `out = x · wᵀ + bias` ([`aitier_kernels::dense`]), shared with the helper when this thread's
+/// pass runs alone (see [`pass`]): in chunks of columns, which the pass claims from the first up and
+/// the helper from the last down, so that neither waits for the other longer than one chunk, even
+/// when the helper starts late.
 pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> {
     let isa = aitier_kernels::Isa::detect();
     let n = bias.len();
@@ -255,28 +313,39 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
         Some(h) if split && h.state.load(Ordering::Acquire) == IDLE => h,
         _ => return aitier_kernels::dense_new(isa, x, rows, w, Some(bias)),
     };
+    assert!(rows > 0 && x.len().is_multiple_of(rows) && w.len() == n * (x.len() / rows));
+    // Whole panels (which row-major weights do not need but do not mind), about `CHUNK_MACS`
+    // multiply-adds each. From `AMX_ROWS` rows, two halves: on a CPU with AMX each call packs its
+    // input for the tiles again.
     let k = x.len() / rows;
-    // At a panel's edge, which row-major weights do not need but do not mind.
-    let low = (n / 2).next_multiple_of(aitier_kernels::PANEL).min(n);
-    let mut high = vec![0f32; rows * (n - low)];
-    let (w_low, w_high, b_high) = (w.rows(0..low, k), w.rows(low..n, k), &bias[low..]);
-    *helper.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(Task {
+    let panel = aitier_kernels::PANEL;
+    let chunk = match rows < aitier_kernels::AMX_ROWS {
+        true => (CHUNK_MACS / (rows * k * panel)).max(1) * panel,
+        false => n.div_ceil(2).next_multiple_of(panel),
+    }
+    .min(n);
+    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+    let job = Job {
         x: x.as_ptr(),
         x_len: x.len(),
         rows,
-        w: RawWeights::new(w_high),
-        bias: b_high.as_ptr(),
-        bias_len: b_high.len(),
-        out: high.as_mut_ptr(),
-        out_len: high.len(),
-    });
+        w: RawWeights::new(w),
+        bias: bias.as_ptr(),
+        n,
+        out: out.as_mut_ptr(),
+        chunk,
+        chunks: n.div_ceil(chunk),
+        claimed: AtomicUsize::new(0),
+        lost: AtomicUsize::new(usize::MAX),
+    };
+    *helper.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(Posted(&job));
     helper.state.store(POSTED, Ordering::Release);
-    /// Until the helper is done with the task or it is taken back, the slices stay borrowed: this
-    /// waits on every way out of the function, a panic included.
+    /// Until the helper is done with the job or it is taken back, the job and the slices stay
+    /// borrowed: this waits on every way out of the function, a panic included.
     struct Wait<'a>(&'a Helper);
     impl Wait<'_> {
-        /// Whether the helper ran the task (else it was taken back, or failed: the pass runs it).
-        fn finish(&self) -> bool {
+        /// The helper is done with the job: `Err` if it panicked (its chunk is then left undone).
+        fn finish(&self) -> Result<(), ()> {
             if self
                 .0
                 .state
@@ -288,12 +357,12 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .take();
-                return false;
+                return Ok(());
             }
             let done = loop {
                 match self.0.state.load(Ordering::Acquire) {
-                    DONE => break true,
-                    FAILED => break false,
+                    DONE => break Ok(()),
+                    FAILED => break Err(()),
                     _ => std::hint::spin_loop(),
                 }
             };
@@ -304,21 +373,25 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
     impl Drop for Wait<'_> {
         fn drop(&mut self) {
             if matches!(self.0.state.load(Ordering::Acquire), POSTED | TAKEN) {
-                self.finish();
+                let _ = self.finish();
             }
         }
     }
     let wait = Wait(helper);
-    let own = aitier_kernels::dense_new(isa, x, rows, w_low, Some(&bias[..low]));
-    if !wait.finish() {
-        aitier_kernels::dense(isa, x, rows, w_high, Some(b_high), &mut high);
+    let (mut next, mut scratch) = (0, Vec::new());
+    while job.claim() {
+        // SAFETY: claimed by this thread alone; the job and its slices live until `wait` is done.
+        unsafe { job.run(next, &mut scratch) };
+        next += 1;
+    }
+    if wait.finish().is_err() {
+        // SAFETY: the helper has stopped, and its chunk was claimed by no one else.
+        unsafe { job.run(job.lost.load(Ordering::Relaxed), &mut scratch) };
     }
     drop(wait);
-    let mut out = Vec::with_capacity(rows * n);
-    for (own, high) in own.chunks_exact(low).zip(high.chunks_exact(n - low)) {
-        out.extend_from_slice(own);
-        out.extend_from_slice(high);
-    }
+    // SAFETY: every chunk was claimed and run, by the helper (done, seen through `state`) or by
+    // this thread, so each of the `rows × n` values has been written.
+    unsafe { out.set_len(rows * n) };
     out
 }
 
