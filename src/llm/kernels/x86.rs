@@ -1296,7 +1296,7 @@ fn row_blocks(rows: usize, most: usize, mut block: impl FnMut(usize, usize)) {
 macro_rules! panels_body {
     ($x:ident, $rows:ident, $k:ident, $w:ident, $n:ident, $bias:ident, $out:ident, $feat:literal,
      $lanes:literal, $most:expr, $zero:expr, $load:path, $widen:path, $set1:path, $fma:path,
-     $loadf:path, $add:path, $store:path, [$($R:literal)+]) => {{
+     $loadf:path, $add:path, $store:path, $next:literal, [$($R:literal)+]) => {{
         /// Rows `0..R` at `x` against the `2 × $lanes` columns at `w` (a panel's stride apart),
         /// each sum stored with the columns' bias added (when `bias` is not null): the same bits
         /// as adding it after, without another pass over the output. For input `i` it asks for
@@ -1345,11 +1345,13 @@ macro_rules! panels_body {
             }
         }
         // A panel's first run (its first block of rows on its first vectors) reads its lines
-        // from L3 or memory, the others from L2. On AVX2 a run of ≤ 6 rows on half a panel takes
-        // a line every 5 cycles or so, too fast for the lines it waits on; so the other runs ask
-        // for the next panel's lines meanwhile. `dense_bench 13 avx2` (six layers of their own),
-        // AMD EPYC Zen 4, six rounds alternated: median 3.41-3.68 -> 3.17-3.45 ms. AVX-512 runs
-        // up to 14 rows in one run a panel, which streams fast enough alone.
+        // from L3 or memory, the others from L2. On AVX2 (`$next`) a run of ≤ 6 rows on half a
+        // panel takes a line every 5 cycles or so, too fast for the lines it waits on; so the
+        // other runs ask for the next panel's lines meanwhile. `dense_bench` on AVX2, six layers
+        // of their own, AMD EPYC Zen 4, rounds alternated, median: 13 rows 3.41-3.68 -> 3.17-3.45
+        // ms, 40 rows 8.35-8.39 -> 8.00-8.07, 100 rows 19.9-20.1 -> 19.5-19.6. AVX-512 runs up to
+        // 14 rows a panel in one run, which streams fast enough alone; past that, asking for the
+        // next panel cost it 0.7% (40 and 100 rows), so it asks 4 KB ahead in every run.
         for p in 0..$n / PANEL {
             let mut first = true;
             for col in (0..PANEL).step_by(2 * $lanes) {
@@ -1363,9 +1365,9 @@ macro_rules! panels_body {
                     let (xr, o) = ($x.add(r0 * $k), $out.add(r0 * $n + p * PANEL + col));
                     let ahead = (wp as *const i8).wrapping_add(PREFETCH);
                     let next = $w.wrapping_add((p + 1) * $k * PANEL) as *const i8;
-                    match (take, std::mem::replace(&mut first, false)) {
-                        $(($R, true) => block::<$R, false>(xr, $k, wp, bp, o, $n, ahead),)+
-                        $(($R, false) => block::<$R, true>(xr, $k, wp, bp, o, $n, next),)+
+                    match (take, !std::mem::replace(&mut first, false) && $next) {
+                        $(($R, false) => block::<$R, false>(xr, $k, wp, bp, o, $n, ahead),)+
+                        $(($R, true) => block::<$R, true>(xr, $k, wp, bp, o, $n, next),)+
                         _ => unreachable!("a block of {take} rows"),
                     }
                 });
@@ -1387,7 +1389,7 @@ unsafe fn panels_avx512(
 ) {
     unsafe {
         panels_body!(
-            x, rows, k, w, n, bias, out, "avx2,fma,f16c,avx512f", 16, PANEL_ROWS_512, _mm512_setzero_ps(), _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_add_ps, _mm512_storeu_ps,
+            x, rows, k, w, n, bias, out, "avx2,fma,f16c,avx512f", 16, PANEL_ROWS_512, _mm512_setzero_ps(), _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_add_ps, _mm512_storeu_ps, false,
             [1 2 3 4 5 6 7 8 9 10 11 12 13 14]
         )
     }
@@ -1407,7 +1409,7 @@ unsafe fn panels_avx2(
 ) {
     unsafe {
         panels_body!(
-            x, rows, k, w, n, bias, out, "avx2,fma,f16c", 8, PANEL_ROWS_256, _mm256_setzero_ps(), _mm_loadu_si128, _mm256_cvtph_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps,
+            x, rows, k, w, n, bias, out, "avx2,fma,f16c", 8, PANEL_ROWS_256, _mm256_setzero_ps(), _mm_loadu_si128, _mm256_cvtph_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps, true,
             [1 2 3 4 5 6]
         )
     }
