@@ -372,7 +372,9 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
     }
     impl Drop for Wait<'_> {
         fn drop(&mut self) {
-            if matches!(self.0.state.load(Ordering::Acquire), POSTED | TAKEN) {
+            // Also after DONE or FAILED (the pass panicked in its own chunk): back to IDLE, or no
+            // later projection would use the helper again.
+            if self.0.state.load(Ordering::Acquire) != IDLE {
                 let _ = self.finish();
             }
         }
