@@ -46,6 +46,8 @@ const FAILED: u8 = 4;
 /// the pass from the first chunk up, the helper from the last one down, until they meet. Raw parts
 /// of slices that outlive the job (see [`dense`]).
 struct Job {
+    /// The pass's instruction set, for both threads.
+    isa: aitier_kernels::Isa,
     x: *const f32,
     x_len: usize,
     rows: usize,
@@ -88,7 +90,7 @@ impl Job {
         let k = self.x_len / self.rows;
         scratch.resize(self.rows * cols, 0.0);
         aitier_kernels::dense(
-            aitier_kernels::Isa::detect(),
+            self.isa,
             x,
             self.rows,
             w.rows(j0..j1, k),
@@ -326,6 +328,7 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
     .min(n);
     let mut out: Vec<f32> = Vec::with_capacity(rows * n);
     let job = Job {
+        isa,
         x: x.as_ptr(),
         x_len: x.len(),
         rows,

@@ -1363,11 +1363,14 @@ macro_rules! panels_body {
                 };
                 row_blocks($rows, $most, |r0, take| {
                     let (xr, o) = ($x.add(r0 * $k), $out.add(r0 * $n + p * PANEL + col));
-                    let ahead = (wp as *const i8).wrapping_add(PREFETCH);
-                    let next = $w.wrapping_add((p + 1) * $k * PANEL) as *const i8;
-                    match (take, !std::mem::replace(&mut first, false) && $next) {
+                    let next = !std::mem::replace(&mut first, false) && $next;
+                    let ahead = match next {
+                        true => $w.wrapping_add((p + 1) * $k * PANEL) as *const i8,
+                        false => (wp as *const i8).wrapping_add(PREFETCH),
+                    };
+                    match (take, next) {
                         $(($R, false) => block::<$R, false>(xr, $k, wp, bp, o, $n, ahead),)+
-                        $(($R, true) => block::<$R, true>(xr, $k, wp, bp, o, $n, next),)+
+                        $(($R, true) => block::<$R, true>(xr, $k, wp, bp, o, $n, ahead),)+
                         _ => unreachable!("a block of {take} rows"),
                     }
                 });
