@@ -104,7 +104,7 @@ fn main() {
                 batch as f64 * 1e3 / ms
             );
         }
-        if isa == Isa::Scalar {
+        if matches!(isa, Isa::Scalar | Isa::Sse2) {
             // The portable path is a fallback and a reference: minutes for a long prompt.
             continue;
         }

@@ -79,6 +79,8 @@ pub enum MaxIsa {
     Avx512,
     /// AVX2 and FMA at most.
     Avx2,
+    /// SSE2 at most, which every x86-64 CPU has (as a CPU without AVX2 runs).
+    Sse2,
     /// Portable code only.
     Scalar,
 }
@@ -89,6 +91,7 @@ impl MaxIsa {
         aitier_kernels::limit_isa(match self {
             MaxIsa::Avx512 => aitier_kernels::Isa::Avx512Vnni,
             MaxIsa::Avx2 => aitier_kernels::Isa::Avx2,
+            MaxIsa::Sse2 => aitier_kernels::Isa::Sse2,
             MaxIsa::Scalar => aitier_kernels::Isa::Scalar,
         });
     }
@@ -211,9 +214,9 @@ pub struct ServeArgs {
 
     /// The widest instruction set the kernels may use, when narrower than the CPU's. The fastest
     /// set is picked at start-up; `avx2` stays off AVX-512 (on CPUs where it lowers the clock, or
-    /// to measure the AVX2 path on an AVX-512 machine), `scalar` off SIMD altogether. Embeddings
-    /// are the same bits on `avx512` and `avx2` (up to AMX's rounding on long batches); chat
-    /// logits too.
+    /// to measure the AVX2 path on an AVX-512 machine), `sse2` off AVX (the path of a CPU without
+    /// AVX2), `scalar` off SIMD altogether. Embeddings are the same bits on `avx512` and `avx2`
+    /// (up to AMX's rounding on long batches); chat logits too.
     #[arg(long, env = "AITIER_MAX_ISA", value_enum, default_value_t = MaxIsa::Avx512)]
     pub max_isa: MaxIsa,
 

@@ -335,3 +335,32 @@ fn max_isa_narrows_the_kernels_and_keeps_the_answers() {
     assert!(!answer.is_empty());
     assert_eq!(answer, answer_avx2);
 }
+
+/// `--max-isa sse2` runs what a CPU without AVX2 runs: the encoders' panels on SSE2 vectors, which
+/// round each product before adding it (within rounding of the fused paths), and the chat
+/// engine's portable loops (which sum in another order: this prompt's first token is a near-tie
+/// there, so the answer is only asked to be one).
+#[test]
+fn max_isa_sse2_runs_the_path_of_a_cpu_without_avx2() {
+    let (_, embeddings, _) = answers_within("avx512");
+    let (kernels, embeddings_sse2, answer) = answers_within("sse2");
+    assert_eq!(kernels, "Sse2");
+    let vectors = |e: &serde_json::Value| -> Vec<Vec<f64>> {
+        serde_json::from_value(e.clone()).expect("two vectors of numbers")
+    };
+    let (wide, sse2) = (vectors(&embeddings), vectors(&embeddings_sse2));
+    assert_eq!(wide.len(), 2);
+    for (a, b) in wide.iter().zip(&sse2) {
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-5,
+            "SSE2 embeddings {worst} from the fused paths'"
+        );
+    }
+    assert!(!answer.is_empty());
+}

@@ -64,6 +64,12 @@ pub const LANES: usize = 8;
 #[repr(u8)]
 pub enum Isa {
     Scalar,
+    /// x86-64's baseline, which every x86-64 CPU has: for CPUs without AVX2, FMA or F16C (Intel
+    /// before Haswell, Atom-class Celerons and Pentiums, VMs whose CPU model hides AVX). The
+    /// encoders' panels run on SSE2 vectors with a multiply and an add where the others fuse them
+    /// (a software `fmaf` per product took 0.8 s for a 10-word sentence), so within rounding of
+    /// the other paths, not the same bits; everything else runs the portable loops.
+    Sse2,
     Avx2,
     Avx512Vnni,
 }
@@ -85,11 +91,11 @@ fn allowed(isa: Isa) -> bool {
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni];
 
     /// The fastest set this CPU supports (within [`limit_isa`]).
     pub fn detect() -> Self {
-        [Isa::Avx512Vnni, Isa::Avx2]
+        [Isa::Avx512Vnni, Isa::Avx2, Isa::Sse2]
             .into_iter()
             .find(|isa| isa.supported())
             .unwrap_or(Isa::Scalar)
@@ -98,6 +104,8 @@ impl Isa {
     pub fn supported(self) -> bool {
         match self {
             Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Sse2 => allowed(Isa::Sse2),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::avx2_supported(),
             #[cfg(target_arch = "x86_64")]
@@ -460,7 +468,7 @@ pub fn matmul_cols(
     assert!(cols.end <= w.n && out.len() == x.rows * cols.len());
     let width = cols.len();
     match isa {
-        Isa::Scalar => {
+        Isa::Scalar | Isa::Sse2 => {
             for (c, j) in cols.enumerate() {
                 for r in 0..x.rows {
                     out[r * width + c] = dot_scalar(w, j, x.row(r));
@@ -603,7 +611,9 @@ pub fn dense(
     assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
     assert!(!matches!(w, DenseWeights::Panels(_)) || n.is_multiple_of(PANEL));
     match isa {
-        Isa::Scalar => {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Sse2 if matches!(w, DenseWeights::Panels(_)) => x86::dense(isa, x, rows, w, bias, out),
+        Isa::Scalar | Isa::Sse2 => {
             for r in 0..rows {
                 let xr = &x[r * k..(r + 1) * k];
                 for j in 0..n {
@@ -619,7 +629,7 @@ pub fn dense(
             add_bias(out, bias);
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => x86::dense(isa == Isa::Avx512Vnni, x, rows, w, bias, out),
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dense(isa, x, rows, w, bias, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only scalar kernels off x86"),
     }
@@ -647,9 +657,9 @@ pub fn dense_new(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx2 | Isa::Avx512Vnni, DenseWeights::Panels(w)) = (isa, w) {
+    if let (Isa::Sse2 | Isa::Avx2 | Isa::Avx512Vnni, DenseWeights::Panels(w)) = (isa, w) {
         assert!(isa.supported(), "{isa:?} is not supported on this CPU");
-        return x86::panels_new(isa == Isa::Avx512Vnni, x, rows, w, bias);
+        return x86::panels_new(isa, x, rows, w, bias);
     }
     assert!(rows > 0 && x.len().is_multiple_of(rows) && !x.is_empty());
     let mut out = vec![0f32; rows * (w.len() / (x.len() / rows))];
@@ -777,7 +787,8 @@ mod tests {
                         "{format:?} {isa:?} k {k} rows {rows}: {g} vs {e}"
                     );
                 }
-                if isa != Isa::Scalar {
+                // SSE2 runs the portable loops here.
+                if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
                     match &x86 {
                         Some(first) => assert_eq!(first, &got, "{format:?}: x86 paths differ"),
                         None => x86 = Some(got),
@@ -890,7 +901,7 @@ mod tests {
                     "{isa:?}, {n_head}/{n_kv_head} heads: {a} vs {b}"
                 );
             }
-            if isa != Isa::Scalar {
+            if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
                 match &x86 {
                     Some(first) => assert_eq!(first, &together, "x86 attention paths differ"),
                     None => x86 = Some(together),
@@ -1032,8 +1043,9 @@ mod tests {
 
     #[test]
     fn panels_give_the_same_bits_on_every_path_and_the_exact_product() {
-        // 1-30 rows cover every block of rows of both x86 paths (and two blocks of uneven sizes);
-        // three panels, so that a split at a panel's edge is tried too.
+        // 1-30 rows cover every block of rows of the x86 paths (and two blocks of uneven sizes);
+        // three panels, so that a split at a panel's edge is tried too. SSE2, which rounds each
+        // product before adding it, is held to the exact product and to its own bits in any call.
         let (k, n) = (72, 3 * PANEL);
         let w32 = values(n * k, 7);
         let w16: Vec<half::f16> = w32.iter().map(|&v| half::f16::from_f32(v)).collect();
@@ -1051,17 +1063,26 @@ mod tests {
                 Some(&bias),
                 &mut scalar,
             );
-            for r in 0..rows {
-                for j in 0..n {
-                    let exact: f64 = bias[j] as f64
+            let exact: Vec<f64> = (0..rows * n)
+                .map(|at| {
+                    let (r, j) = (at / n, at % n);
+                    bias[j] as f64
                         + (0..k)
                             .map(|i| x[r * k + i] as f64 * w16[j * k + i].to_f32() as f64)
-                            .sum::<f64>();
-                    let got = scalar[r * n + j] as f64;
-                    assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * (k as f64).sqrt());
+                            .sum::<f64>()
+                })
+                .collect();
+            let near = |got: &[f32], isa: Isa| {
+                for (g, e) in got.iter().zip(&exact) {
+                    let bound = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
+                    assert!(
+                        (*g as f64 - e).abs() <= bound,
+                        "{isa:?}, {rows} rows: {g} vs {e}"
+                    );
                 }
-            }
-            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+            };
+            near(&scalar, Isa::Scalar);
+            for isa in [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni] {
                 if !isa.supported() {
                     if rows == 1 {
                         eprintln!("dense panels {isa:?}: not supported on this CPU, not run");
@@ -1077,11 +1098,28 @@ mod tests {
                     Some(&bias),
                     &mut out,
                 );
-                assert_eq!(
-                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{isa:?}, {rows} rows"
-                );
+                if isa == Isa::Sse2 {
+                    near(&out, isa);
+                } else {
+                    assert_eq!(
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{isa:?}, {rows} rows"
+                    );
+                }
+                // Each row alone (another block of rows), the same bits.
+                for r in [0, rows / 2, rows - 1] {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let alone = dense_new(isa, xr, 1, DenseWeights::Panels(&laid), Some(&bias));
+                    assert_eq!(
+                        alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        out[r * n..(r + 1) * n]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>(),
+                        "{isa:?}, row {r} of {rows} alone"
+                    );
+                }
                 // Into a new vector (not zeroed: every value stored by the kernel), the same.
                 let new = dense_new(isa, &x, rows, DenseWeights::Panels(&laid), Some(&bias));
                 assert_eq!(
@@ -1097,6 +1135,45 @@ mod tests {
                     assert_eq!(
                         half[r * (n - PANEL)..(r + 1) * (n - PANEL)],
                         out[r * n + PANEL..(r + 1) * n]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sse2_panels_widen_every_finite_f16_exactly() {
+        if !Isa::Sse2.supported() {
+            eprintln!("dense panels Sse2: not supported on this CPU, not run");
+            return;
+        }
+        // Against the identity, each output is one weight: every finite f16, subnormals too.
+        let finite: Vec<half::f16> = (0..=u16::MAX)
+            .map(half::f16::from_bits)
+            .filter(|v| v.is_finite())
+            .collect();
+        let identity: Vec<f32> = (0..PANEL * PANEL)
+            .map(|i| f32::from(i / PANEL == i % PANEL))
+            .collect();
+        for w in finite.chunks(PANEL * PANEL) {
+            let mut w = w.to_vec();
+            w.resize(PANEL * PANEL, half::f16::ZERO);
+            let laid = panels(&w, PANEL, PANEL).unwrap();
+            let out = dense_new(
+                Isa::Sse2,
+                &identity,
+                PANEL,
+                DenseWeights::Panels(&laid),
+                None,
+            );
+            for r in 0..PANEL {
+                for j in 0..PANEL {
+                    let want = w[j * PANEL + r].to_f32();
+                    assert_eq!(
+                        out[r * PANEL + j],
+                        want,
+                        "{:#06x}",
+                        w[j * PANEL + r].to_bits()
                     );
                 }
             }

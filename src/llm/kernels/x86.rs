@@ -18,7 +18,7 @@ use core::mem::MaybeUninit;
 use half::f16;
 
 use super::attention::{self, Heads, Queries};
-use super::{BLOCK, DenseWeights, Format, LANES, PANEL};
+use super::{BLOCK, DenseWeights, Format, Isa, LANES, PANEL};
 
 pub(super) fn avx2_supported() -> bool {
     super::allowed(super::Isa::Avx2)
@@ -983,10 +983,10 @@ unsafe fn matmul_vnni_wide(
     }
 }
 
-/// Safe entry of [`super::dense`]: 16-lane vectors with `wide`, else 8. Panels add the bias as
-/// they store their sums; row-major weights after.
+/// Safe entry of [`super::dense`]: 16-lane vectors on AVX-512, 8 on AVX2; panels also on SSE2's
+/// 4. Panels add the bias as they store their sums; row-major weights after.
 pub(super) fn dense(
-    wide: bool,
+    isa: Isa,
     x: &[f32],
     rows: usize,
     w: DenseWeights,
@@ -994,10 +994,11 @@ pub(super) fn dense(
     out: &mut [f32],
 ) {
     if let DenseWeights::Panels(w) = w {
-        return panels_into(wide, x, rows, w, bias, out);
+        return panels_into(isa, x, rows, w, bias, out);
     }
     let k = x.len() / rows;
     let n = w.len() / k;
+    let wide = isa == Isa::Avx512Vnni;
     assert!(rows * k == x.len() && n * k == w.len() && out.len() == rows * n);
     assert!(avx2_supported() && (!wide || is_x86_feature_detected!("avx512f")));
     // SAFETY: the CPU has the features (asserted above; `f16c` is part of `avx2_supported`, and
@@ -1016,9 +1017,9 @@ pub(super) fn dense(
 }
 
 /// [`DenseWeights::Panels`] with the bias added, into `out` (every one of its `rows × n` values is
-/// stored once, none read): 16-lane vectors with `wide`, else 8.
+/// stored once, none read): on `isa`'s vectors, 16, 8 or 4 lanes.
 fn panels(
-    wide: bool,
+    isa: Isa,
     x: &[f32],
     rows: usize,
     w: &[f16],
@@ -1030,8 +1031,8 @@ fn panels(
     assert!(k > 0 && w.len().is_multiple_of(k * PANEL));
     let n = w.len() / k;
     assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
-    assert!(avx2_supported() && (!wide || is_x86_feature_detected!("avx512f")));
-    if wide
+    assert!(isa != Isa::Scalar && isa.supported());
+    if isa == Isa::Avx512Vnni
         && rows >= super::AMX_ROWS
         && k.is_multiple_of(super::amx::DEPTH)
         && super::amx_supported()
@@ -1044,31 +1045,24 @@ fn panels(
     // `w[(j / PANEL * k + i) * PANEL + j % PANEL]` and `bias[j]` and store `out[r * n + j]`, for
     // `r < rows`, `j < n`, `i < k`: within the lengths asserted above.
     unsafe {
-        if wide {
-            panels_avx512(x, rows, k, w, n, bias, out)
-        } else {
-            panels_avx2(x, rows, k, w, n, bias, out)
+        match isa {
+            Isa::Avx512Vnni => panels_avx512(x, rows, k, w, n, bias, out),
+            Isa::Avx2 => panels_avx2(x, rows, k, w, n, bias, out),
+            _ => panels_sse2(x, rows, k, w, n, bias, out),
         }
     }
 }
 
 /// [`panels`] into initialised values.
-fn panels_into(
-    wide: bool,
-    x: &[f32],
-    rows: usize,
-    w: &[f16],
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
+fn panels_into(isa: Isa, x: &[f32], rows: usize, w: &[f16], bias: Option<&[f32]>, out: &mut [f32]) {
     // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `panels` stores only initialised values.
     let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    panels(wide, x, rows, w, bias, out);
+    panels(isa, x, rows, w, bias, out);
 }
 
 /// [`panels`] into a new vector, not zeroed first: the kernel stores every value.
 pub(super) fn panels_new(
-    wide: bool,
+    isa: Isa,
     x: &[f32],
     rows: usize,
     w: &[f16],
@@ -1077,7 +1071,7 @@ pub(super) fn panels_new(
     assert!(rows > 0 && x.len() >= rows);
     let len = rows * (w.len() / (x.len() / rows));
     let mut out = Vec::with_capacity(len);
-    panels(wide, x, rows, w, bias, &mut out.spare_capacity_mut()[..len]);
+    panels(isa, x, rows, w, bias, &mut out.spare_capacity_mut()[..len]);
     // SAFETY: `panels` stored all `len` values (it asserts `out.len() == rows × n`).
     unsafe { out.set_len(len) };
     out
@@ -1413,6 +1407,64 @@ unsafe fn panels_avx2(
     unsafe {
         panels_body!(
             x, rows, k, w, n, bias, out, "avx2,fma,f16c", 8, PANEL_ROWS_256, _mm256_setzero_ps(), _mm_loadu_si128, _mm256_cvtph_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps, true,
+            [1 2 3 4 5 6]
+        )
+    }
+}
+
+/// Four `f16` (the low 64 bits of `h`) as `f32`, exactly, on SSE2 (no F16C): the exponent and
+/// mantissa bits moved to `f32`'s places and scaled by 2¹¹² (exact for normal and subnormal
+/// values alike), infinities and NaNs given `f32`'s top exponent, then the sign.
+#[inline(always)]
+unsafe fn halves_sse2(h: __m128i) -> __m128 {
+    unsafe {
+        let bits = _mm_unpacklo_epi16(h, _mm_setzero_si128());
+        let magnitude = _mm_and_si128(bits, _mm_set1_epi32(0x7fff));
+        let sign = _mm_slli_epi32::<16>(_mm_xor_si128(bits, magnitude));
+        let scaled = _mm_mul_ps(
+            _mm_castsi128_ps(_mm_slli_epi32::<13>(magnitude)),
+            _mm_castsi128_ps(_mm_set1_epi32(0x7780_0000)),
+        );
+        let special = _mm_cmpgt_epi32(magnitude, _mm_set1_epi32(0x7bff));
+        let top = _mm_and_si128(special, _mm_set1_epi32(0x7f80_0000));
+        _mm_or_ps(
+            _mm_or_ps(scaled, _mm_castsi128_ps(top)),
+            _mm_castsi128_ps(sign),
+        )
+    }
+}
+
+/// Four `f16` at `p` (64 bits).
+#[inline(always)]
+unsafe fn load_f16x4(p: *const i64) -> __m128i {
+    unsafe { _mm_loadl_epi64(p.cast()) }
+}
+
+/// `a × b + c` on four lanes, rounded twice: SSE2 has no fused multiply-add.
+#[inline(always)]
+unsafe fn mul_add_sse2(a: __m128, b: __m128, c: __m128) -> __m128 {
+    unsafe { _mm_add_ps(_mm_mul_ps(a, b), c) }
+}
+
+/// Rows of `x` that one pass over a panel runs against on SSE2: two vectors of four columns for
+/// each of six rows, twelve accumulators of the sixteen registers (as on AVX2).
+const PANEL_ROWS_128: usize = 6;
+
+/// [`DenseWeights::Panels`] on SSE2, for CPUs without AVX2: a quarter of a panel (two vectors of
+/// four columns) at a time, each product added after it is rounded.
+#[target_feature(enable = "sse2")]
+unsafe fn panels_sse2(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f16,
+    n: usize,
+    bias: *const f32,
+    out: *mut f32,
+) {
+    unsafe {
+        panels_body!(
+            x, rows, k, w, n, bias, out, "sse2", 4, PANEL_ROWS_128, _mm_setzero_ps(), load_f16x4, halves_sse2, _mm_set1_ps, mul_add_sse2, _mm_loadu_ps, _mm_add_ps, _mm_storeu_ps, true,
             [1 2 3 4 5 6]
         )
     }

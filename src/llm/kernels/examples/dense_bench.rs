@@ -8,13 +8,14 @@
 //! With GAP_MS, each pass of its own weights follows that long an idle pause, as a lone request on
 //! an idle server does (other work on the machine may have taken the caches meanwhile).
 //!
-//!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|scalar|avx512] [GAP_MS]
+//!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|sse2|scalar|avx512] [GAP_MS]
 use aitier_kernels::{DenseWeights, Isa, QActs, QMatrix, dense, matmul_cols, panels};
 use std::time::Instant;
 fn main() {
     let rows: usize = std::env::args().nth(1).map_or(13, |s| s.parse().unwrap());
     let isa = match std::env::args().nth(2).as_deref() {
         Some("scalar") => Isa::Scalar,
+        Some("sse2") => Isa::Sse2,
         Some("avx512") => Isa::Avx512Vnni,
         _ => Isa::Avx2,
     };

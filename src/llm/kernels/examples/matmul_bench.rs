@@ -1,7 +1,7 @@
 //! The int8 matmul on SmolLM2-135M's four Q4_1 projections (qkv, attention out, gate and up,
 //! down), on one core: the best of five rounds per shape, and the sum for its 30 layers.
 //!
-//!     cargo run --release -p aitier-kernels --example matmul_bench -- [ROWS (256)] [avx2|scalar|avx512]
+//!     cargo run --release -p aitier-kernels --example matmul_bench -- [ROWS (256)] [avx2|sse2|scalar|avx512]
 use aitier_kernels::{BLOCK, Format, Isa, QActs, QMatrix, matmul_cols};
 use std::time::Instant;
 
@@ -22,6 +22,7 @@ fn main() {
     let rows: usize = std::env::args().nth(1).map_or(256, |s| s.parse().unwrap());
     let isa = match std::env::args().nth(2).as_deref() {
         Some("scalar") => Isa::Scalar,
+        Some("sse2") => Isa::Sse2,
         Some("avx512") => Isa::Avx512Vnni,
         _ => Isa::Avx2,
     };
