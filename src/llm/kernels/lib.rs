@@ -66,9 +66,10 @@ pub enum Isa {
     Scalar,
     /// x86-64's baseline, which every x86-64 CPU has: for CPUs without AVX2, FMA or F16C (Intel
     /// before Haswell, Atom-class Celerons and Pentiums, VMs whose CPU model hides AVX). The
-    /// encoders' panels run on SSE2 vectors with a multiply and an add where the others fuse them
-    /// (a software `fmaf` per product took 0.8 s for a 10-word sentence), so within rounding of
-    /// the other paths, not the same bits; everything else runs the portable loops.
+    /// matmul (`pmaddwd`) and the encoders' panels run on SSE2 vectors, with a multiply and an
+    /// add where the others fuse them (a software `fmaf` per product took the portable panels
+    /// 0.8 s for a 10-word sentence): within rounding of the other paths, not the same bits.
+    /// Attention runs the portable loops.
     Sse2,
     Avx2,
     Avx512Vnni,
@@ -468,7 +469,7 @@ pub fn matmul_cols(
     assert!(cols.end <= w.n && out.len() == x.rows * cols.len());
     let width = cols.len();
     match isa {
-        Isa::Scalar | Isa::Sse2 => {
+        Isa::Scalar => {
             for (c, j) in cols.enumerate() {
                 for r in 0..x.rows {
                     out[r * width + c] = dot_scalar(w, j, x.row(r));
@@ -476,7 +477,7 @@ pub fn matmul_cols(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni if !cols.start.is_multiple_of(LANES) => {
+        Isa::Sse2 | Isa::Avx2 | Isa::Avx512Vnni if !cols.start.is_multiple_of(LANES) => {
             // The kernels start at a group: run from the group's start and keep the columns
             // asked for (each column's value is the same whichever lane it has).
             let from = cols.start / LANES * LANES;
@@ -489,7 +490,7 @@ pub fn matmul_cols(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => {
+        Isa::Sse2 | Isa::Avx2 | Isa::Avx512Vnni => {
             let weights = x86::Weights {
                 format: w.format,
                 qs: &w.qs,
@@ -505,7 +506,7 @@ pub fn matmul_cols(
                 s: &x.s,
                 rows: x.rows,
             };
-            x86::matmul(isa == Isa::Avx512Vnni, &weights, &acts, out, width);
+            x86::matmul(isa, &weights, &acts, out, width);
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only scalar kernels off x86"),
@@ -787,7 +788,7 @@ mod tests {
                         "{format:?} {isa:?} k {k} rows {rows}: {g} vs {e}"
                     );
                 }
-                // SSE2 runs the portable loops here.
+                // SSE2 rounds each product before adding it: within rounding only.
                 if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
                     match &x86 {
                         Some(first) => assert_eq!(first, &got, "{format:?}: x86 paths differ"),

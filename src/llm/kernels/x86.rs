@@ -263,7 +263,7 @@ pub(super) struct Acts<'a> {
 
 /// Safe entry: writes `out[r * width + c]` = weight column `8 × group + c` · activation row `r`
 /// for every column of `w` and row of `acts`.
-pub(super) fn matmul(vnni: bool, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
+pub(super) fn matmul(isa: Isa, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f32], width: usize) {
     let kb = w.blocks;
     let qb = w.format.quant_bytes();
     assert!(kb > 0 && w.cols <= width);
@@ -280,11 +280,14 @@ pub(super) fn matmul(vnni: bool, w: &Weights<'_>, acts: &Acts<'_>, out: &mut [f3
     assert!(acts.qs.len() == acts.rows * kb * BLOCK);
     assert!(acts.d.len() == acts.rows * kb && acts.s.len() == acts.rows * kb);
     assert!(out.len() >= acts.rows * width);
-    assert!(if vnni {
-        avx512_vnni_supported()
-    } else {
-        avx2_supported()
-    });
+    assert!(isa != Isa::Scalar && isa.supported());
+    if isa == Isa::Sse2 {
+        // The rows widened to `i16` once, for `pmaddwd`.
+        let wide: Vec<i16> = acts.qs.iter().map(|&q| q.into()).collect();
+        // SAFETY: as below (SSE2 is part of every x86-64 CPU), and `wide` has `acts.qs`'s length.
+        return unsafe { matmul_sse2(w, acts, &wide, out, width) };
+    }
+    let vnni = isa == Isa::Avx512Vnni;
     // SAFETY: the CPU supports the target features (asserted above); the kernels read the
     // groups `group..group + ⌈cols / 8⌉` of `w` (eight columns' quant bytes, scales and offsets
     // of blocks `< kb` each), the same blocks of activation rows `< acts.rows`, and write
@@ -830,6 +833,117 @@ macro_rules! matmul_body {
             groups!(false)
         }
     }};
+}
+
+/// Rows of a prompt that [`matmul_sse2`] runs against a column's weights once they are widened.
+const SSE2_ROWS: usize = 4;
+
+/// The sums of four vectors of four `i32` lanes: lane `c` of the result is the sum of vector
+/// `c`'s lanes (exact integers, so the order is immaterial).
+#[inline(always)]
+unsafe fn sum4_epi32(v: &[__m128i]) -> __m128i {
+    unsafe {
+        let ab = _mm_add_epi32(
+            _mm_unpacklo_epi32(v[0], v[1]),
+            _mm_unpackhi_epi32(v[0], v[1]),
+        );
+        let cd = _mm_add_epi32(
+            _mm_unpacklo_epi32(v[2], v[3]),
+            _mm_unpackhi_epi32(v[2], v[3]),
+        );
+        _mm_add_epi32(_mm_unpacklo_epi64(ab, cd), _mm_unpackhi_epi64(ab, cd))
+    }
+}
+
+/// The matmul on SSE2, for CPUs without AVX2. Per group of eight columns and block of up to
+/// [`SSE2_ROWS`] rows, each column's block of weights is widened to `i16` once (nibbles masked
+/// and shifted; Q8_0's bytes sign-extended) and multiplied with every row's block by `pmaddwd`;
+/// the eight columns' partial sums fold into two vectors of exact block sums, lane `c` column
+/// `c`. Then per block, as the other paths do, `sum × (d_w × d_a)` and for the 4-bit formats
+/// `m × s` are added to the column's lane, each product rounded before it is added (no FMA): the
+/// same operations whatever rows run together or how the columns are split, within rounding of
+/// the fused paths.
+#[target_feature(enable = "sse2")]
+unsafe fn matmul_sse2(
+    w: &Weights<'_>,
+    acts: &Acts<'_>,
+    wide: &[i16],
+    out: &mut [f32],
+    width: usize,
+) {
+    unsafe {
+        let kb = w.blocks;
+        let qb = w.format.quant_bytes();
+        let four_bit = w.format != Format::Q8_0;
+        let mask = _mm_set1_epi8(0x0f);
+        let zero = _mm_setzero_si128();
+        for gi in 0..w.cols.div_ceil(LANES) {
+            let g = w.group + gi;
+            let live = (w.cols - gi * LANES).min(LANES);
+            let qs = w.qs.as_ptr().add(g * kb * LANES * qb);
+            let dp = w.d.as_ptr().add(g * kb * LANES);
+            let mp = w.m.as_ptr().add(if four_bit { g * kb * LANES } else { 0 });
+            for r0 in (0..acts.rows).step_by(SSE2_ROWS) {
+                let rows = SSE2_ROWS.min(acts.rows - r0);
+                let mut acc = [[_mm_setzero_ps(); 2]; SSE2_ROWS];
+                for b in 0..kb {
+                    let mut sums = [[zero; LANES]; SSE2_ROWS];
+                    for c in 0..LANES {
+                        let q = qs.add((b * LANES + c) * qb) as *const __m128i;
+                        let v: [__m128i; 4] = if four_bit {
+                            let bytes = _mm_loadu_si128(q);
+                            let lo = _mm_and_si128(bytes, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+                            [
+                                _mm_unpacklo_epi8(lo, zero),
+                                _mm_unpackhi_epi8(lo, zero),
+                                _mm_unpacklo_epi8(hi, zero),
+                                _mm_unpackhi_epi8(hi, zero),
+                            ]
+                        } else {
+                            let (a, b) = (_mm_loadu_si128(q), _mm_loadu_si128(q.add(1)));
+                            [
+                                _mm_srai_epi16::<8>(_mm_unpacklo_epi8(a, a)),
+                                _mm_srai_epi16::<8>(_mm_unpackhi_epi8(a, a)),
+                                _mm_srai_epi16::<8>(_mm_unpacklo_epi8(b, b)),
+                                _mm_srai_epi16::<8>(_mm_unpackhi_epi8(b, b)),
+                            ]
+                        };
+                        for (r, sums) in sums.iter_mut().enumerate().take(rows) {
+                            let a =
+                                wide.as_ptr().add(((r0 + r) * kb + b) * BLOCK) as *const __m128i;
+                            let p = |j: usize| _mm_madd_epi16(v[j], _mm_loadu_si128(a.add(j)));
+                            sums[c] =
+                                _mm_add_epi32(_mm_add_epi32(p(0), p(1)), _mm_add_epi32(p(2), p(3)));
+                        }
+                    }
+                    let h = |p: *const u16| halves_sse2(_mm_loadl_epi64(p as *const __m128i));
+                    let dw = [h(dp.add(b * LANES)), h(dp.add(b * LANES + 4))];
+                    let mw = four_bit.then(|| [h(mp.add(b * LANES)), h(mp.add(b * LANES + 4))]);
+                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                        let at = (r0 + r) * kb + b;
+                        let da = _mm_set1_ps(*acts.d.get_unchecked(at));
+                        for (half, acc) in acc.iter_mut().enumerate() {
+                            let total = sum4_epi32(&sums[r][4 * half..4 * half + 4]);
+                            let scale = _mm_mul_ps(dw[half], da);
+                            *acc = _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(total), scale), *acc);
+                            if let Some(mw) = mw {
+                                let s = _mm_set1_ps(*acts.s.get_unchecked(at));
+                                *acc = _mm_add_ps(_mm_mul_ps(mw[half], s), *acc);
+                            }
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    let mut lanes = [0f32; LANES];
+                    _mm_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+                    _mm_storeu_ps(lanes.as_mut_ptr().add(4), acc[1]);
+                    let at = (r0 + r) * width + gi * LANES;
+                    out[at..at + live].copy_from_slice(&lanes[..live]);
+                }
+            }
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
