@@ -1047,96 +1047,99 @@ mod tests {
         // 1-30 rows cover every block of rows of the x86 paths (and two blocks of uneven sizes);
         // three panels, so that a split at a panel's edge is tried too. SSE2, which rounds each
         // product before adding it, is held to the exact product and to its own bits in any call.
-        let (k, n) = (72, 3 * PANEL);
-        let w32 = values(n * k, 7);
-        let w16: Vec<half::f16> = w32.iter().map(|&v| half::f16::from_f32(v)).collect();
-        let laid = panels(&w16, n, k).unwrap();
-        assert!(panels(&w16[..(n - 1) * k], n - 1, k).is_none());
-        let bias = values(n, 8);
-        for rows in 1..=30 {
-            let x = values(rows * k, rows as u64);
-            let mut scalar = vec![0f32; rows * n];
-            dense(
-                Isa::Scalar,
-                &x,
-                rows,
-                DenseWeights::Panels(&laid),
-                Some(&bias),
-                &mut scalar,
-            );
-            let exact: Vec<f64> = (0..rows * n)
-                .map(|at| {
-                    let (r, j) = (at / n, at % n);
-                    bias[j] as f64
-                        + (0..k)
-                            .map(|i| x[r * k + i] as f64 * w16[j * k + i].to_f32() as f64)
-                            .sum::<f64>()
-                })
-                .collect();
-            let near = |got: &[f32], isa: Isa| {
-                for (g, e) in got.iter().zip(&exact) {
-                    let bound = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
-                    assert!(
-                        (*g as f64 - e).abs() <= bound,
-                        "{isa:?}, {rows} rows: {g} vs {e}"
-                    );
-                }
-            };
-            near(&scalar, Isa::Scalar);
-            for isa in [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni] {
-                if !isa.supported() {
-                    if rows == 1 {
-                        eprintln!("dense panels {isa:?}: not supported on this CPU, not run");
-                    }
-                    continue;
-                }
-                let mut out = vec![0f32; rows * n];
+        // 45 inputs leave the SSE2 loop a tail after its four at a time.
+        for k in [72, 45] {
+            let n = 3 * PANEL;
+            let w32 = values(n * k, 7);
+            let w16: Vec<half::f16> = w32.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let laid = panels(&w16, n, k).unwrap();
+            assert!(panels(&w16[..(n - 1) * k], n - 1, k).is_none());
+            let bias = values(n, 8);
+            for rows in 1..=30 {
+                let x = values(rows * k, rows as u64);
+                let mut scalar = vec![0f32; rows * n];
                 dense(
-                    isa,
+                    Isa::Scalar,
                     &x,
                     rows,
                     DenseWeights::Panels(&laid),
                     Some(&bias),
-                    &mut out,
+                    &mut scalar,
                 );
-                if isa == Isa::Sse2 {
-                    near(&out, isa);
-                } else {
+                let exact: Vec<f64> = (0..rows * n)
+                    .map(|at| {
+                        let (r, j) = (at / n, at % n);
+                        bias[j] as f64
+                            + (0..k)
+                                .map(|i| x[r * k + i] as f64 * w16[j * k + i].to_f32() as f64)
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let near = |got: &[f32], isa: Isa| {
+                    for (g, e) in got.iter().zip(&exact) {
+                        let bound = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
+                        assert!(
+                            (*g as f64 - e).abs() <= bound,
+                            "{isa:?}, {rows} rows: {g} vs {e}"
+                        );
+                    }
+                };
+                near(&scalar, Isa::Scalar);
+                for isa in [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni] {
+                    if !isa.supported() {
+                        if rows == 1 {
+                            eprintln!("dense panels {isa:?}: not supported on this CPU, not run");
+                        }
+                        continue;
+                    }
+                    let mut out = vec![0f32; rows * n];
+                    dense(
+                        isa,
+                        &x,
+                        rows,
+                        DenseWeights::Panels(&laid),
+                        Some(&bias),
+                        &mut out,
+                    );
+                    if isa == Isa::Sse2 {
+                        near(&out, isa);
+                    } else {
+                        assert_eq!(
+                            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?}, {rows} rows"
+                        );
+                    }
+                    // Each row alone (another block of rows), the same bits.
+                    for r in [0, rows / 2, rows - 1] {
+                        let xr = &x[r * k..(r + 1) * k];
+                        let alone = dense_new(isa, xr, 1, DenseWeights::Panels(&laid), Some(&bias));
+                        assert_eq!(
+                            alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            out[r * n..(r + 1) * n]
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect::<Vec<_>>(),
+                            "{isa:?}, row {r} of {rows} alone"
+                        );
+                    }
+                    // Into a new vector (not zeroed: every value stored by the kernel), the same.
+                    let new = dense_new(isa, &x, rows, DenseWeights::Panels(&laid), Some(&bias));
                     assert_eq!(
+                        new.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        "{isa:?}, {rows} rows"
+                        "dense_new, {isa:?}, {rows} rows"
                     );
-                }
-                // Each row alone (another block of rows), the same bits.
-                for r in [0, rows / 2, rows - 1] {
-                    let xr = &x[r * k..(r + 1) * k];
-                    let alone = dense_new(isa, xr, 1, DenseWeights::Panels(&laid), Some(&bias));
-                    assert_eq!(
-                        alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        out[r * n..(r + 1) * n]
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect::<Vec<_>>(),
-                        "{isa:?}, row {r} of {rows} alone"
-                    );
-                }
-                // Into a new vector (not zeroed: every value stored by the kernel), the same.
-                let new = dense_new(isa, &x, rows, DenseWeights::Panels(&laid), Some(&bias));
-                assert_eq!(
-                    new.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "dense_new, {isa:?}, {rows} rows"
-                );
-                // The upper panel alone gives its columns' bits, as the second core runs it.
-                let upper = DenseWeights::Panels(&laid).rows(PANEL..n, k);
-                let mut half = vec![0f32; rows * (n - PANEL)];
-                dense(isa, &x, rows, upper, Some(&bias[PANEL..]), &mut half);
-                for r in 0..rows {
-                    assert_eq!(
-                        half[r * (n - PANEL)..(r + 1) * (n - PANEL)],
-                        out[r * n + PANEL..(r + 1) * n]
-                    );
+                    // The upper panel alone gives its columns' bits, as the second core runs it.
+                    let upper = DenseWeights::Panels(&laid).rows(PANEL..n, k);
+                    let mut half = vec![0f32; rows * (n - PANEL)];
+                    dense(isa, &x, rows, upper, Some(&bias[PANEL..]), &mut half);
+                    for r in 0..rows {
+                        assert_eq!(
+                            half[r * (n - PANEL)..(r + 1) * (n - PANEL)],
+                            out[r * n + PANEL..(r + 1) * n]
+                        );
+                    }
                 }
             }
         }

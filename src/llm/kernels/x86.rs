@@ -14,6 +14,7 @@
 
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
+use std::cell::RefCell;
 
 use half::f16;
 
@@ -1548,24 +1549,22 @@ unsafe fn halves_sse2(h: __m128i) -> __m128 {
     }
 }
 
-/// Four `f16` at `p` (64 bits).
-#[inline(always)]
-unsafe fn load_f16x4(p: *const i64) -> __m128i {
-    unsafe { _mm_loadl_epi64(p.cast()) }
-}
-
-/// `a × b + c` on four lanes, rounded twice: SSE2 has no fused multiply-add.
-#[inline(always)]
-unsafe fn mul_add_sse2(a: __m128, b: __m128, c: __m128) -> __m128 {
-    unsafe { _mm_add_ps(_mm_mul_ps(a, b), c) }
-}
-
-/// Rows of `x` that one pass over a panel runs against on SSE2: two vectors of four columns for
+/// Rows of `x` that one run over a quarter panel takes on SSE2: two vectors of four columns for
 /// each of six rows, twelve accumulators of the sixteen registers (as on AVX2).
 const PANEL_ROWS_128: usize = 6;
 
-/// [`DenseWeights::Panels`] on SSE2, for CPUs without AVX2: a quarter of a panel (two vectors of
-/// four columns) at a time, each product added after it is rounded.
+thread_local! {
+    /// [`panels_sse2`]'s panel widened to `f32` (`k × PANEL` values, aligned for the loads).
+    static WIDE_PANEL: RefCell<Vec<__m128>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`DenseWeights::Panels`] on SSE2, for CPUs without AVX2. Each panel is first widened to `f32`
+/// into a scratch of this thread's (SSE2 has no `vcvtph2ps`: the ten instructions of
+/// [`halves_sse2`] per four weights, once per call instead of once per block of rows), then run a
+/// quarter (two vectors of four columns) against up to six rows at a time, each row's inputs
+/// loaded four at a time and broadcast by a shuffle. Each output sums its inputs in order, every
+/// product rounded before it is added (no FMA), then its bias: within rounding of the fused paths,
+/// and the same bits in any call or column split.
 #[target_feature(enable = "sse2")]
 unsafe fn panels_sse2(
     x: *const f32,
@@ -1576,10 +1575,84 @@ unsafe fn panels_sse2(
     bias: *const f32,
     out: *mut f32,
 ) {
-    unsafe {
-        panels_body!(
-            x, rows, k, w, n, bias, out, "sse2", 4, PANEL_ROWS_128, _mm_setzero_ps(), load_f16x4, halves_sse2, _mm_set1_ps, mul_add_sse2, _mm_loadu_ps, _mm_add_ps, _mm_storeu_ps, true,
-            [1 2 3 4 5 6]
-        )
+    /// Rows `0..R` at `x` against the two vectors of each input at `wide` (`PANEL / 4` apart).
+    #[target_feature(enable = "sse2")]
+    #[inline]
+    unsafe fn block<const R: usize>(
+        x: *const f32,
+        k: usize,
+        wide: *const __m128,
+        bias: *const f32,
+        out: *mut f32,
+        n: usize,
+    ) {
+        const STRIDE: usize = PANEL / 4;
+        unsafe {
+            let mut acc = [[_mm_setzero_ps(); 2]; R];
+            macro_rules! input {
+                ($i:expr, $xv:expr) => {{
+                    let (w0, w1) = (*wide.add($i * STRIDE), *wide.add($i * STRIDE + 1));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xv = $xv(r);
+                        acc[0] = _mm_add_ps(_mm_mul_ps(xv, w0), acc[0]);
+                        acc[1] = _mm_add_ps(_mm_mul_ps(xv, w1), acc[1]);
+                    }
+                }};
+            }
+            let full = k - k % 4;
+            for i in (0..full).step_by(4) {
+                let v: [__m128; R] = std::array::from_fn(|r| _mm_loadu_ps(x.add(r * k + i)));
+                input!(i, |r: usize| _mm_shuffle_ps::<0x00>(v[r], v[r]));
+                input!(i + 1, |r: usize| _mm_shuffle_ps::<0x55>(v[r], v[r]));
+                input!(i + 2, |r: usize| _mm_shuffle_ps::<0xaa>(v[r], v[r]));
+                input!(i + 3, |r: usize| _mm_shuffle_ps::<0xff>(v[r], v[r]));
+            }
+            for i in full..k {
+                input!(i, |r: usize| _mm_set1_ps(*x.add(r * k + i)));
+            }
+            if !bias.is_null() {
+                let (b0, b1) = (_mm_loadu_ps(bias), _mm_loadu_ps(bias.add(4)));
+                for acc in acc.iter_mut() {
+                    acc[0] = _mm_add_ps(acc[0], b0);
+                    acc[1] = _mm_add_ps(acc[1], b1);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm_storeu_ps(out.add(r * n), acc[0]);
+                _mm_storeu_ps(out.add(r * n + 4), acc[1]);
+            }
+        }
     }
+    WIDE_PANEL.with_borrow_mut(|wide| {
+        wide.clear();
+        wide.resize(k * PANEL / 4, _mm_setzero_ps());
+        for p in 0..n / PANEL {
+            // SAFETY (all below): the caller's bounds (see `panels`): `w` holds `n / PANEL`
+            // panels of `k × PANEL` values, `x` `rows × k`, `bias` `n` (or is null), `out`
+            // `rows × n`; `wide` holds one panel.
+            unsafe {
+                let from = w.add(p * k * PANEL) as *const i64;
+                for (j, v) in wide.iter_mut().enumerate() {
+                    *v = halves_sse2(_mm_loadl_epi64(from.add(j) as *const __m128i));
+                }
+                for quarter in 0..4 {
+                    let col = p * PANEL + 8 * quarter;
+                    let wq = wide.as_ptr().add(2 * quarter);
+                    let bq = if bias.is_null() { bias } else { bias.add(col) };
+                    row_blocks(rows, PANEL_ROWS_128, |r0, take| {
+                        let (xr, o) = (x.add(r0 * k), out.add(r0 * n + col));
+                        match take {
+                            1 => block::<1>(xr, k, wq, bq, o, n),
+                            2 => block::<2>(xr, k, wq, bq, o, n),
+                            3 => block::<3>(xr, k, wq, bq, o, n),
+                            4 => block::<4>(xr, k, wq, bq, o, n),
+                            5 => block::<5>(xr, k, wq, bq, o, n),
+                            6 => block::<6>(xr, k, wq, bq, o, n),
+                            _ => unreachable!("a block of {take} rows"),
+                        }
+                    });
+                }
+            }
+        }
+    });
 }
