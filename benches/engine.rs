@@ -104,7 +104,7 @@ fn main() {
                 batch as f64 * 1e3 / ms
             );
         }
-        if matches!(isa, Isa::Scalar | Isa::Sse2) {
+        if isa == Isa::Scalar {
             // The portable path is a fallback and a reference: minutes for a long prompt.
             continue;
         }

@@ -336,10 +336,10 @@ fn max_isa_narrows_the_kernels_and_keeps_the_answers() {
     assert_eq!(answer, answer_avx2);
 }
 
-/// `--max-isa sse2` runs what a CPU without AVX2 runs: the encoders' panels on SSE2 vectors, which
-/// round each product before adding it (within rounding of the fused paths), and the chat
-/// engine's portable loops (which sum in another order: this prompt's first token is a near-tie
-/// there, so the answer is only asked to be one).
+/// `--max-isa sse2` runs what a CPU without AVX2 runs: the encoders' panels and the chat matmul
+/// on SSE2 vectors, which round each product before adding it (within rounding of the fused
+/// paths). The chat answer is only asked to be one: a greedy answer within rounding can part at
+/// a near-tie (this prompt's first token is one on the portable loops).
 #[test]
 fn max_isa_sse2_runs_the_path_of_a_cpu_without_avx2() {
     let (_, embeddings, _) = answers_within("avx512");

@@ -590,11 +590,13 @@ impl<'a> DenseWeights<'a> {
 /// `f32` and `w` as `n × k` ([`DenseWeights`]), row-major. For the encoders' short inputs (a sentence is
 /// 10-30 tokens), where a general matmul spends longer packing the weights into its own layout
 /// than multiplying: here each weight row is read once, straight from where it lies, against all
-/// the rows. AVX-512F or AVX2 + FMA when the CPU has them, else portable loops. On row-major
-/// weights the paths sum in different orders and agree within rounding; on [`panels`] every path
-/// sums each output with one fused multiply-add per input, in order, so all give the same bits,
-/// except from [`AMX_ROWS`] rows on a CPU with AMX: there AVX-512 hands them to AMX tiles, which
-/// agree within about 1e-5 (and give a row the same bits in any such call).
+/// the rows. AVX-512F or AVX2 + FMA when the CPU has them, SSE2 for panels on a CPU without
+/// them, else portable loops. On row-major weights the paths sum in different orders and agree
+/// within rounding; on [`panels`] the fused paths (AVX-512, AVX2, portable) sum each output with
+/// one fused multiply-add per input, in order, so they give the same bits, except from
+/// [`AMX_ROWS`] rows on a CPU with AMX: there AVX-512 hands them to AMX tiles, which agree within
+/// about 1e-5 (and give a row the same bits in any such call). SSE2 sums in the same order but
+/// rounds each product before adding it: within rounding, and a row the same bits in any call.
 /// Panics on mismatched lengths.
 pub fn dense(
     isa: Isa,
