@@ -1549,22 +1549,75 @@ unsafe fn halves_sse2(h: __m128i) -> __m128 {
     }
 }
 
+/// Four finite `f16`, each in the top half of its lane of `lane` above zeros, as `f32`, exactly,
+/// four instructions with the unpacking (against [`halves_sse2`]'s ten): shifted right by three
+/// with its sign (sign, then the exponent and mantissa at `f32`'s places), the three bits the
+/// sign spread into cleared (the zeros below come through), then scaled by 2¹¹² (exact for
+/// normal and subnormal values alike).
+#[inline(always)]
+unsafe fn finite_halves_sse2(lane: __m128i) -> __m128 {
+    unsafe {
+        let keep = _mm_set1_epi32(0x8fff_ffffu32 as i32);
+        let bits = _mm_and_si128(_mm_srai_epi32::<3>(lane), keep);
+        _mm_mul_ps(
+            _mm_castsi128_ps(bits),
+            _mm_castsi128_ps(_mm_set1_epi32(0x7780_0000)),
+        )
+    }
+}
+
+/// The `count` (a multiple of eight) `f16` at `from` as `f32` into `into`, exactly, on SSE2:
+/// eight at a time as finite values, the largest magnitude kept meanwhile; if that is an infinity
+/// or a NaN (never in a model's weights), all again by [`halves_sse2`].
+#[inline(always)]
+unsafe fn widen_sse2(from: *const f16, count: usize, into: *mut __m128) {
+    unsafe {
+        let mut largest = _mm_setzero_si128();
+        // Zeros the compiler cannot see through: where it knows them, it unpacks into whatever
+        // register it likes (their bits end up cleared), which ties each step to the last.
+        let zero = std::hint::black_box(_mm_setzero_si128());
+        for j in 0..count / 8 {
+            let h = _mm_loadu_si128(from.add(8 * j).cast());
+            largest = _mm_max_epi16(largest, _mm_and_si128(h, _mm_set1_epi16(0x7fff)));
+            *into.add(2 * j) = finite_halves_sse2(_mm_unpacklo_epi16(zero, h));
+            *into.add(2 * j + 1) = finite_halves_sse2(_mm_unpackhi_epi16(zero, h));
+        }
+        let special = _mm_cmpgt_epi16(largest, _mm_set1_epi16(0x7bff));
+        if _mm_movemask_epi8(special) != 0 {
+            for j in 0..count / 4 {
+                *into.add(j) = halves_sse2(_mm_loadl_epi64(from.add(4 * j).cast()));
+            }
+        }
+    }
+}
+
 /// Rows of `x` that one run over a quarter panel takes on SSE2: two vectors of four columns for
 /// each of six rows, twelve accumulators of the sixteen registers (as on AVX2).
 const PANEL_ROWS_128: usize = 6;
 
+/// Up to this many input values (rows × k) are broadcast once for the whole call on SSE2 (256 KB,
+/// in L2); more are broadcast a block of rows at a time for each panel.
+const BROADCAST_WHOLE: usize = 16 * 1024;
+
+/// Inputs that one run over a quarter panel takes on SSE2 before the next quarter: a block of
+/// rows' inputs broadcast and the panel's weights for them stay in L1 for the four quarters.
+const SSE2_INPUTS: usize = 64;
+
 thread_local! {
-    /// [`panels_sse2`]'s panel widened to `f32` (`k × PANEL` values, aligned for the loads).
-    static WIDE_PANEL: RefCell<Vec<__m128>> = const { RefCell::new(Vec::new()) };
+    /// [`panels_sse2`]'s scratch: the panel widened to `f32` (`k × PANEL` values), and the inputs
+    /// broadcast (each value in all four lanes), both aligned for the loads.
+    static SSE2_SCRATCH: RefCell<(Vec<__m128>, Vec<__m128>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// [`DenseWeights::Panels`] on SSE2, for CPUs without AVX2. Each panel is first widened to `f32`
-/// into a scratch of this thread's (SSE2 has no `vcvtph2ps`: the ten instructions of
-/// [`halves_sse2`] per four weights, once per call instead of once per block of rows), then run a
-/// quarter (two vectors of four columns) against up to six rows at a time, each row's inputs
-/// loaded four at a time and broadcast by a shuffle. Each output sums its inputs in order, every
-/// product rounded before it is added (no FMA), then its bias: within rounding of the fused paths,
-/// and the same bits in any call or column split.
+/// into a scratch of this thread's (SSE2 has no `vcvtph2ps`: [`widen_sse2`], once per call instead
+/// of once per block of rows), and the
+/// inputs are broadcast into another (a block of rows at a time, input-major), so that the run of
+/// a quarter panel (two vectors of four columns) against up to six rows reads each row's input
+/// as the operand of a multiply: no shuffle in the loop, and its fifteen registers are enough.
+/// Each output sums its inputs in order, every product rounded before it is added (no FMA), then
+/// its bias: within rounding of the fused paths, and the same bits in any call or column split.
 #[target_feature(enable = "sse2")]
 unsafe fn panels_sse2(
     x: *const f32,
@@ -1575,42 +1628,40 @@ unsafe fn panels_sse2(
     bias: *const f32,
     out: *mut f32,
 ) {
-    /// Rows `0..R` at `x` against the two vectors of each input at `wide` (`PANEL / 4` apart).
+    /// `R` rows, `kc` inputs broadcast input-major at `xb`, against the two vectors of each input
+    /// at `wide` (`PANEL / 4` apart), the sums carried on from `out` unless `first`, the bias
+    /// added when `last` (and not null).
     #[target_feature(enable = "sse2")]
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block<const R: usize>(
-        x: *const f32,
-        k: usize,
+        xb: *const __m128,
+        kc: usize,
         wide: *const __m128,
         bias: *const f32,
         out: *mut f32,
         n: usize,
+        first: bool,
+        last: bool,
     ) {
         const STRIDE: usize = PANEL / 4;
         unsafe {
             let mut acc = [[_mm_setzero_ps(); 2]; R];
-            macro_rules! input {
-                ($i:expr, $xv:expr) => {{
-                    let (w0, w1) = (*wide.add($i * STRIDE), *wide.add($i * STRIDE + 1));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let xv = $xv(r);
-                        acc[0] = _mm_add_ps(_mm_mul_ps(xv, w0), acc[0]);
-                        acc[1] = _mm_add_ps(_mm_mul_ps(xv, w1), acc[1]);
-                    }
-                }};
+            if !first {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    acc[0] = _mm_loadu_ps(out.add(r * n));
+                    acc[1] = _mm_loadu_ps(out.add(r * n + 4));
+                }
             }
-            let full = k - k % 4;
-            for i in (0..full).step_by(4) {
-                let v: [__m128; R] = std::array::from_fn(|r| _mm_loadu_ps(x.add(r * k + i)));
-                input!(i, |r: usize| _mm_shuffle_ps::<0x00>(v[r], v[r]));
-                input!(i + 1, |r: usize| _mm_shuffle_ps::<0x55>(v[r], v[r]));
-                input!(i + 2, |r: usize| _mm_shuffle_ps::<0xaa>(v[r], v[r]));
-                input!(i + 3, |r: usize| _mm_shuffle_ps::<0xff>(v[r], v[r]));
+            for i in 0..kc {
+                let (w0, w1) = (*wide.add(i * STRIDE), *wide.add(i * STRIDE + 1));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = *xb.add(i * R + r);
+                    acc[0] = _mm_add_ps(_mm_mul_ps(xv, w0), acc[0]);
+                    acc[1] = _mm_add_ps(_mm_mul_ps(xv, w1), acc[1]);
+                }
             }
-            for i in full..k {
-                input!(i, |r: usize| _mm_set1_ps(*x.add(r * k + i)));
-            }
-            if !bias.is_null() {
+            if last && !bias.is_null() {
                 let (b0, b1) = (_mm_loadu_ps(bias), _mm_loadu_ps(bias.add(4)));
                 for acc in acc.iter_mut() {
                     acc[0] = _mm_add_ps(acc[0], b0);
@@ -1623,35 +1674,76 @@ unsafe fn panels_sse2(
             }
         }
     }
-    WIDE_PANEL.with_borrow_mut(|wide| {
-        // Every value is written for each panel before it is read: no zeroing on a call.
+    /// Inputs `0..kc` of the `take` rows at `x` (`k` apart) broadcast input-major into `xb`:
+    /// input `i` of row `r` at `i * take + r`.
+    #[target_feature(enable = "sse2")]
+    #[inline]
+    unsafe fn broadcast(x: *const f32, k: usize, kc: usize, take: usize, xb: *mut __m128) {
+        unsafe {
+            let full = kc - kc % 4;
+            for r in 0..take {
+                let row = x.add(r * k);
+                for i in (0..full).step_by(4) {
+                    let v = _mm_loadu_ps(row.add(i));
+                    *xb.add(i * take + r) = _mm_shuffle_ps::<0x00>(v, v);
+                    *xb.add((i + 1) * take + r) = _mm_shuffle_ps::<0x55>(v, v);
+                    *xb.add((i + 2) * take + r) = _mm_shuffle_ps::<0xaa>(v, v);
+                    *xb.add((i + 3) * take + r) = _mm_shuffle_ps::<0xff>(v, v);
+                }
+                for i in full..kc {
+                    *xb.add(i * take + r) = _mm_set1_ps(*row.add(i));
+                }
+            }
+        }
+    }
+    let whole = rows * k <= BROADCAST_WHOLE;
+    SSE2_SCRATCH.with_borrow_mut(|(wide, xb)| {
+        // Every value is written before it is read: no zeroing on a call.
         wide.resize(k * PANEL / 4, _mm_setzero_ps());
-        for p in 0..n / PANEL {
-            // SAFETY (all below): the caller's bounds (see `panels`): `w` holds `n / PANEL`
-            // panels of `k × PANEL` values, `x` `rows × k`, `bias` `n` (or is null), `out`
-            // `rows × n`; `wide` holds one panel.
-            unsafe {
-                let from = w.add(p * k * PANEL) as *const i64;
-                for (j, v) in wide.iter_mut().enumerate() {
-                    *v = halves_sse2(_mm_loadl_epi64(from.add(j) as *const __m128i));
-                }
-                for quarter in 0..4 {
-                    let col = p * PANEL + 8 * quarter;
-                    let wq = wide.as_ptr().add(2 * quarter);
-                    let bq = if bias.is_null() { bias } else { bias.add(col) };
-                    row_blocks(rows, PANEL_ROWS_128, |r0, take| {
-                        let (xr, o) = (x.add(r0 * k), out.add(r0 * n + col));
-                        match take {
-                            1 => block::<1>(xr, k, wq, bq, o, n),
-                            2 => block::<2>(xr, k, wq, bq, o, n),
-                            3 => block::<3>(xr, k, wq, bq, o, n),
-                            4 => block::<4>(xr, k, wq, bq, o, n),
-                            5 => block::<5>(xr, k, wq, bq, o, n),
-                            6 => block::<6>(xr, k, wq, bq, o, n),
-                            _ => unreachable!("a block of {take} rows"),
+        let broadcast_len = if whole {
+            rows * k
+        } else {
+            PANEL_ROWS_128 * SSE2_INPUTS
+        };
+        xb.resize(broadcast_len, _mm_setzero_ps());
+        // SAFETY (all below): the caller's bounds (see `panels`): `w` holds `n / PANEL` panels
+        // of `k × PANEL` values, `x` `rows × k`, `bias` `n` (or is null), `out` `rows × n`;
+        // `wide` holds one panel, `xb` every row (`whole`) or a chunk of a block of rows.
+        unsafe {
+            if whole {
+                row_blocks(rows, PANEL_ROWS_128, |r0, take| {
+                    broadcast(x.add(r0 * k), k, k, take, xb.as_mut_ptr().add(r0 * k));
+                });
+            }
+            for p in 0..n / PANEL {
+                widen_sse2(w.add(p * k * PANEL), k * PANEL, wide.as_mut_ptr());
+                row_blocks(rows, PANEL_ROWS_128, |r0, take| {
+                    for i0 in (0..k).step_by(SSE2_INPUTS) {
+                        let kc = SSE2_INPUTS.min(k - i0);
+                        let xr = if whole {
+                            xb.as_ptr().add(r0 * k + i0 * take)
+                        } else {
+                            broadcast(x.add(r0 * k + i0), k, kc, take, xb.as_mut_ptr());
+                            xb.as_ptr()
+                        };
+                        let (first, last) = (i0 == 0, i0 + kc == k);
+                        for quarter in 0..4 {
+                            let col = p * PANEL + 8 * quarter;
+                            let wq = wide.as_ptr().add(i0 * PANEL / 4 + 2 * quarter);
+                            let bq = if bias.is_null() { bias } else { bias.add(col) };
+                            let o = out.add(r0 * n + col);
+                            match take {
+                                1 => block::<1>(xr, kc, wq, bq, o, n, first, last),
+                                2 => block::<2>(xr, kc, wq, bq, o, n, first, last),
+                                3 => block::<3>(xr, kc, wq, bq, o, n, first, last),
+                                4 => block::<4>(xr, kc, wq, bq, o, n, first, last),
+                                5 => block::<5>(xr, kc, wq, bq, o, n, first, last),
+                                6 => block::<6>(xr, kc, wq, bq, o, n, first, last),
+                                _ => unreachable!("a block of {take} rows"),
+                            }
                         }
-                    });
-                }
+                    }
+                });
             }
         }
     });

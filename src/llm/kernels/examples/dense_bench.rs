@@ -8,7 +8,10 @@
 //! With GAP_MS, each pass of its own weights follows that long an idle pause, as a lone request on
 //! an idle server does (other work on the machine may have taken the caches meanwhile).
 //!
-//!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|sse2|scalar|avx512] [GAP_MS]
+//! With a fourth argument `panels`, only the `f16` panels run (the row-major loops of SSE2 and the
+//! portable path take minutes).
+//!
+//!     cargo run --release -p aitier-kernels --example dense_bench -- [ROWS (13)] [avx2|sse2|scalar|avx512] [GAP_MS] [panels]
 use aitier_kernels::{DenseWeights, Isa, QActs, QMatrix, dense, matmul_cols, panels};
 use std::time::Instant;
 fn main() {
@@ -21,6 +24,7 @@ fn main() {
     };
     assert!(isa.supported(), "{isa:?} is not supported on this CPU");
     let gap: f64 = std::env::args().nth(3).map_or(0.0, |s| s.parse().unwrap());
+    let all = std::env::args().nth(4).as_deref() != Some("panels");
     let shapes = [(384usize, 1152usize), (384, 384), (384, 1536), (1536, 384)];
     let mut best = [f64::MAX; 4];
     let mut best_p = [f64::MAX; 4];
@@ -32,12 +36,14 @@ fn main() {
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32) * 0.01).collect();
             let b = vec![0.1f32; n];
             let mut out = vec![0f32; rows * n];
-            let t = Instant::now();
-            for _ in 0..300 {
-                dense(isa, &x, rows, DenseWeights::F32(&w), Some(&b), &mut out);
+            if all {
+                let t = Instant::now();
+                for _ in 0..300 {
+                    dense(isa, &x, rows, DenseWeights::F32(&w), Some(&b), &mut out);
+                }
+                let us = t.elapsed().as_secs_f64() * 1e6 / 300.0;
+                best[s] = best[s].min(us);
             }
-            let us = t.elapsed().as_secs_f64() * 1e6 / 300.0;
-            best[s] = best[s].min(us);
             let h: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
             let p = panels(&h, n, k).unwrap();
             let t = Instant::now();
@@ -49,14 +55,16 @@ fn main() {
         }
     }
     let per_layer: f64 = best.iter().sum();
-    println!(
-        "{isa:?}, {rows} rows: qkv, attention out, intermediate, output {:?} us; \
+    if all {
+        println!(
+            "{isa:?}, {rows} rows: qkv, attention out, intermediate, output {:?} us; \
          a layer {per_layer:.1} us, six layers {:.2} ms",
-        best.iter()
-            .map(|x| (x * 10.0).round() / 10.0)
-            .collect::<Vec<_>>(),
-        per_layer * 6.0 / 1000.0
-    );
+            best.iter()
+                .map(|x| (x * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
+            per_layer * 6.0 / 1000.0
+        );
+    }
     println!(
         "{isa:?}, {rows} rows, f16 panels: {:?} us; a layer {:.1} us, six layers {:.2} ms",
         best_p
@@ -138,6 +146,9 @@ fn main() {
         }
         passes_p.push(t.elapsed().as_secs_f64() * 1e3);
         for in_f16 in [true, false] {
+            if !all {
+                break;
+            }
             if gap > 0.0 {
                 std::thread::sleep(std::time::Duration::from_secs_f64(gap / 1e3));
             }
@@ -165,6 +176,9 @@ fn main() {
         ("q8_0", passes8),
         ("f16 panels", passes_p),
     ] {
+        if passes.is_empty() {
+            continue;
+        }
         passes.sort_by(f64::total_cmp);
         println!(
             "{isa:?}, {rows} rows, six layers of their own, {name} weights, {gap} ms idle before each: \
