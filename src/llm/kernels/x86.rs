@@ -1566,9 +1566,10 @@ unsafe fn finite_halves_sse2(lane: __m128i) -> __m128 {
     }
 }
 
-/// The `count` (a multiple of eight) `f16` at `from` as `f32` into `into`, exactly, on SSE2:
-/// eight at a time as finite values, the largest magnitude kept meanwhile; if that is an infinity
-/// or a NaN (never in a model's weights), all again by [`halves_sse2`].
+/// The `count` (a multiple of 32: a panel's lines) `f16` at `from` as `f32` into `into`, exactly,
+/// on SSE2, the next `count` asked for meanwhile: eight at a time as finite values, the largest
+/// magnitude kept; if that is an infinity or a NaN (never in a model's weights), all again by
+/// [`halves_sse2`].
 #[inline(always)]
 unsafe fn widen_sse2(from: *const f16, count: usize, into: *mut __m128) {
     unsafe {
@@ -1576,11 +1577,16 @@ unsafe fn widen_sse2(from: *const f16, count: usize, into: *mut __m128) {
         // Zeros the compiler cannot see through: where it knows them, it unpacks into whatever
         // register it likes (their bits end up cleared), which ties each step to the last.
         let zero = std::hint::black_box(_mm_setzero_si128());
-        for j in 0..count / 8 {
-            let h = _mm_loadu_si128(from.add(8 * j).cast());
-            largest = _mm_max_epi16(largest, _mm_and_si128(h, _mm_set1_epi16(0x7fff)));
-            *into.add(2 * j) = finite_halves_sse2(_mm_unpacklo_epi16(zero, h));
-            *into.add(2 * j + 1) = finite_halves_sse2(_mm_unpackhi_epi16(zero, h));
+        for line in 0..count / 32 {
+            // The next panel's line into L2 meanwhile (wrapping: past the last panel the hint is
+            // dropped).
+            _mm_prefetch::<_MM_HINT_T1>(from.wrapping_add(count + 32 * line).cast());
+            for j in 4 * line..4 * line + 4 {
+                let h = _mm_loadu_si128(from.add(8 * j).cast());
+                largest = _mm_max_epi16(largest, _mm_and_si128(h, _mm_set1_epi16(0x7fff)));
+                *into.add(2 * j) = finite_halves_sse2(_mm_unpacklo_epi16(zero, h));
+                *into.add(2 * j + 1) = finite_halves_sse2(_mm_unpackhi_epi16(zero, h));
+            }
         }
         let special = _mm_cmpgt_epi16(largest, _mm_set1_epi16(0x7bff));
         if _mm_movemask_epi8(special) != 0 {
