@@ -1601,9 +1601,10 @@ unsafe fn widen_sse2(from: *const f16, count: usize, into: *mut __m128) {
 /// each of six rows, twelve accumulators of the sixteen registers (as on AVX2).
 const PANEL_ROWS_128: usize = 6;
 
-/// Up to this many input values (rows × k) are broadcast once for the whole call on SSE2 (256 KB,
-/// in L2); more are broadcast a block of rows at a time for each panel.
-const BROADCAST_WHOLE: usize = 16 * 1024;
+/// Input values (rows × k) that SSE2 broadcasts at a time (1 MB), before it runs every panel over
+/// them: with `k` = 384, 170 rows; 1,536, 42 rows (each panel is widened again for each chunk of
+/// rows, a thirtieth of the work or less).
+const BROADCAST_VALUES: usize = 64 * 1024;
 
 /// Inputs that one run over a quarter panel takes on SSE2 before the next quarter: a block of
 /// rows' inputs broadcast and the panel's weights for them stay in L1 for the four quarters.
@@ -1680,13 +1681,13 @@ unsafe fn panels_sse2(
             }
         }
     }
-    /// Inputs `0..kc` of the `take` rows at `x` (`k` apart) broadcast input-major into `xb`:
-    /// input `i` of row `r` at `i * take + r`.
+    /// The `take` rows at `x` broadcast input-major into `xb`: input `i` of row `r` at
+    /// `i * take + r`.
     #[target_feature(enable = "sse2")]
     #[inline]
-    unsafe fn broadcast(x: *const f32, k: usize, kc: usize, take: usize, xb: *mut __m128) {
+    unsafe fn broadcast(x: *const f32, k: usize, take: usize, xb: *mut __m128) {
         unsafe {
-            let full = kc - kc % 4;
+            let full = k - k % 4;
             for r in 0..take {
                 let row = x.add(r * k);
                 for i in (0..full).step_by(4) {
@@ -1696,60 +1697,54 @@ unsafe fn panels_sse2(
                     *xb.add((i + 2) * take + r) = _mm_shuffle_ps::<0xaa>(v, v);
                     *xb.add((i + 3) * take + r) = _mm_shuffle_ps::<0xff>(v, v);
                 }
-                for i in full..kc {
+                for i in full..k {
                     *xb.add(i * take + r) = _mm_set1_ps(*row.add(i));
                 }
             }
         }
     }
-    let whole = rows * k <= BROADCAST_WHOLE;
+    // Rows in chunks whose inputs, broadcast, fit BROADCAST_VALUES (a block of rows at least):
+    // each chunk's inputs broadcast once, then every panel widened and run over them.
+    let chunk = (BROADCAST_VALUES / k).max(PANEL_ROWS_128).min(rows);
     SSE2_SCRATCH.with_borrow_mut(|(wide, xb)| {
         // Every value is written before it is read: no zeroing on a call.
         wide.resize(k * PANEL / 4, _mm_setzero_ps());
-        let broadcast_len = if whole {
-            rows * k
-        } else {
-            PANEL_ROWS_128 * SSE2_INPUTS
-        };
-        xb.resize(broadcast_len, _mm_setzero_ps());
+        xb.resize(chunk * k, _mm_setzero_ps());
         // SAFETY (all below): the caller's bounds (see `panels`): `w` holds `n / PANEL` panels
         // of `k × PANEL` values, `x` `rows × k`, `bias` `n` (or is null), `out` `rows × n`;
-        // `wide` holds one panel, `xb` every row (`whole`) or a chunk of a block of rows.
+        // `wide` holds one panel, `xb` a chunk of rows.
         unsafe {
-            if whole {
-                row_blocks(rows, PANEL_ROWS_128, |r0, take| {
-                    broadcast(x.add(r0 * k), k, k, take, xb.as_mut_ptr().add(r0 * k));
+            for c0 in (0..rows).step_by(chunk) {
+                let cr = chunk.min(rows - c0);
+                let (x, out) = (x.add(c0 * k), out.add(c0 * n));
+                row_blocks(cr, PANEL_ROWS_128, |r0, take| {
+                    broadcast(x.add(r0 * k), k, take, xb.as_mut_ptr().add(r0 * k));
                 });
-            }
-            for p in 0..n / PANEL {
-                widen_sse2(w.add(p * k * PANEL), k * PANEL, wide.as_mut_ptr());
-                row_blocks(rows, PANEL_ROWS_128, |r0, take| {
-                    for i0 in (0..k).step_by(SSE2_INPUTS) {
-                        let kc = SSE2_INPUTS.min(k - i0);
-                        let xr = if whole {
-                            xb.as_ptr().add(r0 * k + i0 * take)
-                        } else {
-                            broadcast(x.add(r0 * k + i0), k, kc, take, xb.as_mut_ptr());
-                            xb.as_ptr()
-                        };
-                        let (first, last) = (i0 == 0, i0 + kc == k);
-                        for quarter in 0..4 {
-                            let col = p * PANEL + 8 * quarter;
-                            let wq = wide.as_ptr().add(i0 * PANEL / 4 + 2 * quarter);
-                            let bq = if bias.is_null() { bias } else { bias.add(col) };
-                            let o = out.add(r0 * n + col);
-                            match take {
-                                1 => block::<1>(xr, kc, wq, bq, o, n, first, last),
-                                2 => block::<2>(xr, kc, wq, bq, o, n, first, last),
-                                3 => block::<3>(xr, kc, wq, bq, o, n, first, last),
-                                4 => block::<4>(xr, kc, wq, bq, o, n, first, last),
-                                5 => block::<5>(xr, kc, wq, bq, o, n, first, last),
-                                6 => block::<6>(xr, kc, wq, bq, o, n, first, last),
-                                _ => unreachable!("a block of {take} rows"),
+                for p in 0..n / PANEL {
+                    widen_sse2(w.add(p * k * PANEL), k * PANEL, wide.as_mut_ptr());
+                    row_blocks(cr, PANEL_ROWS_128, |r0, take| {
+                        for i0 in (0..k).step_by(SSE2_INPUTS) {
+                            let kc = SSE2_INPUTS.min(k - i0);
+                            let xr = xb.as_ptr().add(r0 * k + i0 * take);
+                            let (first, last) = (i0 == 0, i0 + kc == k);
+                            for quarter in 0..4 {
+                                let col = p * PANEL + 8 * quarter;
+                                let wq = wide.as_ptr().add(i0 * PANEL / 4 + 2 * quarter);
+                                let bq = if bias.is_null() { bias } else { bias.add(col) };
+                                let o = out.add(r0 * n + col);
+                                match take {
+                                    1 => block::<1>(xr, kc, wq, bq, o, n, first, last),
+                                    2 => block::<2>(xr, kc, wq, bq, o, n, first, last),
+                                    3 => block::<3>(xr, kc, wq, bq, o, n, first, last),
+                                    4 => block::<4>(xr, kc, wq, bq, o, n, first, last),
+                                    5 => block::<5>(xr, kc, wq, bq, o, n, first, last),
+                                    6 => block::<6>(xr, kc, wq, bq, o, n, first, last),
+                                    _ => unreachable!("a block of {take} rows"),
+                                }
                             }
                         }
-                    }
-                });
+                    });
+                }
             }
         }
     });
