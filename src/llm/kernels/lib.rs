@@ -1049,16 +1049,17 @@ mod tests {
         // 1-30 rows cover every block of rows of the x86 paths (and two blocks of uneven sizes);
         // three panels, so that a split at a panel's edge is tried too. SSE2, which rounds each
         // product before adding it, is held to the exact product and to its own bits in any call.
-        // 45 inputs leave the SSE2 loop a tail after its four at a time; with 4,100, SSE2 takes
-        // 15 rows at a time (the inputs it broadcasts): one chunk, two, and two and a bit.
-        for k in [72, 45, 4100] {
+        // SSE2 takes 64 inputs at a time (72 and 133 leave a tail) and broadcasts them four at a
+        // time (45 and 133 leave a tail); with 4,100, it takes 15 rows at a time (the inputs it
+        // broadcasts): one chunk, two, and two and a bit.
+        for k in [72, 45, 133, 4100] {
             let n = 3 * PANEL;
             let w32 = values(n * k, 7);
             let w16: Vec<half::f16> = w32.iter().map(|&v| half::f16::from_f32(v)).collect();
             let laid = panels(&w16, n, k).unwrap();
             assert!(panels(&w16[..(n - 1) * k], n - 1, k).is_none());
             let bias = values(n, 8);
-            let rows_tried: Vec<usize> = if k > 1000 {
+            let rows_tried: Vec<usize> = if k > 100 {
                 vec![1, 15, 16, 30, 31]
             } else {
                 (1..=30).collect()

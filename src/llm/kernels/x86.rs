@@ -1131,8 +1131,9 @@ pub(super) fn dense(
     super::add_bias(out, bias);
 }
 
-/// [`DenseWeights::Panels`] with the bias added, into `out` (every one of its `rows × n` values is
-/// stored once, none read): on `isa`'s vectors, 16, 8 or 4 lanes.
+/// [`DenseWeights::Panels`] with the bias added, into `out` (each of its `rows × n` values is
+/// stored before it is read: SSE2 carries partial sums through it): on `isa`'s vectors, 16, 8 or
+/// 4 lanes.
 fn panels(
     isa: Isa,
     x: &[f32],
@@ -1578,8 +1579,8 @@ unsafe fn widen_sse2(from: *const f16, count: usize, into: *mut __m128) {
         // register it likes (their bits end up cleared), which ties each step to the last.
         let zero = std::hint::black_box(_mm_setzero_si128());
         for line in 0..count / 32 {
-            // The next panel's line into L2 meanwhile (wrapping: past the last panel the hint is
-            // dropped).
+            // The next panel's line into L2 meanwhile (after the last panel, whatever follows the
+            // weights: a prefetch never faults, and the address is only computed, never read).
             _mm_prefetch::<_MM_HINT_T1>(from.wrapping_add(count + 32 * line).cast());
             for j in 4 * line..4 * line + 4 {
                 let h = _mm_loadu_si128(from.add(8 * j).cast());
@@ -1603,7 +1604,7 @@ const PANEL_ROWS_128: usize = 6;
 
 /// Input values (rows × k) that SSE2 broadcasts at a time (1 MB), before it runs every panel over
 /// them: with `k` = 384, 170 rows; 1,536, 42 rows (each panel is widened again for each chunk of
-/// rows, a thirtieth of the work or less).
+/// rows: a thirtieth of the work or less up to `k` ≈ 2,000; past 10,922, chunks of six rows).
 const BROADCAST_VALUES: usize = 64 * 1024;
 
 /// Inputs that one run over a quarter panel takes on SSE2 before the next quarter: a block of
@@ -1617,12 +1618,12 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// [`DenseWeights::Panels`] on SSE2, for CPUs without AVX2. Each panel is first widened to `f32`
-/// into a scratch of this thread's (SSE2 has no `vcvtph2ps`: [`widen_sse2`], once per call instead
-/// of once per block of rows), and the
-/// inputs are broadcast into another (a block of rows at a time, input-major), so that the run of
-/// a quarter panel (two vectors of four columns) against up to six rows reads each row's input
-/// as the operand of a multiply: no shuffle in the loop, and its fifteen registers are enough.
+/// [`DenseWeights::Panels`] on SSE2, for CPUs without AVX2. The inputs of a chunk of rows
+/// ([`BROADCAST_VALUES`]) are broadcast into a scratch of this thread's (input-major for each block
+/// of up to six rows); then each panel is widened to `f32` into another (SSE2 has no
+/// `vcvtph2ps`: [`widen_sse2`], once per chunk of rows), and run a quarter (two vectors of four
+/// columns) against a block of rows at a time, [`SSE2_INPUTS`] inputs at a time, each row's input
+/// read as the operand of a multiply: no shuffle in the loop, and fifteen registers are enough.
 /// Each output sums its inputs in order, every product rounded before it is added (no FMA), then
 /// its bias: within rounding of the fused paths, and the same bits in any call or column split.
 #[target_feature(enable = "sse2")]
@@ -1748,4 +1749,54 @@ unsafe fn panels_sse2(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `f32` bits with a NaN's quiet bit set.
+    fn quiet(bits: u32) -> u32 {
+        if f32::from_bits(bits).is_nan() {
+            bits | 0x0040_0000
+        } else {
+            bits
+        }
+    }
+
+    #[test]
+    fn sse2_widening_gives_every_f16_the_bits_of_the_exact_conversion() {
+        // Every f16 bit pattern, 32 to a panel from 0x0010 on: the fast widening (finite panels),
+        // the exact one (panels with an infinity or a NaN, two of them holding finite values
+        // too), and `halves_sse2` alone, against `half`'s conversion: the same bits, -0.0 and
+        // NaN payloads included (a signalling NaN is not made quiet here, as `half` does; the
+        // first multiply does).
+        let all: Vec<f16> = (0..=u16::MAX)
+            .map(|b| f16::from_bits(b.wrapping_add(16)))
+            .collect();
+        for w in all.chunks(PANEL) {
+            let mut wide = vec![0f32; PANEL];
+            // SAFETY: SSE2 is part of x86-64; `w` holds PANEL values and `wide` room for them.
+            unsafe { widen_sse2(w.as_ptr(), PANEL, wide.as_mut_ptr().cast()) };
+            for (got, h) in wide.iter().zip(w) {
+                let want = h.to_f32();
+                assert_eq!(quiet(got.to_bits()), want.to_bits(), "{:#06x}", h.to_bits());
+            }
+            for (i, four) in w.chunks(4).enumerate() {
+                // SAFETY: as above; the load reads the four values of `four`.
+                let got: [f32; 4] = unsafe {
+                    std::mem::transmute(halves_sse2(_mm_loadl_epi64(four.as_ptr().cast())))
+                };
+                for (got, h) in got.iter().zip(four) {
+                    let want = h.to_f32();
+                    assert_eq!(
+                        quiet(got.to_bits()),
+                        want.to_bits(),
+                        "{i}: {:#06x}",
+                        h.to_bits()
+                    );
+                }
+            }
+        }
+    }
 }
