@@ -18,7 +18,49 @@ fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
         std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2,
         "the helper needs a second core"
     );
-    let isa = aitier_kernels::Isa::detect();
+    // Every instruction set of this CPU's kernels: SSE2 broadcasts a pass's input once for all
+    // the chunks a thread runs (the other threads' calls in between).
+    use aitier_kernels::Isa;
+    let isas = [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni];
+    // (Collected first: a limit makes the wider sets unsupported.)
+    let here: Vec<Isa> = isas.into_iter().filter(|isa| isa.supported()).collect();
+    for isa in here {
+        aitier_kernels::limit_isa(isa);
+        assert_eq!(Isa::detect(), isa);
+        eprintln!("{isa:?}");
+        split_projections(isa);
+    }
+    aitier_kernels::limit_isa(Isa::Avx512Vnni);
+    for isa in isas.into_iter().filter(|isa| !isa.supported()) {
+        eprintln!("{isa:?}: not supported on this CPU, not run");
+    }
+    // The helper polls on another core than the pass's (on Linux): woken by the pass, the
+    // scheduler could put it on the pass's own core, where its polling slowed the pass down.
+    #[cfg(target_os = "linux")]
+    {
+        let kept_off = (0..50).any(|_| {
+            pass(|| {
+                // SAFETY: no preconditions.
+                let core = unsafe { libc::sched_getcpu() } as usize;
+                let cores =
+                    aitier::inference::second_core::helper_cores().expect("the helper has started");
+                assert!(!cores.is_empty());
+                eprintln!("pass on core {core}, helper on {cores:?}");
+                !cores.contains(&core)
+            })
+        });
+        assert!(kept_off, "the helper was never kept off the pass's core");
+    }
+    // A pass beside another one does not split.
+    pass(|| {
+        assert!(splitting());
+        pass(|| assert!(!splitting()));
+        assert!(splitting());
+    });
+}
+
+/// Projections split between the pass and the helper on `isa`, against the kernel alone.
+fn split_projections(isa: aitier_kernels::Isa) {
     // Wide ones are split (a 384-wide model's q|k|v and feed-forward), narrow ones are not; in
     // chunks of whole panels, the last one narrower where the width is not a multiple of them
     // (1,000 columns in eight; 300 in two halves from `AMX_ROWS` rows).
@@ -41,7 +83,11 @@ fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
             ("f16", Some(DenseWeights::F16(&half))),
             ("panels", laid.as_deref().map(DenseWeights::Panels)),
         ];
-        for (kind, w) in kinds.into_iter().filter_map(|(kind, w)| Some((kind, w?))) {
+        // (Row-major weights take the portable loops on SSE2, whole or split alike.)
+        let kinds = kinds
+            .into_iter()
+            .filter(|(kind, _)| isa != aitier_kernels::Isa::Sse2 || *kind == "panels");
+        for (kind, w) in kinds.filter_map(|(kind, w)| Some((kind, w?))) {
             let mut alone = vec![0f32; rows * n];
             aitier_kernels::dense(isa, &x, rows, w, Some(&bias), &mut alone);
             let before = helped();
@@ -72,27 +118,4 @@ fn a_split_projection_is_the_kernel_alone_bit_for_bit() {
             eprintln!("{rows}x{k} by {n}, {kind}: {took} on the helper");
         }
     }
-    // The helper polls on another core than the pass's (on Linux): woken by the pass, the
-    // scheduler could put it on the pass's own core, where its polling slowed the pass down.
-    #[cfg(target_os = "linux")]
-    {
-        let kept_off = (0..50).any(|_| {
-            pass(|| {
-                // SAFETY: no preconditions.
-                let core = unsafe { libc::sched_getcpu() } as usize;
-                let cores =
-                    aitier::inference::second_core::helper_cores().expect("the helper has started");
-                assert!(!cores.is_empty());
-                eprintln!("pass on core {core}, helper on {cores:?}");
-                !cores.contains(&core)
-            })
-        });
-        assert!(kept_off, "the helper was never kept off the pass's core");
-    }
-    // A pass beside another one does not split.
-    pass(|| {
-        assert!(splitting());
-        pass(|| assert!(!splitting()));
-        assert!(splitting());
-    });
 }

@@ -45,12 +45,11 @@ const FAILED: u8 = 4;
 /// A projection shared by the pass and the helper, in chunks of columns that each claims in turn:
 /// the pass from the first chunk up, the helper from the last one down, until they meet. Raw parts
 /// of slices that outlive the job (see [`dense`]).
-struct Job {
+struct Job<'a> {
     /// The pass's instruction set, for both threads.
     isa: aitier_kernels::Isa,
-    x: *const f32,
-    x_len: usize,
-    rows: usize,
+    /// Made for several calls: SSE2 broadcasts it once per thread, not once per chunk.
+    input: aitier_kernels::DenseInput<'a>,
     w: RawWeights,
     bias: *const f32,
     /// Output columns, `bias`'s length.
@@ -66,7 +65,7 @@ struct Job {
     lost: AtomicUsize,
 }
 
-impl Job {
+impl Job<'_> {
     /// One more chunk for the caller, if any is left.
     fn claim(&self) -> bool {
         self.claimed.fetch_add(1, Ordering::AcqRel) < self.chunks
@@ -79,20 +78,14 @@ impl Job {
     unsafe fn run(&self, c: usize, scratch: &mut Vec<f32>) {
         let (j0, j1) = (c * self.chunk, ((c + 1) * self.chunk).min(self.n));
         let cols = j1 - j0;
-        // SAFETY: the caller's; `x`, the weights and `bias` are only read, by both threads.
-        let (x, w, bias) = unsafe {
-            (
-                std::slice::from_raw_parts(self.x, self.x_len),
-                self.w.get(),
-                std::slice::from_raw_parts(self.bias, self.n),
-            )
-        };
-        let k = self.x_len / self.rows;
-        scratch.resize(self.rows * cols, 0.0);
-        aitier_kernels::dense(
+        // SAFETY: the caller's; the weights and `bias` are only read, by both threads.
+        let (w, bias) = unsafe { (self.w.get(), std::slice::from_raw_parts(self.bias, self.n)) };
+        let rows = self.input.rows();
+        let k = self.input.x().len() / rows;
+        scratch.resize(rows * cols, 0.0);
+        aitier_kernels::dense_input(
             self.isa,
-            x,
-            self.rows,
+            self.input,
             w.rows(j0..j1, k),
             Some(&bias[j0..j1]),
             scratch,
@@ -140,9 +133,9 @@ impl RawWeights {
     }
 }
 
-/// A [`Job`] on the pass's stack, as the helper sees it.
+/// A [`Job`] on the pass's stack, as the helper sees it (its borrows' lifetime erased).
 #[derive(Clone, Copy)]
-struct Posted(*const Job);
+struct Posted(*const Job<'static>);
 
 // SAFETY: a job only travels to the helper while the pass that posted it waits for it to be done
 // (or takes it back), so the job and the slices it points into are alive meanwhile; the two
@@ -329,9 +322,7 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
     let mut out: Vec<f32> = Vec::with_capacity(rows * n);
     let job = Job {
         isa,
-        x: x.as_ptr(),
-        x_len: x.len(),
-        rows,
+        input: aitier_kernels::DenseInput::new(x, rows),
         w: RawWeights::new(w),
         bias: bias.as_ptr(),
         n,
@@ -341,7 +332,8 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
         claimed: AtomicUsize::new(0),
         lost: AtomicUsize::new(usize::MAX),
     };
-    *helper.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(Posted(&job));
+    *helper.task.lock().unwrap_or_else(PoisonError::into_inner) =
+        Some(Posted((&raw const job).cast::<Job<'static>>()));
     helper.state.store(POSTED, Ordering::Release);
     /// Until the helper is done with the job or it is taken back, the job and the slices stay
     /// borrowed: this waits on every way out of the function, a panic included.

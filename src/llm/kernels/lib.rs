@@ -586,6 +586,81 @@ impl<'a> DenseWeights<'a> {
     }
 }
 
+/// The input of a projection that runs as several [`dense_input`] calls, each on a slice of the
+/// columns (as when two threads share one): SSE2 broadcasts its values once per thread for all of
+/// them, where [`dense`] does it on every call. `x` is `rows × k`, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct DenseInput<'a> {
+    x: &'a [f32],
+    rows: usize,
+    /// Unique to this input (and its copies), which borrow `x` unchanged: a thread's broadcast
+    /// tagged with it holds this input. 0 for an input of one call.
+    id: u64,
+}
+
+impl<'a> DenseInput<'a> {
+    /// `x` as `rows` rows, for several calls.
+    pub fn new(x: &'a [f32], rows: usize) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        DenseInput { x, rows, id }
+    }
+
+    /// `x` as `rows` rows, for one call.
+    fn once(x: &'a [f32], rows: usize) -> Self {
+        DenseInput { x, rows, id: 0 }
+    }
+
+    pub fn x(&self) -> &'a [f32] {
+        self.x
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// [`dense`] on an input made for several calls.
+pub fn dense_input(
+    isa: Isa,
+    input: DenseInput,
+    w: DenseWeights,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (x, rows) = (input.x, input.rows);
+    assert!(isa.supported(), "{isa:?} is not supported on this CPU");
+    assert!(rows > 0 && x.len().is_multiple_of(rows));
+    let k = x.len() / rows;
+    assert!(k > 0 && w.len().is_multiple_of(k));
+    let n = w.len() / k;
+    assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
+    assert!(!matches!(w, DenseWeights::Panels(_)) || n.is_multiple_of(PANEL));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Sse2 if matches!(w, DenseWeights::Panels(_)) => x86::dense(isa, input, w, bias, out),
+        Isa::Scalar | Isa::Sse2 => {
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                for j in 0..n {
+                    out[r * n + j] = match w {
+                        // The x86 kernels' order: one fused multiply-add per input, in order.
+                        DenseWeights::Panels(_) => {
+                            (0..k).fold(0f32, |acc, i| xr[i].mul_add(w.get(j, i, k), acc))
+                        }
+                        _ => (0..k).map(|i| xr[i] * w.get(j, i, k)).sum::<f32>(),
+                    };
+                }
+            }
+            add_bias(out, bias);
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dense(isa, input, w, bias, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only scalar kernels off x86"),
+    }
+}
+
 /// A projection of few rows: `out[r * n + j] = bias[j] + x[r] · w[j]`, with `x` as `rows × k`
 /// `f32` and `w` as `n × k` ([`DenseWeights`]), row-major. For the encoders' short inputs (a sentence is
 /// 10-30 tokens), where a general matmul spends longer packing the weights into its own layout
@@ -606,36 +681,7 @@ pub fn dense(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert!(isa.supported(), "{isa:?} is not supported on this CPU");
-    assert!(rows > 0 && x.len().is_multiple_of(rows));
-    let k = x.len() / rows;
-    assert!(k > 0 && w.len().is_multiple_of(k));
-    let n = w.len() / k;
-    assert!(out.len() == rows * n && bias.is_none_or(|b| b.len() == n));
-    assert!(!matches!(w, DenseWeights::Panels(_)) || n.is_multiple_of(PANEL));
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Sse2 if matches!(w, DenseWeights::Panels(_)) => x86::dense(isa, x, rows, w, bias, out),
-        Isa::Scalar | Isa::Sse2 => {
-            for r in 0..rows {
-                let xr = &x[r * k..(r + 1) * k];
-                for j in 0..n {
-                    out[r * n + j] = match w {
-                        // The x86 kernels' order: one fused multiply-add per input, in order.
-                        DenseWeights::Panels(_) => {
-                            (0..k).fold(0f32, |acc, i| xr[i].mul_add(w.get(j, i, k), acc))
-                        }
-                        _ => (0..k).map(|i| xr[i] * w.get(j, i, k)).sum::<f32>(),
-                    };
-                }
-            }
-            add_bias(out, bias);
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => x86::dense(isa, x, rows, w, bias, out),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only scalar kernels off x86"),
-    }
+    dense_input(isa, DenseInput::once(x, rows), w, bias, out)
 }
 
 /// `bias` added to each of `out`'s rows, after the sums.
@@ -662,7 +708,7 @@ pub fn dense_new(
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Sse2 | Isa::Avx2 | Isa::Avx512Vnni, DenseWeights::Panels(w)) = (isa, w) {
         assert!(isa.supported(), "{isa:?} is not supported on this CPU");
-        return x86::panels_new(isa, x, rows, w, bias);
+        return x86::panels_new(isa, DenseInput::once(x, rows), w, bias);
     }
     assert!(rows > 0 && x.len().is_multiple_of(rows) && !x.is_empty());
     let mut out = vec![0f32; rows * (w.len() / (x.len() / rows))];
@@ -1138,6 +1184,37 @@ mod tests {
                         new.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         "dense_new, {isa:?}, {rows} rows"
+                    );
+                    // One input for a call per panel (as the second core's chunks run, on SSE2
+                    // broadcast once for them all), with a call on other values of the same shape
+                    // before each of the later panels (made for several calls, then for one):
+                    // the same bits, for both.
+                    let input = DenseInput::new(&x, rows);
+                    let other = values(rows * k, 99);
+                    let other_input = DenseInput::new(&other, rows);
+                    let first = DenseWeights::Panels(&laid).rows(0..PANEL, k);
+                    let other_out = dense_new(isa, &other, rows, first, None);
+                    let mut by_panel = vec![0f32; rows * n];
+                    for p in (0..n / PANEL).rev() {
+                        let cols = p * PANEL..(p + 1) * PANEL;
+                        let mut part = vec![0f32; rows * PANEL];
+                        let w = DenseWeights::Panels(&laid).rows(cols.clone(), k);
+                        dense_input(isa, input, w, Some(&bias[cols]), &mut part);
+                        for r in 0..rows {
+                            by_panel[r * n + p * PANEL..][..PANEL]
+                                .copy_from_slice(&part[r * PANEL..][..PANEL]);
+                        }
+                        match p {
+                            2 => dense_input(isa, other_input, first, None, &mut part),
+                            1 => dense(isa, &other, rows, first, None, &mut part),
+                            _ => continue,
+                        }
+                        assert!(part == other_out, "{isa:?}, {rows} rows, other values");
+                    }
+                    assert_eq!(
+                        by_panel.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{isa:?}, {rows} rows, a call per panel"
                     );
                     // The upper panel alone gives its columns' bits, as the second core runs it.
                     let upper = DenseWeights::Panels(&laid).rows(PANEL..n, k);

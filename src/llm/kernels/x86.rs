@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use super::attention::{self, Heads, Queries};
-use super::{BLOCK, DenseWeights, Format, Isa, LANES, PANEL};
+use super::{BLOCK, DenseInput, DenseWeights, Format, Isa, LANES, PANEL};
 
 pub(super) fn avx2_supported() -> bool {
     super::allowed(super::Isa::Avx2)
@@ -1102,15 +1102,15 @@ unsafe fn matmul_vnni_wide(
 /// 4. Panels add the bias as they store their sums; row-major weights after.
 pub(super) fn dense(
     isa: Isa,
-    x: &[f32],
-    rows: usize,
+    input: DenseInput,
     w: DenseWeights,
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
     if let DenseWeights::Panels(w) = w {
-        return panels_into(isa, x, rows, w, bias, out);
+        return panels_into(isa, input, w, bias, out);
     }
+    let (x, rows) = (input.x(), input.rows());
     let k = x.len() / rows;
     let n = w.len() / k;
     let wide = isa == Isa::Avx512Vnni;
@@ -1136,12 +1136,12 @@ pub(super) fn dense(
 /// 4 lanes.
 fn panels(
     isa: Isa,
-    x: &[f32],
-    rows: usize,
+    input: DenseInput,
     w: &[f16],
     bias: Option<&[f32]>,
     out: &mut [MaybeUninit<f32>],
 ) {
+    let (x, rows) = (input.x(), input.rows());
     assert!(rows > 0 && x.len().is_multiple_of(rows));
     let k = x.len() / rows;
     assert!(k > 0 && w.len().is_multiple_of(k * PANEL));
@@ -1164,30 +1164,25 @@ fn panels(
         match isa {
             Isa::Avx512Vnni => panels_avx512(x, rows, k, w, n, bias, out),
             Isa::Avx2 => panels_avx2(x, rows, k, w, n, bias, out),
-            _ => panels_sse2(x, rows, k, w, n, bias, out),
+            _ => panels_sse2(x, rows, k, w, n, bias, out, input.id),
         }
     }
 }
 
 /// [`panels`] into initialised values.
-fn panels_into(isa: Isa, x: &[f32], rows: usize, w: &[f16], bias: Option<&[f32]>, out: &mut [f32]) {
+fn panels_into(isa: Isa, input: DenseInput, w: &[f16], bias: Option<&[f32]>, out: &mut [f32]) {
     // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `panels` stores only initialised values.
     let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    panels(isa, x, rows, w, bias, out);
+    panels(isa, input, w, bias, out);
 }
 
 /// [`panels`] into a new vector, not zeroed first: the kernel stores every value.
-pub(super) fn panels_new(
-    isa: Isa,
-    x: &[f32],
-    rows: usize,
-    w: &[f16],
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
+pub(super) fn panels_new(isa: Isa, input: DenseInput, w: &[f16], bias: Option<&[f32]>) -> Vec<f32> {
+    let (x, rows) = (input.x(), input.rows());
     assert!(rows > 0 && x.len() >= rows);
     let len = rows * (w.len() / (x.len() / rows));
     let mut out = Vec::with_capacity(len);
-    panels(isa, x, rows, w, bias, &mut out.spare_capacity_mut()[..len]);
+    panels(isa, input, w, bias, &mut out.spare_capacity_mut()[..len]);
     // SAFETY: `panels` stored all `len` values (it asserts `out.len() == rows × n`).
     unsafe { out.set_len(len) };
     out
@@ -1612,10 +1607,11 @@ const BROADCAST_VALUES: usize = 64 * 1024;
 const SSE2_INPUTS: usize = 64;
 
 thread_local! {
-    /// [`panels_sse2`]'s scratch: the panel widened to `f32` (`k × PANEL` values), and the inputs
-    /// broadcast (each value in all four lanes), both aligned for the loads.
-    static SSE2_SCRATCH: RefCell<(Vec<__m128>, Vec<__m128>)> =
-        const { RefCell::new((Vec::new(), Vec::new())) };
+    /// [`panels_sse2`]'s scratch: the panel widened to `f32` (`k × PANEL` values), the inputs
+    /// broadcast (each value in all four lanes), both aligned for the loads, and the id of the
+    /// [`DenseInput`] whose rows are all broadcast there (0: none).
+    static SSE2_SCRATCH: RefCell<(Vec<__m128>, Vec<__m128>, u64)> =
+        const { RefCell::new((Vec::new(), Vec::new(), 0)) };
 }
 
 /// [`DenseWeights::Panels`] on SSE2, for CPUs without AVX2. The inputs of a chunk of rows
@@ -1626,7 +1622,11 @@ thread_local! {
 /// read as the operand of a multiply: no shuffle in the loop, and fifteen registers are enough.
 /// Each output sums its inputs in order, every product rounded before it is added (no FMA), then
 /// its bias: within rounding of the fused paths, and the same bits in any call or column split.
+/// `input`, unless 0, is the [`DenseInput`] id of `x` (`rows` × `k`, the same values on every call
+/// with that id): when its rows fit one chunk, they are broadcast once for all its calls on this
+/// thread.
 #[target_feature(enable = "sse2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn panels_sse2(
     x: *const f32,
     rows: usize,
@@ -1635,6 +1635,7 @@ unsafe fn panels_sse2(
     n: usize,
     bias: *const f32,
     out: *mut f32,
+    input: u64,
 ) {
     /// `R` rows, `kc` inputs broadcast input-major at `xb`, against the two vectors of each input
     /// at `wide` (`PANEL / 4` apart), the sums carried on from `out` unless `first`, the bias
@@ -1683,23 +1684,26 @@ unsafe fn panels_sse2(
         }
     }
     /// The `take` rows at `x` broadcast input-major into `xb`: input `i` of row `r` at
-    /// `i * take + r`.
+    /// `i * take + r`. Four inputs of every row at a time, so that the stores run in order: row by
+    /// row, each line of `xb` would be written a piece at a time, and leave L1 between the pieces.
     #[target_feature(enable = "sse2")]
     #[inline]
     unsafe fn broadcast(x: *const f32, k: usize, take: usize, xb: *mut __m128) {
         unsafe {
             let full = k - k % 4;
-            for r in 0..take {
-                let row = x.add(r * k);
-                for i in (0..full).step_by(4) {
-                    let v = _mm_loadu_ps(row.add(i));
-                    *xb.add(i * take + r) = _mm_shuffle_ps::<0x00>(v, v);
-                    *xb.add((i + 1) * take + r) = _mm_shuffle_ps::<0x55>(v, v);
-                    *xb.add((i + 2) * take + r) = _mm_shuffle_ps::<0xaa>(v, v);
-                    *xb.add((i + 3) * take + r) = _mm_shuffle_ps::<0xff>(v, v);
+            for i in (0..full).step_by(4) {
+                let at = xb.add(i * take);
+                for r in 0..take {
+                    let v = _mm_loadu_ps(x.add(r * k + i));
+                    *at.add(r) = _mm_shuffle_ps::<0x00>(v, v);
+                    *at.add(take + r) = _mm_shuffle_ps::<0x55>(v, v);
+                    *at.add(2 * take + r) = _mm_shuffle_ps::<0xaa>(v, v);
+                    *at.add(3 * take + r) = _mm_shuffle_ps::<0xff>(v, v);
                 }
-                for i in full..k {
-                    *xb.add(i * take + r) = _mm_set1_ps(*row.add(i));
+            }
+            for i in full..k {
+                for r in 0..take {
+                    *xb.add(i * take + r) = _mm_set1_ps(*x.add(r * k + i));
                 }
             }
         }
@@ -1707,10 +1711,15 @@ unsafe fn panels_sse2(
     // Rows in chunks whose inputs, broadcast, fit BROADCAST_VALUES (a block of rows at least):
     // each chunk's inputs broadcast once, then every panel widened and run over them.
     let chunk = (BROADCAST_VALUES / k).max(PANEL_ROWS_128).min(rows);
-    SSE2_SCRATCH.with_borrow_mut(|(wide, xb)| {
+    SSE2_SCRATCH.with_borrow_mut(|(wide, xb, ready)| {
         // Every value is written before it is read: no zeroing on a call.
         wide.resize(k * PANEL / 4, _mm_setzero_ps());
         xb.resize(chunk * k, _mm_setzero_ps());
+        // All rows in one chunk, broadcast by an earlier call with the same input: kept.
+        let kept = input != 0 && chunk == rows && *ready == input;
+        if !kept {
+            *ready = 0;
+        }
         // SAFETY (all below): the caller's bounds (see `panels`): `w` holds `n / PANEL` panels
         // of `k × PANEL` values, `x` `rows × k`, `bias` `n` (or is null), `out` `rows × n`;
         // `wide` holds one panel, `xb` a chunk of rows.
@@ -1718,9 +1727,11 @@ unsafe fn panels_sse2(
             for c0 in (0..rows).step_by(chunk) {
                 let cr = chunk.min(rows - c0);
                 let (x, out) = (x.add(c0 * k), out.add(c0 * n));
-                row_blocks(cr, PANEL_ROWS_128, |r0, take| {
-                    broadcast(x.add(r0 * k), k, take, xb.as_mut_ptr().add(r0 * k));
-                });
+                if !kept {
+                    row_blocks(cr, PANEL_ROWS_128, |r0, take| {
+                        broadcast(x.add(r0 * k), k, take, xb.as_mut_ptr().add(r0 * k));
+                    });
+                }
                 for p in 0..n / PANEL {
                     widen_sse2(w.add(p * k * PANEL), k * PANEL, wide.as_mut_ptr());
                     row_blocks(cr, PANEL_ROWS_128, |r0, take| {
@@ -1747,6 +1758,10 @@ unsafe fn panels_sse2(
                     });
                 }
             }
+        }
+        // Broadcast, all rows: kept for the next call with this input.
+        if chunk == rows {
+            *ready = input;
         }
     });
 }
