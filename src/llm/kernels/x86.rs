@@ -1662,13 +1662,16 @@ unsafe fn panels_sse2(
                     acc[1] = _mm_loadu_ps(out.add(r * n + 4));
                 }
             }
-            for i in 0..kc {
-                let (w0, w1) = (*wide.add(i * STRIDE), *wide.add(i * STRIDE + 1));
+            let (mut wp, mut xp) = (wide, xb);
+            for _ in 0..kc {
+                let (w0, w1) = (*wp, *wp.add(1));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let xv = *xb.add(i * R + r);
+                    let xv = *xp.add(r);
                     acc[0] = _mm_add_ps(_mm_mul_ps(xv, w0), acc[0]);
                     acc[1] = _mm_add_ps(_mm_mul_ps(xv, w1), acc[1]);
                 }
+                wp = wp.add(STRIDE);
+                xp = xp.add(R);
             }
             if last && !bias.is_null() {
                 let (b0, b1) = (_mm_loadu_ps(bias), _mm_loadu_ps(bias.add(4)));
