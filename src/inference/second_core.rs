@@ -4,11 +4,14 @@
 //!
 //! While exactly one pass runs in the process, [`dense`] shares each projection's columns with a
 //! helper thread that polls for the length of that pass, so a hand-off costs about a microsecond
-//! instead of a sleeping thread's wake-up. The columns go in chunks that each thread claims in turn,
-//! the pass from the first up and the helper from the last down: a helper that starts late, or is
-//! starved of its core (chat generating, another process), leaves more chunks to the pass, which
-//! then waits at most for the one chunk the helper is running. (Halves fixed in advance had the
-//! pass wait for the helper's whole half: on an AMD EPYC Zen 4, 10% of a lone pass's thread.)
+//! instead of a sleeping thread's wake-up. The columns go in chunks, half of them the pass's and
+//! half the helper's, each thread running its own from the lowest up and then, if the other's are
+//! not all taken, the other's from the highest down: a helper that starts late, or is starved of
+//! its core (chat generating, another process), leaves more chunks to the pass, which then waits at
+//! most for the one chunk the helper is running. (Halves fixed in advance had the pass wait for the
+//! helper's whole half: on an AMD EPYC Zen 4, 10% of a lone pass's thread.) Each thread's own
+//! chunks go up because the kernels ask for the weights after the ones they run: a helper that took
+//! the chunks from the last down ran a fifth slower (AVX2 and SSE2 on that Zen 4) than the pass.
 //!
 //! The helper must poll on the other core, not the pass's. Woken by the pass, it was often put on
 //! the pass's own core by the scheduler (the other core asleep), where its polling took slices of
@@ -23,7 +26,7 @@
 //! helper lives in this file: the pass waits (or takes the job back) before the slices go.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread::Thread;
 
@@ -42,9 +45,9 @@ const DONE: u8 = 3;
 /// The helper's chunk panicked: the pass runs that chunk itself (and meets the panic there).
 const FAILED: u8 = 4;
 
-/// A projection shared by the pass and the helper, in chunks of columns that each claims in turn:
-/// the pass from the first chunk up, the helper from the last one down, until they meet. Raw parts
-/// of slices that outlive the job (see [`dense`]).
+/// A projection shared by the pass and the helper, in chunks of columns: two [`Share`]s, the
+/// pass's (the lower chunks) and the helper's. Raw parts of slices that outlive the job (see
+/// [`dense`]).
 struct Job<'a> {
     /// The pass's instruction set, for both threads.
     isa: aitier_kernels::Isa,
@@ -58,17 +61,21 @@ struct Job<'a> {
     out: *mut f32,
     /// Columns per chunk (the last may be narrower): whole panels.
     chunk: usize,
-    chunks: usize,
-    /// Chunks claimed so far by either thread (past `chunks`: all are).
-    claimed: AtomicUsize,
+    /// The pass's chunks, then the helper's.
+    shares: [Share; 2],
     /// The chunk the helper was running when it panicked, for the pass to run again.
     lost: AtomicUsize,
 }
 
 impl Job<'_> {
-    /// One more chunk for the caller, if any is left.
-    fn claim(&self) -> bool {
-        self.claimed.fetch_add(1, Ordering::AcqRel) < self.chunks
+    /// The next chunk for the pass (`helper` false) or the helper: its own share's lowest, else the
+    /// other's highest, if any is left.
+    fn claim(&self, helper: bool) -> Option<usize> {
+        let (own, other) = (
+            &self.shares[usize::from(helper)],
+            &self.shares[usize::from(!helper)],
+        );
+        own.take(true).or_else(|| other.take(false))
     }
 
     /// Chunk `c` into its columns of the output, through `scratch`.
@@ -96,6 +103,39 @@ impl Job<'_> {
             unsafe {
                 std::ptr::copy_nonoverlapping(values.as_ptr(), self.out.add(r * self.n + j0), cols)
             };
+        }
+    }
+}
+
+/// One thread's chunks of a [`Job`], `front..back` packed in one word: that thread takes them
+/// from the front, the other thread (done with its own) from the back, each chunk once.
+struct Share(AtomicU64);
+
+impl Share {
+    fn new(front: usize, back: usize) -> Self {
+        assert!(front <= back && back <= u32::MAX as usize);
+        Share(AtomicU64::new(((front as u64) << 32) | back as u64))
+    }
+
+    /// The lowest chunk left (`front`) or the highest, if any.
+    fn take(&self, front: bool) -> Option<usize> {
+        let mut now = self.0.load(Ordering::Acquire);
+        loop {
+            let (lo, hi) = (now >> 32, now & u64::from(u32::MAX));
+            if lo >= hi {
+                return None;
+            }
+            let (next, chunk) = match front {
+                true => (now + (1 << 32), lo),
+                false => (now - 1, hi - 1),
+            };
+            match self
+                .0
+                .compare_exchange_weak(now, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(chunk as usize),
+                Err(seen) => now = seen,
+            }
         }
     }
 }
@@ -139,7 +179,7 @@ struct Posted(*const Job<'static>);
 
 // SAFETY: a job only travels to the helper while the pass that posted it waits for it to be done
 // (or takes it back), so the job and the slices it points into are alive meanwhile; the two
-// threads touch disjoint chunks of the output, each claimed once through an atomic counter.
+// threads touch disjoint chunks of the output, each claimed once through an atomic share.
 unsafe impl Send for Posted {}
 
 struct Helper {
@@ -232,9 +272,8 @@ impl Helper {
                         // A panic here must not leave the pass waiting, nor a chunk unwritten:
                         // it is caught, and the pass runs that chunk itself.
                         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            while job.claim() {
+                            while let Some(c) = job.claim(true) {
                                 taken += 1;
-                                let c = job.chunks - taken;
                                 job.lost.store(c, Ordering::Relaxed);
                                 // SAFETY: claimed by this thread alone (see `Job`).
                                 unsafe { job.run(c, &mut scratch) };
@@ -297,9 +336,9 @@ pub fn splitting() -> bool {
 }
 
 /// `out = x · wᵀ + bias` ([`aitier_kernels::dense`]), shared with the helper when this thread's
-/// pass runs alone (see [`pass`]): in chunks of columns, which the pass claims from the first up and
-/// the helper from the last down, so that neither waits for the other longer than one chunk, even
-/// when the helper starts late.
+/// pass runs alone (see [`pass`]): in chunks of columns, the lower half the pass's and the upper the
+/// helper's, each thread's own taken from the lowest up and then the other's from the highest down,
+/// so that neither waits for the other longer than one chunk, even when the helper starts late.
 pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> {
     let isa = aitier_kernels::Isa::detect();
     let n = bias.len();
@@ -328,8 +367,11 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
         n,
         out: out.as_mut_ptr(),
         chunk,
-        chunks: n.div_ceil(chunk),
-        claimed: AtomicUsize::new(0),
+        // The pass starts first: the odd chunk is its.
+        shares: {
+            let (chunks, half) = (n.div_ceil(chunk), n.div_ceil(chunk).div_ceil(2));
+            [Share::new(0, half), Share::new(half, chunks)]
+        },
         lost: AtomicUsize::new(usize::MAX),
     };
     *helper.task.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -375,11 +417,10 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
         }
     }
     let wait = Wait(helper);
-    let (mut next, mut scratch) = (0, Vec::new());
-    while job.claim() {
+    let mut scratch = Vec::new();
+    while let Some(c) = job.claim(false) {
         // SAFETY: claimed by this thread alone; the job and its slices live until `wait` is done.
-        unsafe { job.run(next, &mut scratch) };
-        next += 1;
+        unsafe { job.run(c, &mut scratch) };
     }
     if wait.finish().is_err() {
         // SAFETY: the helper has stopped, and its chunk was claimed by no one else.
@@ -469,5 +510,38 @@ mod placement {
     pub fn keep_off() {}
     pub fn helper_cores() -> Option<Vec<usize>> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Share;
+
+    #[test]
+    fn a_share_gives_each_chunk_once_from_either_end() {
+        let share = Share::new(3, 7);
+        assert_eq!(share.take(true), Some(3));
+        assert_eq!(share.take(false), Some(6));
+        assert_eq!(share.take(true), Some(4));
+        assert_eq!(share.take(true), Some(5));
+        assert_eq!(share.take(false), None);
+        assert_eq!(share.take(true), None);
+        assert_eq!(Share::new(2, 2).take(true), None);
+        // One thread from each end at once: each chunk once, in its thread's order.
+        for _ in 0..100 {
+            let share = Share::new(0, 2000);
+            let (up, down) = std::thread::scope(|s| {
+                let take = |front| {
+                    let share = &share;
+                    s.spawn(move || std::iter::from_fn(|| share.take(front)).collect::<Vec<_>>())
+                };
+                let (up, down) = (take(true), take(false));
+                (up.join().unwrap(), down.join().unwrap())
+            });
+            assert!(up.is_sorted() && down.iter().rev().is_sorted());
+            let mut all: Vec<usize> = up.into_iter().chain(down).collect();
+            all.sort();
+            assert_eq!(all, (0..2000).collect::<Vec<_>>());
+        }
     }
 }
