@@ -8,7 +8,9 @@
 #   benches/table.sh [BIN_A [BIN_B]]      default BIN_A: target/release/aitier (built if missing)
 #
 # ROUNDS (2), LLAMA_THREADS ("2 1": one llama.cpp server each; a row's peer figure is the better
-# one), FLAGS (server flags for both builds, e.g. "--max-isa avx2"), SECS (10: each wrk run),
+# one; empty: none), FLAGS (server flags for both builds, e.g. "--max-isa avx2"; with "--max-isa
+# sse2", start torch off AVX too: ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41
+# MKL_CBWR=COMPATIBLE in the environment reach the peer), SECS (10: each wrk run),
 # LOAD_SECS (60; 0 skips the RSS rows), PEER (../shared/peer; set up once with its setup.sh),
 # OUT (target/table-<time>). Peer and llama.cpp are started here and stopped at the end.
 # Not a test: run it on a quiet machine. A figure measured on one CPU only is not yet a result.
@@ -66,7 +68,7 @@ done
 . "$peer/common.sh"
 peer_url="http://127.0.0.1:$APP_PORT"
 llama_urls=()
-for t in ${LLAMA_THREADS:-2 1}; do
+for t in ${LLAMA_THREADS-2 1}; do
   port=$(free_port)
   setsid "$PY" -m llama_cpp.server --model "$GGUF" --model_alias smollm2 --host 127.0.0.1 \
     --port "$port" --n_threads "$t" --n_threads_batch "$t" --n_ctx 2048 --chat_format chatml \
