@@ -65,7 +65,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     for isa in isas {
-        // (A limit can be raised again: the widest set asked for first.)
+        // (A limit can be raised again: each set in turn, narrowest first.)
         aitier_kernels::limit_isa(isa);
         assert!(isa.supported(), "{isa:?} is not supported on this CPU");
         for &rows in &rows {

@@ -26,9 +26,16 @@ rows="$out/rows.tsv"
 : >"$rows"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 models/fetch minilm smollm2 sentiment >/dev/null
-[ -x "${1:-target/release/aitier}" ] || cargo build --release --quiet --bin aitier
+if [ -n "${1:-}" ]; then
+  [ -x "$1" ] || { echo "$1: not an executable" >&2; exit 2; }
+else
+  [ -x target/release/aitier ] || cargo build --release --quiet --bin aitier
+fi
 bins=("$(realpath "${1:-target/release/aitier}")")
-[ -n "${2:-}" ] && bins+=("$(realpath "$2")")
+if [ -n "${2:-}" ]; then
+  [ -x "$2" ] || { echo "$2: not an executable" >&2; exit 2; }
+  bins+=("$(realpath "$2")")
+fi
 client() { # the benchmark client named $1, built once
   cargo bench --quiet --bench "$1" --no-run --message-format=json 2>/dev/null | python3 -c \
     'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin)
@@ -38,7 +45,15 @@ chat=$(client chat)
 lone=$(client lone)
 load=$(client load)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-ready() { until curl -fsS -o /dev/null "$1" 2>/dev/null; do sleep 0.2; done; }
+ready() { # url: waits up to 2 minutes for it to answer
+  local i
+  for ((i = 0; i < 600; i++)); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "$1: no answer in 2 minutes (see the logs in $out)" >&2
+  exit 1
+}
 
 pids=()
 cleanup() {
@@ -77,12 +92,13 @@ for t in ${LLAMA_THREADS-2 1}; do
   llama_urls+=("$t|http://127.0.0.1:$port")
 done
 for u in "${urls[@]}"; do ready "$u/health/ready"; done
-for l in "${llama_urls[@]}"; do ready "${l#*|}/v1/models"; done
+for l in ${llama_urls[@]+"${llama_urls[@]}"}; do ready "${l#*|}/v1/models"; done
 
 cpu=$(lscpu | sed -n 's/^Model name: *//p')
 family=$(lscpu | sed -n 's/^CPU family: *//p')
 model=$(lscpu | sed -n 's/^Model: *//p')
-isa=$(grep -o -w -E 'avx512_vnni|avx512f|avx2|amx_tile' /proc/cpuinfo | sort -u | xargs)
+isa=$({ grep -o -w -E 'avx512_vnni|avx512f|avx2|amx_tile' /proc/cpuinfo || true; } | sort -u | xargs)
+isa=${isa:-no AVX2 (SSE2)}
 echo "machine: $cpu (family $family model $model), $(nproc) cores, $isa; $(date -u +%F)" | tee "$out/machine.txt"
 echo "builds: ${bins[*]} ${FLAGS:-}; peer: $peer; results: $out" | tee -a "$out/machine.txt"
 
@@ -116,7 +132,7 @@ for ((r = 1; r <= rounds; r++)); do
     chat_rows "$r" "${names[$i]}" "${urls[$i]}" aitier
     embed_rows "$r" "${names[$i]}" "${urls[$i]}"
   done
-  for l in "${llama_urls[@]}"; do
+  for l in ${llama_urls[@]+"${llama_urls[@]}"}; do
     echo "== round $r: llama.cpp, ${l%%|*} threads"
     chat_rows "$r" "llama${l%%|*}" "${l#*|}" openai
   done
@@ -148,7 +164,7 @@ if [ "$load_secs" -gt 0 ]; then
     "$load" --url "http://127.0.0.1:$port" --clients 64 --secs "$load_secs" --pid "$pid" | tee "$out/load-${names[$i]}.txt"
     row 1 "${names[$i]}" rss_peak "$(sed -n 's/.*RSS peak \([0-9]*\) MiB.*/\1/p' "$out/load-${names[$i]}.txt")"
     row 1 "${names[$i]}" rss_steady "$(sed -n 's/.*steady (after [0-9]* s) \([0-9-]*\) MiB.*/\1/p' "$out/load-${names[$i]}.txt")"
-    kill "$pid"
+    kill "$pid" 2>/dev/null || true
   done
 fi
 

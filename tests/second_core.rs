@@ -88,8 +88,15 @@ fn split_projections(isa: aitier_kernels::Isa) {
             .into_iter()
             .filter(|(kind, _)| isa != aitier_kernels::Isa::Sse2 || *kind == "panels");
         for (kind, w) in kinds.filter_map(|(kind, w)| Some((kind, w?))) {
-            let mut alone = vec![0f32; rows * n];
-            aitier_kernels::dense(isa, &x, rows, w, Some(&bias), &mut alone);
+            // Two inputs in turn, as a pass's projections take new ones: each thread's kept
+            // broadcast (SSE2) must be of the input at hand.
+            let x2 = values(rows * k, 4);
+            let inputs = [&x, &x2];
+            let alone = inputs.map(|x| {
+                let mut alone = vec![0f32; rows * n];
+                aitier_kernels::dense(isa, x, rows, w, Some(&bias), &mut alone);
+                alone
+            });
             let before = helped();
             pass(|| {
                 assert!(splitting(), "a lone pass uses the helper");
@@ -103,8 +110,8 @@ fn split_projections(isa: aitier_kernels::Isa) {
                         && helped() == before
                         && started.elapsed() < std::time::Duration::from_secs(2))
                 {
-                    let split = dense(&x, rows, w, &bias);
-                    assert_eq!(split, alone, "{rows}x{k} by {n}, {kind}");
+                    let split = dense(inputs[calls % 2], rows, w, &bias);
+                    assert_eq!(split, alone[calls % 2], "{rows}x{k} by {n}, {kind}");
                     calls += 1;
                 }
             });

@@ -51,7 +51,8 @@ const FAILED: u8 = 4;
 struct Job<'a> {
     /// The pass's instruction set, for both threads.
     isa: aitier_kernels::Isa,
-    /// Made for several calls: SSE2 broadcasts it once per thread, not once per chunk.
+    /// Made for several calls: SSE2 broadcasts it once per thread, not once per chunk (when it
+    /// fits SSE2's scratch, as a lone pass's input does).
     input: aitier_kernels::DenseInput<'a>,
     w: RawWeights,
     bias: *const f32,

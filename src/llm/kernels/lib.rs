@@ -588,7 +588,8 @@ impl<'a> DenseWeights<'a> {
 
 /// The input of a projection that runs as several [`dense_input`] calls, each on a slice of the
 /// columns (as when two threads share one): SSE2 broadcasts its values once per thread for all of
-/// them, where [`dense`] does it on every call. `x` is `rows × k`, row-major.
+/// them when they fit its scratch (64K values: 170 rows of 384, 42 of 1,536), where [`dense`] does
+/// it on every call. `x` is `rows × k`, row-major.
 #[derive(Clone, Copy, Debug)]
 pub struct DenseInput<'a> {
     x: &'a [f32],
@@ -1185,31 +1186,46 @@ mod tests {
                         out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         "dense_new, {isa:?}, {rows} rows"
                     );
-                    // One input for a call per panel (as the second core's chunks run, on SSE2
-                    // broadcast once for them all), with a call on other values of the same shape
-                    // before each of the later panels (made for several calls, then for one):
-                    // the same bits, for both.
+                    // One input for a call per panel, as the second core's chunks run (on SSE2
+                    // broadcast once for the calls in a row): panel 2, a call on other values of
+                    // the same shape made for several calls, panels 1 and 0, a call on the other
+                    // values made for one, panel 2 again. The same bits, for both inputs.
                     let input = DenseInput::new(&x, rows);
                     let other = values(rows * k, 99);
                     let other_input = DenseInput::new(&other, rows);
                     let first = DenseWeights::Panels(&laid).rows(0..PANEL, k);
                     let other_out = dense_new(isa, &other, rows, first, None);
                     let mut by_panel = vec![0f32; rows * n];
-                    for p in (0..n / PANEL).rev() {
+                    let mut part = vec![0f32; rows * PANEL];
+                    for step in 0..6 {
+                        let p = match step {
+                            1 => {
+                                dense_input(isa, other_input, first, None, &mut part);
+                                assert!(part == other_out, "{isa:?}, {rows} rows, other values");
+                                continue;
+                            }
+                            4 => {
+                                dense(isa, &other, rows, first, None, &mut part);
+                                assert!(part == other_out, "{isa:?}, {rows} rows, other, once");
+                                continue;
+                            }
+                            0 | 5 => 2,
+                            2 => 1,
+                            _ => 0,
+                        };
                         let cols = p * PANEL..(p + 1) * PANEL;
-                        let mut part = vec![0f32; rows * PANEL];
                         let w = DenseWeights::Panels(&laid).rows(cols.clone(), k);
                         dense_input(isa, input, w, Some(&bias[cols]), &mut part);
                         for r in 0..rows {
-                            by_panel[r * n + p * PANEL..][..PANEL]
-                                .copy_from_slice(&part[r * PANEL..][..PANEL]);
+                            let at = &mut by_panel[r * n + p * PANEL..][..PANEL];
+                            if step == 5 {
+                                assert!(
+                                    at == &part[r * PANEL..][..PANEL],
+                                    "{isa:?}, panel 2 again"
+                                );
+                            }
+                            at.copy_from_slice(&part[r * PANEL..][..PANEL]);
                         }
-                        match p {
-                            2 => dense_input(isa, other_input, first, None, &mut part),
-                            1 => dense(isa, &other, rows, first, None, &mut part),
-                            _ => continue,
-                        }
-                        assert!(part == other_out, "{isa:?}, {rows} rows, other values");
                     }
                     assert_eq!(
                         by_panel.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),

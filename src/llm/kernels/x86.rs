@@ -1670,8 +1670,9 @@ unsafe fn panels_sse2(
                     acc[0] = _mm_add_ps(_mm_mul_ps(xv, w0), acc[0]);
                     acc[1] = _mm_add_ps(_mm_mul_ps(xv, w1), acc[1]);
                 }
-                wp = wp.add(STRIDE);
-                xp = xp.add(R);
+                // Past the last input they point beyond the buffers (never read): wrapping.
+                wp = wp.wrapping_add(STRIDE);
+                xp = xp.wrapping_add(R);
             }
             if last && !bias.is_null() {
                 let (b0, b1) = (_mm_loadu_ps(bias), _mm_loadu_ps(bias.add(4)));
