@@ -370,7 +370,8 @@ pub fn dense(x: &[f32], rows: usize, w: DenseWeights, bias: &[f32]) -> Vec<f32> 
         chunk,
         // The pass starts first: the odd chunk is its.
         shares: {
-            let (chunks, half) = (n.div_ceil(chunk), n.div_ceil(chunk).div_ceil(2));
+            let chunks = n.div_ceil(chunk);
+            let half = chunks.div_ceil(2);
             [Share::new(0, half), Share::new(half, chunks)]
         },
         lost: AtomicUsize::new(usize::MAX),

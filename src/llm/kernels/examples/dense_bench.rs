@@ -91,24 +91,16 @@ fn main() {
             per_layer * 6.0 / 1000.0
         );
     }
-    println!(
-        "{isa:?}, {rows} rows, f16 panels: {:?} us; a layer {:.1} us, six layers {:.2} ms",
-        best_p
-            .iter()
-            .map(|x| (x * 10.0).round() / 10.0)
-            .collect::<Vec<_>>(),
-        best_p.iter().sum::<f64>(),
-        best_p.iter().sum::<f64>() * 6.0 / 1000.0
-    );
-    println!(
-        "{isa:?}, {rows} rows, f16 panels in a lone pass's chunks: {:?} us; a layer {:.1} us, six layers {:.2} ms",
-        best_c
-            .iter()
-            .map(|x| (x * 10.0).round() / 10.0)
-            .collect::<Vec<_>>(),
-        best_c.iter().sum::<f64>(),
-        best_c.iter().sum::<f64>() * 6.0 / 1000.0
-    );
+    for (what, best) in [("", best_p), (" in a lone pass's chunks", best_c)] {
+        println!(
+            "{isa:?}, {rows} rows, f16 panels{what}: {:?} us; a layer {:.1} us, six layers {:.2} ms",
+            best.iter()
+                .map(|x| (x * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
+            best.iter().sum::<f64>(),
+            best.iter().sum::<f64>() * 6.0 / 1000.0
+        );
+    }
     let layers: Vec<Vec<(Vec<f32>, Vec<f32>)>> = (0..6)
         .map(|l| {
             shapes
